@@ -1,0 +1,303 @@
+"""`triton-builder build`: spec -> verified variants -> a Triton model repository + triton-builder.json."""
+
+from __future__ import annotations
+
+import platform
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from builder import convert, verify
+from builder.errors import BuilderError, RunError, UserError, root_reason
+from builder.families import Part, parts_for, sample_batches
+from builder.manifest import MANIFEST, SCHEMA, save_reference, write_manifest
+from builder.render import model_config, warmup_files
+from builder.repository import file_records, install, locked, staging
+from builder.signature import Signature, TensorSpec
+from builder.spec import Model, Spec, Variant, load_spec
+
+RUNNER = Path(__file__).resolve().parent.parent / "templates" / "python" / "runner.py"
+TOOLS = ("torch", "transformers", "onnx", "onnxruntime", "onnxscript", "numpy", "tritonclient")
+VERIFY_SAMPLES = 4
+CALIBRATION_SAMPLES = 8
+
+
+@dataclass
+class VariantResult:
+    triton_name: str
+    model: str
+    variant: str
+    status: str  # passed | failed | error
+    seconds: float
+    bytes: int = 0
+    worst_cosine: float | None = None
+    worst_abs: float | None = None
+    message: str = ""
+
+
+@dataclass
+class BuildResult:
+    out: Path
+    results: list[VariantResult] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[VariantResult]:
+        return [r for r in self.results if r.status != "passed"]
+
+
+def tool_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for name in TOOLS:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    versions["triton-builder"] = metadata.version("triton-builder")
+    return versions
+
+
+def build(spec_path: Path, out: Path, *, runtime: str | None = None, only: list[str] | None = None,
+          keep_failed: bool = False, keep_going: bool = False, console: Console | None = None) -> BuildResult:
+    console = console or Console(stderr=True)
+    spec = load_spec(spec_path)
+    runtime = runtime or spec.runtime
+    models = spec.models
+    if only:
+        unknown = sorted(set(only) - {m.name for m in models})
+        if unknown:
+            raise UserError(f"--model {unknown[0]}: not in {spec_path}; known: {', '.join(m.name for m in models)}")
+        models = [m for m in models if m.name in only]
+    for m in models:
+        for v in m.variants:
+            if v.format == "tensorrt":
+                from builder.convert import onnx2trt
+
+                onnx2trt.check_available(f"{spec_path}: models[{m.name}].variants[{v.tag}]")
+    if not any(m.source.hf for m in models):
+        from builder.sources import offline_env
+
+        offline_env()
+    out = Path(out).resolve()
+    result = BuildResult(out)
+    with locked(out), staging(out) as stage:
+        from builder.manifest import read_manifest
+
+        previous = read_manifest(out)["models"] if (out / MANIFEST).is_file() else {}
+        manifest = {"schema": SCHEMA, "builder_version": metadata.version("triton-builder"), "runtime": runtime,
+                    "spec": str(Path(spec_path).resolve()), "tool_versions": tool_versions(), "models": dict(previous)}
+        for model in models:
+            t0 = time.time()
+            console.print(f"[bold]{model.name}[/] ({model.task}): loading {model.source.kind} source")
+            try:
+                entries = build_model(spec, Path(spec_path), model, runtime, stage, result, keep_failed, console)
+            except BuilderError as exc:
+                if not keep_going:
+                    raise type(exc)(f"models[{model.name}]: {exc}") from exc
+                result.results.append(VariantResult(model.name, model.name, "*", "error", time.time() - t0, message=str(exc)))
+                console.print(f"  [red]error[/] {exc}")
+                continue
+            for name, entry in entries.items():
+                install(stage / name, out)
+                manifest["models"][name] = entry
+            write_manifest(out, manifest)
+            failures = [r for r in result.results if r.model == model.name and r.status != "passed"]
+            if failures and not keep_going:
+                break
+        write_manifest(out, manifest)
+    print_summary(result, console)
+    return result
+
+
+def build_model(spec: Spec, spec_path: Path, model: Model, runtime: str, stage: Path, result: BuildResult,
+                keep_failed: bool, console: Console) -> dict[str, dict]:
+    from builder.sources import load_source
+
+    loaded = load_source(spec_path, model)
+    tokenizer = load_tokenizer(loaded.files_dir)
+    serving = spec.serving(model)
+    entries: dict[str, dict] = {}
+    for index, part in enumerate(parts_for(model.task, loaded, model)):
+        stem = f"{model.name}_{part.suffix}" if part.suffix else model.name
+        part = with_batch_dim(part, serving["max_batch_size"])
+        samples = sample_batches(part, tokenizer, VERIFY_SAMPLES, seed=1000 + index, typical_len=model.shapes.sequence_length)
+        names = [t.name for t in part.inputs]
+        references = [verify.torch_reference(part.module, names, s, part.outputs) for s in samples]
+        sig = Signature(part.inputs, output_specs(part, references, serving["max_batch_size"]),
+                        serving["max_batch_size"], dict(part.extra))
+        example = example_args(part)
+        work = stage / "_work" / stem
+        fp32_onnx = work / "model.onnx"
+        for variant in model.variants:
+            name = f"{stem}_{variant.tag}"
+            t0 = time.time()
+            console.print(f"  {name}: exporting")
+            try:
+                artifact, command = make_artifact(variant, part, example, fp32_onnx, stage / name / "1",
+                                                  lambda: sample_batches(part, tokenizer, CALIBRATION_SAMPLES, 7, model.shapes.sequence_length),
+                                                  spec_path, model)
+                console.print(f"  {name}: verifying against fp32 PyTorch on {len(samples)} batches")
+                check = check_variant(variant, artifact, part, samples, references)
+            except RunError as exc:
+                shutil.rmtree(stage / name, ignore_errors=True)
+                result.results.append(VariantResult(name, model.name, variant.tag, "error", time.time() - t0,
+                                                    message=f"{variant.tag}: {exc}"))
+                console.print(f"  [red]{name}: {exc}[/]")
+                continue
+            worst_cos = min(o["cosine"] for o in check["outputs"].values())
+            worst_abs = max(o["max_abs"] for o in check["outputs"].values())
+            status = "passed" if check["passed"] else "failed"
+            lines = verify.failure_lines(check)
+            vr = VariantResult(name, model.name, variant.tag, status, time.time() - t0, 0, worst_cos, worst_abs,
+                               "\n".join(lines))
+            result.results.append(vr)
+            if status == "failed":
+                console.print(f"  [red]{name}: verification failed[/]\n    " + "\n    ".join(lines))
+                if not keep_failed:
+                    shutil.rmtree(stage / name, ignore_errors=True)
+                    continue
+            model_dir = stage / name
+            save_reference(model_dir / "reference.npz", samples[0], references[0])
+            write_config(model_dir, name, sig, runtime, variant, artifact, serving)
+            files = file_records(model_dir)
+            vr.bytes = sum(f["bytes"] for f in files if f["path"].startswith("1/") and not f["path"].endswith(".py"))
+            entries[name] = {
+                "role": "variant", "model": model.name, "part": part.suffix, "task": model.task,
+                "format": variant.format, "precision": variant.precision, "calibration": variant.calibration,
+                "status": status, "source": loaded.description, "signature": sig.to_dict(), "files": files,
+                "verification": check, "reference": "reference.npz", "command": command,
+                "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.time() - t0, 2),
+            }
+    return entries
+
+
+def make_artifact(variant: Variant, part: Part, example: tuple, fp32_onnx: Path, version_dir: Path,
+                  calibration, spec_path: Path, model: Model) -> tuple[Path, str]:
+    from builder.convert import torch2exported, torch2onnx
+
+    rebuild = shlex.join(["triton-builder", "build", str(spec_path), "--model", model.name])
+    version_dir.mkdir(parents=True, exist_ok=True)
+    if variant.format == "torch":
+        dst = version_dir / "model.pt2"
+        torch2exported.export(part, example, dst, variant.precision)
+        return dst, rebuild
+    if not fp32_onnx.exists():
+        torch2onnx.export(part, example, fp32_onnx)
+    dst = version_dir / "model.onnx"
+    if variant.format == "tensorrt":
+        from builder.convert import onnx2trt
+
+        return onnx2trt.build_engine(fp32_onnx, version_dir / "model.plan", variant, part)
+    if variant.precision == "fp32":
+        for f in fp32_onnx.parent.glob("model.onnx*"):
+            shutil.copy2(f, version_dir / f.name)
+        return dst, rebuild
+    module = convert.ONNX_PRECISIONS[variant.precision]
+    import importlib
+
+    conv = importlib.import_module(module)
+    try:
+        if variant.precision == "int8":
+            conv.convert(fp32_onnx, dst, variant.calibration, calibration() if variant.calibration == "static" else None)
+        else:
+            conv.convert(fp32_onnx, dst)
+    except Exception as exc:
+        raise RunError(f"{module.rsplit('.', 1)[1]} failed: {root_reason(exc)}") from exc
+    extra = ["--calibration", variant.calibration] if variant.precision == "int8" and variant.calibration == "dynamic" else []
+    cmd = convert.command(module, fp32_onnx.name, dst.name, *extra) if variant.calibration == "dynamic" else rebuild
+    return dst, f"{rebuild}  # fp32 export, then: {cmd}" if cmd != rebuild else rebuild
+
+
+def check_variant(variant: Variant, artifact: Path, part: Part, samples, references) -> dict:
+    tol = variant.effective_tolerance
+    names = [t.name for t in part.inputs]
+    try:
+        if variant.format == "torch":
+            run = verify.TorchRunner(artifact, names, list(part.outputs), variant.precision)
+        else:
+            run = verify.OnnxRunner(artifact)
+        checks = []
+        for feeds, ref in zip(samples, references):
+            got = run(feeds)
+            checks.append([verify.compare(n, got[n], ref[n], tol) for n in part.outputs])
+    except Exception as exc:
+        raise RunError(f"running the artifact failed: {root_reason(exc)}") from exc
+    return verify.summarize(checks, tol)
+
+
+def write_config(model_dir: Path, name: str, sig: Signature, runtime: str, variant: Variant, artifact: Path,
+                 serving: dict) -> None:
+    native = runtime == "native" and variant.format in ("onnx", "tensorrt")
+    parameters = {}
+    if not native:
+        shutil.copy2(RUNNER, model_dir / "1" / "model.py")
+        parameters = {"runner": "torch" if variant.format == "torch" else "onnx", "artifact": artifact.name,
+                      "precision": variant.precision, "device": serving["instances"].kind}
+    warmup = warmup_files(sig, 1, model_dir) if serving["warmup"] else []
+    text = model_config(name, sig, runtime=runtime, fmt=variant.format, serving=serving, parameters=parameters,
+                        warmup=warmup)
+    (model_dir / "config.pbtxt").write_text(text)
+
+
+def with_batch_dim(part: Part, max_batch_size: int) -> Part:
+    """With max_batch_size 0 the batch axis is an ordinary dynamic dim of every tensor."""
+    if max_batch_size > 0:
+        return part
+    inputs = tuple(replace(t, dims=(-1, *t.dims), opt_dims=(1, *t.example_shape()),
+                           max_dims=(-1, *t.max_dims) if t.max_dims else None) for t in part.inputs)
+    return replace(part, inputs=inputs)
+
+
+def example_args(part: Part) -> tuple:
+    """Example tensors for export: batch 2 and a typical length, so no axis is specialized to 0/1."""
+    import torch
+
+    from builder.signature import make_inputs
+
+    sig = part.signature(max_batch_size=1)
+    arrays = make_inputs(sig, 2, np.random.default_rng(3))
+    return tuple(torch.from_numpy(arrays[t.name]) for t in part.inputs)
+
+
+def output_specs(part: Part, references: list[dict], max_batch_size: int) -> tuple[TensorSpec, ...]:
+    """Output dims from reference outputs of differently shaped samples: dims that vary are dynamic."""
+    specs = []
+    for name in part.outputs:
+        shapes = {r[name].shape for r in references}
+        ranks = {len(s) for s in shapes}
+        if len(ranks) != 1:
+            raise RunError(f"output {name} changes rank between inputs: {sorted(shapes)}")
+        dims = tuple(-1 if len({s[i] for s in shapes}) > 1 else next(iter(shapes))[i] for i in range(ranks.pop()))
+        specs.append(TensorSpec(name, "float32", dims[1:] if max_batch_size > 0 else (-1, *dims[1:])))
+    return tuple(specs)
+
+
+def load_tokenizer(files_dir: Path | None):
+    if files_dir is None or not any((files_dir / f).exists() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(files_dir), local_files_only=True)
+    except (OSError, ValueError):
+        return None
+
+
+def print_summary(result: BuildResult, console: Console) -> None:
+    table = Table(title=f"build -> {result.out}")
+    table.add_column("triton model", no_wrap=True)
+    for col in ("status", "size", "cosine", "max|diff|", "time"):
+        table.add_column(col, justify="left" if col == "status" else "right", no_wrap=True)
+    for r in result.results:
+        colour = {"passed": "green", "failed": "red", "error": "red"}[r.status]
+        table.add_row(r.triton_name, f"[{colour}]{r.status}[/]", f"{r.bytes / 1e6:.1f} MB" if r.bytes else "-",
+                      f"{r.worst_cosine:.6f}" if r.worst_cosine is not None else "-",
+                      f"{r.worst_abs:.2e}" if r.worst_abs is not None else "-", f"{r.seconds:.1f}s")
+    console.print(table)

@@ -1,0 +1,48 @@
+"""torch -> a self-contained ExportedProgram (`model.pt2`): loads with torch alone, no transformers.
+
+Served by the python backend (`runner: torch`); fp16/bf16 variants cast the weights before export.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from builder.errors import RunError, root_reason
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def export(part, example: tuple, dst: Path, precision: str, batch: bool = True) -> None:
+    import copy
+
+    import torch
+    from torch.export import Dim
+
+    dtype = getattr(torch, DTYPES[precision])
+    module = copy.deepcopy(part.module).to(dtype) if precision != "fp32" else part.module
+    args = tuple(a.to(dtype) if a.is_floating_point() else a for a in example)
+    dims: dict[str, Dim] = {}
+
+    def dim(name: str, low: int, high: int | None = None):
+        if name not in dims:
+            dims[name] = Dim(name, min=low, max=high) if high else Dim(name, min=low)
+        return dims[name]
+
+    shapes = []
+    for t in part.inputs:
+        axes = {0: dim("batch", 1, 4096)} if batch else {}
+        for i, d in enumerate(t.dims):
+            if d == -1:
+                high = t.max_dims[i] if t.max_dims else None
+                axes[i + 1] = dim("sequence", 2, high) if t.kind in ("token_ids", "attention_mask", "token_type_ids") \
+                    else dim(f"{t.name}_{i}", 1, high)
+        shapes.append(axes)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.export.export(module, args, dynamic_shapes=(tuple(shapes),), strict=False)  # forward(*args)
+        except Exception as exc:
+            raise RunError(f"torch.export failed: {root_reason(exc)}") from exc
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    torch.export.save(program, str(dst))

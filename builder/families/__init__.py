@@ -1,0 +1,141 @@
+"""Task families: what a task's exported parts take and give, declared once.
+
+A family turns a loaded model into one or more `Part`s (CLIP has a text and an image part; the others
+have one). Each part is a torch module with positional inputs in the order of its `inputs` and a tuple
+of outputs in the order of `outputs`. Adding a family is one small module and one `@register` line.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from builder.errors import UserError
+from builder.signature import SAMPLE_TEXTS, Signature, TensorSpec, make_inputs
+
+
+@dataclass(frozen=True)
+class Part:
+    suffix: str  # "" for single-part models, else e.g. "text" / "image"
+    module: object  # torch.nn.Module
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[str, ...]
+    extra: dict = field(default_factory=dict)  # facts for pre/post-processing: labels, logit scale...
+
+    def signature(self, max_batch_size: int) -> Signature:
+        """Input-side signature (outputs are filled in from the exported artifact)."""
+        return Signature(self.inputs, (), max_batch_size, dict(self.extra))
+
+
+FAMILIES: dict[str, Callable] = {}
+
+
+def register(task: str):
+    def deco(fn: Callable) -> Callable:
+        if task in FAMILIES:
+            raise ValueError(f"family {task!r} is registered twice")
+        FAMILIES[task] = fn
+        return fn
+
+    return deco
+
+
+def parts_for(task: str, loaded, model_spec) -> list[Part]:
+    from builder.families import clip, text, vision  # noqa: F401  (registration)
+
+    if loaded.config is None:
+        return factory_part(loaded)
+    if task not in FAMILIES:
+        raise UserError(f"task {task!r} has no family; known: {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[task](loaded, model_spec)
+
+
+class Wrapped:
+    """Builds an nn.Module whose forward takes positional tensors and returns a tuple."""
+
+    def __new__(cls, fn: Callable, owner):
+        import torch
+
+        class _Part(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.inner = owner
+
+            def forward(self, *args):
+                return tuple(fn(self.inner, *args))
+
+        return _Part().eval()
+
+
+def accepts(module, arg: str) -> bool:
+    return arg in inspect.signature(module.forward).parameters
+
+
+def token_inputs(vocab_size: int, max_len: int, typical: int, with_types: bool) -> tuple[TensorSpec, ...]:
+    common = dict(dtype="int64", dims=(-1,), max_dims=(max_len,), opt_dims=(typical,))
+    specs = [TensorSpec("input_ids", kind="token_ids", high=int(vocab_size), **common),
+             TensorSpec("attention_mask", kind="attention_mask", **common)]
+    if with_types:
+        specs.append(TensorSpec("token_type_ids", kind="token_type_ids", **common))
+    return tuple(specs)
+
+
+def sample_batches(part: Part, tokenizer, count: int, seed: int, typical_len: int) -> list[dict[str, np.ndarray]]:
+    """Fresh, real-looking input batches of varied batch size and length (never zeros).
+
+    With a tokenizer, token inputs come from real sentences; otherwise ids are random below the vocab.
+    """
+    rng = np.random.default_rng(seed)
+    sig = part.signature(max_batch_size=1)
+    batches = []
+    for i in range(count):
+        batch = (1, 3, 2, 4)[i % 4]
+        spec_len = next((t.max_dims[0] for t in part.inputs if t.kind == "token_ids" and t.max_dims), None)
+        length = max(2, min(spec_len or typical_len, typical_len + (i * 5) % 11 - 3))
+        shapes = {t.name: (length,) for t in part.inputs if t.kind in ("token_ids", "attention_mask", "token_type_ids")}
+        arrays = make_inputs(sig, batch, rng, shapes)
+        if tokenizer is not None and "input_ids" in arrays:
+            start = int(rng.integers(len(SAMPLE_TEXTS)))
+            texts = [SAMPLE_TEXTS[(start + j) % len(SAMPLE_TEXTS)] for j in range(batch)]
+            enc = tokenizer(texts, padding=True, truncation=True, max_length=spec_len or typical_len, return_tensors="np")
+            for name in arrays:
+                if name in enc:
+                    arrays[name] = enc[name].astype(np.int64)
+        batches.append(arrays)
+    return batches
+
+
+def factory_part(loaded) -> list[Part]:
+    """A model from a factory: inputs are read off its example tensors, all dims but batch fixed."""
+    import torch
+
+    example = loaded.example_inputs
+    names = list(example)
+    specs = []
+    for name, value in example.items():
+        value = torch.as_tensor(value)
+        dtype = str(value.dtype).removeprefix("torch.")
+        if value.dtype.is_floating_point:
+            specs.append(TensorSpec(name, dtype, tuple(value.shape[1:]), kind="float"))
+        else:
+            specs.append(TensorSpec(name, dtype, tuple(value.shape[1:]), kind="token_ids", high=int(value.max()) + 1))
+    with torch.no_grad():
+        out = loaded.module(*[torch.as_tensor(example[n]) for n in names])
+    if isinstance(out, dict):
+        outputs = tuple(out)
+
+        def forward(m, *args):
+            result = m(*args)
+            return [result[k] for k in outputs]
+    else:
+        count = len(out) if isinstance(out, (tuple, list)) else 1
+        outputs = tuple(f"output_{i}" for i in range(count))
+
+        def forward(m, *args):
+            result = m(*args)
+            return list(result) if isinstance(result, (tuple, list)) else [result]
+
+    return [Part("", Wrapped(forward, loaded.module), tuple(specs), outputs, {})]

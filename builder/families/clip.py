@@ -1,0 +1,33 @@
+"""CLIP (zero-shot-image-classification): a text tower and an image tower, exported separately.
+
+Two Triton models per variant (`{name}_text_...`, `{name}_image_...`) so each tower batches on its
+own and label embeddings can be reused; the similarity (logit scale x cosine) is post-processing.
+"""
+
+from __future__ import annotations
+
+from builder.families import Part, Wrapped, register, token_inputs
+from builder.families.vision import pixel_input
+
+
+@register("zero-shot-image-classification")
+def clip(loaded, spec) -> list[Part]:
+    model, config = loaded.module, loaded.config
+    tcfg, vcfg = config.text_config, config.vision_config
+    max_len = min(spec.shapes.max_sequence_length, tcfg.max_position_embeddings)
+    text_inputs = token_inputs(tcfg.vocab_size, max_len, min(spec.shapes.sequence_length, max_len), False)
+    extra = {"logit_scale": float(model.logit_scale.exp().item()), "labels": spec.labels or []}
+
+    def text(m, input_ids, attention_mask):
+        pooled = m.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+        return [m.text_projection(pooled)]
+
+    def image(m, pixel_values):
+        pooled = m.vision_model(pixel_values=pixel_values).pooler_output
+        return [m.visual_projection(pooled)]
+
+    pixels = pixel_input(vcfg, spec)
+    return [
+        Part("text", Wrapped(text, model), text_inputs, ("text_embeds",), extra),
+        Part("image", Wrapped(image, model), (pixels,), ("image_embeds",), {**extra, "image_size": pixels.dims[-1]}),
+    ]

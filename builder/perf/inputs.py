@@ -1,0 +1,54 @@
+"""perf_analyzer `--input-data` JSON from a model's Signature.
+
+perf_analyzer's default random data indexes far outside a vocabulary (on a GPU that poisons the
+CUDA context); the values here come from `builder.signature.make_inputs`, so token ids lie below the
+vocabulary size, masks are ones and text is real sentences. Shapes carry no batch dimension:
+perf_analyzer adds it from `-b`.
+
+    {"data": [{"input_ids": {"content": [101, 2023, ...], "shape": [16]}, ...}, ...]}
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from builder.errors import UserError
+from builder.signature import Signature, make_inputs
+
+
+def input_data(sig: Signature, *, entries: int = 4, seed: int = 0,
+               shapes: dict[str, tuple[int, ...]] | None = None) -> dict:
+    """`entries` distinct requests (batch 1, no batch dim) for every input of `sig`."""
+    if entries < 1:
+        raise UserError(f"input entries {entries} must be >= 1")
+    # Generate all entries as one batch (so text rotates through the sample sentences and ids differ),
+    # then split: a non-batching model is treated as batching here only to get the leading axis.
+    batched = replace(sig, max_batch_size=max(sig.max_batch_size, entries))
+    try:
+        arrays = make_inputs(batched, entries, rng=np.random.default_rng(seed), shapes=shapes)
+    except ValueError as exc:
+        raise UserError(f"perf input data: {exc}") from exc
+    data = []
+    for i in range(entries):
+        entry = {}
+        for spec in sig.inputs:
+            value = arrays[spec.name][i]
+            if spec.dtype == "bytes":
+                content = [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in value.reshape(-1)]
+            else:
+                content = value.reshape(-1).tolist()
+            entry[spec.name] = {"content": content, "shape": list(value.shape)}
+        data.append(entry)
+    return {"data": data}
+
+
+def write_input_data(sig: Signature, path: Path, **kwargs) -> Path:
+    """Write `input_data(sig, **kwargs)` as JSON to `path` and return it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(input_data(sig, **kwargs), ensure_ascii=False) + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,362 @@
+"""report.md and PNG plots from a results directory (results.csv + manifest.json, nothing else).
+
+Per model: the best variant under the budgets and why, every other variant's distance to it, speed
+next to accuracy, speedup against the fp32 baseline measured in the same run, and three plots
+(throughput vs p99 latency, latency breakdown, speedup). Rows that did not stabilize are flagged
+and never chosen as best.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from builder.errors import UserError
+from builder.perf.results import load_results
+
+REPORT = "report.md"
+BASELINE_FORMATS = ("onnx", "torch")  # the fp32 baseline, in order of preference
+BREAKDOWN = [  # (column(s), label) stacked bottom to top
+    (("server_queue_ms",), "queue"),
+    (("server_compute_input_ms",), "compute input"),
+    (("server_compute_infer_ms",), "compute infer"),
+    (("server_compute_output_ms",), "compute output"),
+    (("network_ms",), "network + server send/recv"),
+    (("client_send_ms", "client_recv_ms"), "client send/recv"),
+]
+FLAG = {"ok": "", "unstable": "⚠ unstable", "missing": "✗ missing", "failed": "✗ failed", "not_run": "✗ not run"}
+
+
+# --------------------------------------------------------------------------- accuracy and choice
+
+@dataclass(frozen=True)
+class Accuracy:
+    passed: bool | None
+    min_cosine: float | None
+    max_abs: float | None
+    max_rel: float | None
+
+
+def accuracy_of(record: dict | None) -> Accuracy:
+    """Worst numbers over a variant's outputs from its copied verification record."""
+    verification = (record or {}).get("verification") or {}
+    outputs = verification.get("outputs") or {}
+
+    def worst(key, pick):
+        values = [float(o[key]) for o in outputs.values()
+                  if isinstance(o, dict) and isinstance(o.get(key), (int, float)) and not math.isnan(float(o[key]))]
+        return pick(values) if values else None
+
+    return Accuracy(verification.get("passed"), worst("cosine", min), worst("max_abs", max), worst("max_rel", max))
+
+
+def choose_baseline(variants: dict[str, dict], baseline: str | None = None) -> str | None:
+    """The fp32 baseline among one model's variants: `baseline` if it names one of them (or a
+    format, meaning that format's fp32 variant), else the onnx fp32, else the torch fp32."""
+    if baseline is not None and baseline in variants:
+        return baseline
+    formats = (baseline,) if baseline is not None else BASELINE_FORMATS
+    for fmt in formats:
+        for name in sorted(variants):
+            info = variants[name]
+            if info.get("format") == fmt and info.get("precision") == "fp32" and info.get("role", "variant") == "variant":
+                return name
+    return None
+
+
+@dataclass
+class Choice:
+    variant: str
+    row: pd.Series | None  # the operating point: highest stable throughput within the latency budget
+    accuracy: Accuracy
+    fits: bool
+    why_not: str  # empty when it fits
+
+
+def operating_point(rows: pd.DataFrame, latency_budget_ms: float | None) -> tuple[pd.Series | None, str]:
+    """The stable row with the highest throughput whose p99 is within the budget, and why none if none."""
+    measured = rows[rows["throughput"].notna()]
+    stable = measured[measured["stable"]]
+    if stable.empty:
+        return None, "no stable measurement" if not measured.empty else "no measurement"
+    within = stable if latency_budget_ms is None else stable[stable["p99_ms"] <= latency_budget_ms]
+    if within.empty:
+        return None, f"p99 {stable['p99_ms'].min():.2f} ms at best exceeds the {latency_budget_ms:g} ms budget"
+    return within.loc[within["throughput"].idxmax()], ""
+
+
+def evaluate(rows: pd.DataFrame, variants: dict[str, dict], latency_budget_ms: float | None,
+             accuracy_budget: float | None) -> list[Choice]:
+    choices = []
+    for name in sorted(rows["variant"].unique()):
+        row, why = operating_point(rows[rows["variant"] == name], latency_budget_ms)
+        acc = accuracy_of(variants.get(name))
+        if not why and accuracy_budget is not None:
+            if acc.min_cosine is None:
+                why = "no accuracy numbers in the build manifest"
+            elif acc.min_cosine < accuracy_budget:
+                why = f"cosine {acc.min_cosine:.6f} is below the {accuracy_budget:g} accuracy budget"
+        choices.append(Choice(name, row, acc, not why, why))
+    return choices
+
+
+def best_of(choices: list[Choice]) -> Choice | None:
+    fitting = [c for c in choices if c.fits]
+    return max(fitting, key=lambda c: c.row["throughput"]) if fitting else None
+
+
+# --------------------------------------------------------------------------- formatting
+
+def _num(value, fmt: str = "{:.2f}", none: str = "–") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return none
+    return fmt.format(value)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    escape = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(escape(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def _budget_text(latency_budget_ms, accuracy_budget) -> str:
+    parts = [f"p99 ≤ {latency_budget_ms:g} ms" if latency_budget_ms is not None else "no latency budget",
+             f"min cosine ≥ {accuracy_budget:g}" if accuracy_budget is not None else "no accuracy budget"]
+    return ", ".join(parts)
+
+
+def _why_best(best: Choice, latency_budget_ms, accuracy_budget, n_fitting: int) -> str:
+    r = best.row
+    reason = (f"**{best.variant}** is the best choice: the highest stable throughput "
+              f"({r['throughput']:.1f} infer/s at concurrency {int(r['concurrency'])})")
+    conditions = []
+    if latency_budget_ms is not None:
+        conditions.append(f"p99 {r['p99_ms']:.2f} ms within the {latency_budget_ms:g} ms budget")
+    else:
+        conditions.append(f"p99 {r['p99_ms']:.2f} ms")
+    if accuracy_budget is not None:
+        conditions.append(f"min cosine {best.accuracy.min_cosine:.6f} ≥ {accuracy_budget:g}")
+    elif best.accuracy.min_cosine is not None:
+        conditions.append(f"min cosine {best.accuracy.min_cosine:.6f}")
+    others = f" among {n_fitting} variants that fit" if n_fitting > 1 else ", the only variant that fits"
+    return reason + " with " + " and ".join(conditions) + others + "."
+
+
+# --------------------------------------------------------------------------- plots
+
+def _plots(model: str, rows: pd.DataFrame, choices: list[Choice], baseline: str | None, out: Path,
+           latency_budget_ms: float | None, breakdown_concurrency: int | None) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made: dict[str, str] = {}
+    measured = rows[rows["throughput"].notna()]
+    if measured.empty:
+        return made
+    slug = _slug(model)
+
+    # Throughput vs p99 latency: one line per variant across concurrency levels.
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, group in measured.groupby("variant", sort=True):
+        group = group.sort_values("concurrency")
+        (line,) = ax.plot(group["p99_ms"], group["throughput"], "-", label=name)
+        for _, r in group.iterrows():
+            ax.plot(r["p99_ms"], r["throughput"], "o", color=line.get_color(),
+                    markerfacecolor=line.get_color() if r["stable"] else "none")
+            ax.annotate(f"c={int(r['concurrency'])}", (r["p99_ms"], r["throughput"]), fontsize=7,
+                        textcoords="offset points", xytext=(4, 4))
+    if latency_budget_ms is not None:
+        ax.axvline(latency_budget_ms, color="grey", linestyle="--", linewidth=1, label=f"p99 budget {latency_budget_ms:g} ms")
+    ax.set_xlabel("p99 latency (ms)")
+    ax.set_ylabel("throughput (infer/s)")
+    ax.set_title(f"{model}: throughput vs p99 latency (hollow = unstable)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    made["throughput_vs_p99"] = f"{slug}_throughput_vs_p99.png"
+    fig.savefig(out / made["throughput_vs_p99"], dpi=110)
+    plt.close(fig)
+
+    # Latency breakdown at one concurrency level.
+    level = breakdown_concurrency
+    if level is None:
+        per_variant = [set(g["concurrency"]) for _, g in measured.groupby("variant")]
+        common = set.intersection(*per_variant) if per_variant else set()
+        level = max(common) if common else int(measured["concurrency"].min())
+    at = measured[measured["concurrency"] == level].sort_values("variant")
+    if not at.empty:
+        fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(at) + 3), 4.5))
+        bottom = [0.0] * len(at)
+        labels = list(at["variant"])
+        for columns, label in BREAKDOWN:
+            values = at[list(columns)].fillna(0).sum(axis=1).tolist()
+            ax.bar(labels, values, bottom=bottom, label=label)
+            bottom = [b + v for b, v in zip(bottom, values)]
+        ax.set_ylabel("average latency (ms)")
+        ax.set_title(f"{model}: latency breakdown at concurrency {level}")
+        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        made["latency_breakdown"] = f"{slug}_latency_breakdown.png"
+        made["breakdown_concurrency"] = str(level)
+        fig.savefig(out / made["latency_breakdown"], dpi=110)
+        plt.close(fig)
+
+    # Speedup vs the fp32 baseline, per concurrency level.
+    if baseline is not None and "speedup" in measured and measured["speedup"].notna().any():
+        pivot = measured.pivot_table(index="concurrency", columns="variant", values="speedup")
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        pivot.plot.bar(ax=ax, rot=0)
+        ax.axhline(1.0, color="grey", linewidth=1)
+        ax.set_xlabel("concurrency")
+        ax.set_ylabel(f"throughput / {baseline}")
+        ax.set_title(f"{model}: speedup vs {baseline}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        made["speedup"] = f"{slug}_speedup.png"
+        fig.savefig(out / made["speedup"], dpi=110)
+        plt.close(fig)
+    return made
+
+
+# --------------------------------------------------------------------------- the report
+
+def _model_section(model: str, rows: pd.DataFrame, variants: dict[str, dict], results_dir: Path, *,
+                   latency_budget_ms, accuracy_budget, baseline, breakdown_concurrency) -> list[str]:
+    names = sorted(rows["variant"].unique())
+    model_variants = {n: variants.get(n, {"format": rows[rows["variant"] == n]["format"].iloc[0],
+                                          "precision": rows[rows["variant"] == n]["precision"].iloc[0]})
+                      for n in names}
+    base = choose_baseline(model_variants, baseline)
+    rows = rows.copy()
+    rows["speedup"] = float("nan")
+    if base is not None:
+        base_tp = rows[rows["variant"] == base].set_index("concurrency")["throughput"]
+        rows["speedup"] = rows.apply(lambda r: r["throughput"] / base_tp.get(r["concurrency"], float("nan")), axis=1)
+    choices = evaluate(rows, model_variants, latency_budget_ms, accuracy_budget)
+    best = best_of(choices)
+    plots = _plots(model, rows, choices, base, results_dir, latency_budget_ms, breakdown_concurrency)
+
+    out = [f"## {model}", ""]
+    out.append(f"Budget: {_budget_text(latency_budget_ms, accuracy_budget)}. "
+               f"Baseline: {base + ' (fp32, measured in this run)' if base else 'none (no onnx/torch fp32 variant of this model was measured)'}.")
+    out.append("")
+    if best is not None:
+        out.append(_why_best(best, latency_budget_ms, accuracy_budget, sum(c.fits for c in choices)))
+    else:
+        out.append(f"**No variant of {model} fits the budget** ({_budget_text(latency_budget_ms, accuracy_budget)}): "
+                   + "; ".join(f"{c.variant}: {c.why_not}" for c in choices) + ".")
+    out.append("")
+
+    header = ["variant", "format", "precision", "at conc.", "throughput (infer/s)", "× best", "p99 (ms)",
+              "Δ p99 vs best (ms)", f"speedup vs {base}" if base else "speedup", "min cosine", "max abs diff",
+              "fits", "why not"]
+    table = []
+    best_row = best.row if best is not None else None
+    for c in sorted(choices, key=lambda c: (c.row is None, -(c.row["throughput"] if c.row is not None else 0))):
+        info, r = model_variants[c.variant], c.row
+        ratio = delta = None
+        if r is not None and best_row is not None:
+            ratio, delta = r["throughput"] / best_row["throughput"], r["p99_ms"] - best_row["p99_ms"]
+        name = f"**{c.variant}**" if best is not None and c.variant == best.variant else c.variant
+        table.append([
+            name, info.get("format", ""), info.get("precision", ""),
+            _num(r["concurrency"] if r is not None else None, "{:.0f}"),
+            _num(r["throughput"] if r is not None else None, "{:.1f}"),
+            _num(ratio, "{:.2f}×"), _num(r["p99_ms"] if r is not None else None),
+            _num(delta, "{:+.2f}"), _num(r["speedup"] if r is not None else None, "{:.2f}×"),
+            _num(c.accuracy.min_cosine, "{:.6f}"), _num(c.accuracy.max_abs, "{:.3g}"),
+            "yes" if c.fits else "no", c.why_not,
+        ])
+    out += ["Each variant at its operating point (highest stable throughput within the latency budget):", "",
+            _table(header, table), ""]
+
+    detail_header = ["variant", "concurrency", "throughput (infer/s)", "p50 (ms)", "p90 (ms)", "p95 (ms)", "p99 (ms)",
+                     "avg (ms)", "queue (ms)", "compute infer (ms)", "speedup", "attempts", "status"]
+    detail = []
+    for _, r in rows.sort_values(["variant", "concurrency"]).iterrows():
+        detail.append([r["variant"], str(int(r["concurrency"])), _num(r["throughput"], "{:.1f}"),
+                       _num(r["p50_ms"]), _num(r["p90_ms"]), _num(r["p95_ms"]), _num(r["p99_ms"]), _num(r["avg_ms"]),
+                       _num(r["server_queue_ms"]), _num(r["server_compute_infer_ms"]), _num(r["speedup"], "{:.2f}×"),
+                       str(int(r["attempts"])), FLAG.get(r["status"], r["status"]) or "ok"])
+    out += ["All measurements:", "", _table(detail_header, detail), ""]
+    if "throughput_vs_p99" in plots:
+        out += [f"![throughput vs p99 latency]({plots['throughput_vs_p99']})", ""]
+    if "latency_breakdown" in plots:
+        out += [f"![latency breakdown at concurrency {plots['breakdown_concurrency']}]({plots['latency_breakdown']})", ""]
+    if "speedup" in plots:
+        out += [f"![speedup vs {base}]({plots['speedup']})", ""]
+    return out
+
+
+def write_report(results_dir: Path, *, latency_budget_ms: float | None = None, accuracy_budget: float | None = None,
+                 baseline: str | None = None, breakdown_concurrency: int | None = None) -> Path:
+    """Write results_dir/report.md and its PNG plots; return the report's path.
+
+    latency_budget_ms: the largest acceptable p99. accuracy_budget: the smallest acceptable cosine
+    (worst output, from the build's verification). baseline: a variant name, or a format whose fp32
+    variant is the baseline (default: onnx fp32, else torch fp32).
+    """
+    results_dir = Path(results_dir)
+    if latency_budget_ms is not None and latency_budget_ms <= 0:
+        raise UserError(f"latency budget {latency_budget_ms} ms must be positive")
+    if accuracy_budget is not None and not -1 <= accuracy_budget <= 1:
+        raise UserError(f"accuracy budget {accuracy_budget} must be a cosine in [-1, 1]")
+    table, manifest = load_results(results_dir)
+    if table.empty:
+        raise UserError(f"{results_dir}: the results table has no rows")
+    if baseline is not None and baseline not in set(table["variant"]) and baseline not in set(table["format"]):
+        raise UserError(f"baseline {baseline!r} is neither a measured variant ({', '.join(sorted(set(table['variant'])))}) "
+                        f"nor a measured format ({', '.join(sorted(set(table['format'])))})")
+    variants = manifest.get("variants", {})
+
+    lines = [f"# Performance report: run {manifest.get('run', results_dir.name)}", ""]
+    if not manifest.get("complete", False):
+        lines += ["> **Incomplete run.** Some levels have no numbers (missing, failed or not run); "
+                  "see the status column and the errors below.", ""]
+    flagged = table[table["status"] != "ok"]
+    if not flagged.empty:
+        lines += [f"> **{len(flagged)} measurement(s) flagged:** "
+                  + ", ".join(f"{r['variant']} at concurrency {int(r['concurrency'])} ({r['status']})"
+                              for _, r in flagged.iterrows())
+                  + ". Unstable rows are shown but never chosen as best.", ""]
+    for error in manifest.get("errors", []):
+        first = str(error).strip().splitlines()
+        lines += [f"> Error: {first[0] if first else error}", ""]
+
+    machine = manifest.get("machine", {})
+    settings = manifest.get("settings", {})
+    server = manifest.get("server") or {}
+    pa = manifest.get("perf_analyzer", {})
+    lines += [
+        f"- Repository: `{manifest.get('repo', '?')}`",
+        f"- Started {manifest.get('started', '?')}, finished {manifest.get('finished', '?')}",
+        f"- Machine: {machine.get('cpu', '?')} ({machine.get('cpu_count', '?')} cores), "
+        f"GPUs: {', '.join(machine.get('gpus') or []) or 'none'}",
+        f"- Server: Triton {server.get('version') or '?'} ({server.get('runtime') or 'given'}); "
+        f"perf_analyzer: {pa.get('version', '?')} over {settings.get('protocol', '?')}",
+        f"- Settings: batch size {settings.get('batch_size', '?')}, window {settings.get('measurement_ms', '?')} ms, "
+        f"stability {settings.get('stability_pct', '?')} %, up to {settings.get('max_trials', '?')} trials, "
+        f"{settings.get('max_attempts', '?')} attempts per level",
+        f"- Latencies are client-side, in ms; throughput counts inferences (batch elements) per second. "
+        f"Every perf_analyzer command is in `manifest.json` and `raw/`.",
+        "",
+    ]
+    for model in sorted(table["model"].unique()):
+        lines += _model_section(model, table[table["model"] == model], variants, results_dir,
+                                latency_budget_ms=latency_budget_ms, accuracy_budget=accuracy_budget,
+                                baseline=baseline, breakdown_concurrency=breakdown_concurrency)
+    path = results_dir / REPORT
+    path.write_text("\n".join(lines).rstrip() + "\n")
+    return path

@@ -1,0 +1,166 @@
+"""The tidy results table (one row per model variant and concurrency) and the run's manifest.
+
+A results directory holds:
+  results.csv     the table below (results.parquet too when pyarrow is importable)
+  manifest.json   versions, machine, perf_analyzer commands, start/end, complete, and per variant
+                  its model, format, precision and the build's verification numbers, so that the
+                  report needs nothing but this directory
+  inputs/         the --input-data JSON given to perf_analyzer, per variant
+  raw/            every perf_analyzer invocation: command.txt, its CSV, stdout and stderr
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+
+from builder.errors import UserError
+from builder.perf.analyzer import LevelResult
+
+RESULTS_CSV = "results.csv"
+RESULTS_PARQUET = "results.parquet"
+RUN_MANIFEST = "manifest.json"
+
+COLUMNS = [
+    "run", "model", "variant", "format", "precision", "concurrency", "batch_size",
+    "throughput", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "avg_ms",
+    "client_send_ms", "network_ms", "server_queue_ms", "server_compute_input_ms",
+    "server_compute_infer_ms", "server_compute_output_ms", "client_recv_ms",
+    "stable", "attempts", "status",
+]
+# status: ok (stable) | unstable (numbers from a relaxed try) | missing (no numbers) |
+#         failed (perf_analyzer or the server failed) | not_run (the run stopped before it)
+STATUSES = ("ok", "unstable", "missing", "failed", "not_run")
+LATENCY_FIELDS = [c for c in COLUMNS if c.endswith("_ms")]
+
+
+def level_row(level: LevelResult, *, run: str, model: str, variant: str, format: str, precision: str,
+              batch_size: int) -> dict:
+    """One table row from one measured level: microseconds become milliseconds."""
+    values = level.values
+    row = {"run": run, "model": model, "variant": variant, "format": format, "precision": precision,
+           "concurrency": level.concurrency, "batch_size": batch_size,
+           "throughput": values.get("throughput", float("nan"))}
+    for name in LATENCY_FIELDS:
+        us = values.get(name[: -len("_ms")] + "_us")
+        row[name] = us / 1000.0 if us is not None else float("nan")
+    row.update(stable=bool(level.stable), attempts=int(level.attempts), status=level.status)
+    return row
+
+
+def not_run_rows(levels, *, run: str, model: str, variant: str, format: str, precision: str,
+                 batch_size: int) -> list[dict]:
+    """Placeholder rows for levels never measured because the run stopped first."""
+    return [level_row(LevelResult(c, status="not_run"), run=run, model=model, variant=variant,
+                      format=format, precision=precision, batch_size=batch_size) for c in levels]
+
+
+def to_frame(rows: list[dict]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    if frame.empty:
+        return frame
+    frame = frame.astype({"concurrency": int, "batch_size": int, "attempts": int, "stable": bool})
+    for name in ["throughput", *LATENCY_FIELDS]:
+        frame[name] = frame[name].astype(float)
+    return frame.sort_values(["model", "variant", "concurrency"], kind="stable").reset_index(drop=True)
+
+
+def parquet_available() -> bool:
+    return importlib.util.find_spec("pyarrow") is not None
+
+
+def save_results(results_dir: Path, table: pd.DataFrame, manifest: dict) -> list[Path]:
+    """Write results.csv (+ results.parquet when pyarrow is importable) and manifest.json."""
+    results_dir = Path(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    written = [results_dir / RESULTS_CSV]
+    table.to_csv(written[0], index=False)
+    if parquet_available():
+        table.to_parquet(results_dir / RESULTS_PARQUET, index=False)
+        written.append(results_dir / RESULTS_PARQUET)
+    manifest_path = results_dir / RUN_MANIFEST
+    tmp = manifest_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    tmp.replace(manifest_path)
+    written.append(manifest_path)
+    return written
+
+
+def load_results(results_dir: Path) -> tuple[pd.DataFrame, dict]:
+    """The table and manifest of a results directory."""
+    results_dir = Path(results_dir)
+    csv_path, manifest_path = results_dir / RESULTS_CSV, results_dir / RUN_MANIFEST
+    for path in (csv_path, manifest_path):
+        if not path.is_file():
+            raise UserError(f"{results_dir}: no {path.name} here; run 'triton-builder perf' to make a results directory")
+    table = pd.read_csv(csv_path)
+    missing = [c for c in COLUMNS if c not in table.columns]
+    if missing:
+        raise UserError(f"{csv_path}: not a triton-builder results table (missing {', '.join(missing)})")
+    table["stable"] = table["stable"].astype(str).str.lower().isin(["true", "1"])
+    table["format"] = table["format"].fillna("").astype(str)
+    table["precision"] = table["precision"].fillna("").astype(str)
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{manifest_path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    return table, manifest
+
+
+# --------------------------------------------------------------------------- provenance
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def tool_versions() -> dict[str, str | None]:
+    names = ["triton-builder", "tritonclient", "perf-analyzer", "nvidia-pytriton", "nvidia-cuda-runtime-cu12",
+             "numpy", "pandas", "torch", "onnxruntime", "transformers"]
+    versions = {name: _version(name) for name in names}
+    versions["python"] = platform.python_version()
+    return {k: v for k, v in versions.items() if v is not None}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _gpus() -> list[str]:
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return []
+    try:
+        out = subprocess.run([smi, "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()] if out.returncode == 0 else []
+
+
+def machine_info() -> dict:
+    return {
+        "hostname": platform.node(),
+        "os": f"{platform.system()} {platform.release()}",
+        "libc": " ".join(platform.libc_ver()).strip(),
+        "arch": platform.machine(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "gpus": _gpus(),
+    }

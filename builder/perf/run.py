@@ -1,0 +1,230 @@
+"""Measure every passed variant of a built repository with perf_analyzer; write a results directory.
+
+    results_dir = run_perf(Path("model_repository"), concurrency=(1, 4, 16))
+    write_report(results_dir)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import urllib.request
+from datetime import datetime, timezone
+from pathlib import Path
+
+from rich.console import Console
+
+from builder.errors import RunError, UserError
+from builder.manifest import read_manifest, signature_of
+from builder.perf.analyzer import (
+    PROTOCOLS,
+    LevelResult,
+    PerfAnalyzerError,
+    PerfFlags,
+    find_perf_analyzer,
+    measure,
+    perf_analyzer_version,
+    perf_env,
+)
+from builder.perf.inputs import write_input_data
+from builder.perf.results import level_row, machine_info, not_run_rows, save_results, to_frame, tool_versions
+
+MEASURED_ROLES = ("variant", "ensemble")  # preprocess/postprocess steps only when named
+DEFAULT_RESULTS = Path("perf/results")
+RUN_SCHEMA = 1
+
+
+def select_variants(manifest: dict, names: list[str] | None) -> dict[str, dict]:
+    """The manifest entries to measure: every passed variant/ensemble, or exactly those named."""
+    entries: dict[str, dict] = manifest.get("models", {})
+    known = sorted(entries)
+    if names is None:
+        chosen = {n: e for n, e in entries.items()
+                  if e.get("role", "variant") in MEASURED_ROLES and e.get("status") == "passed"}
+        if not chosen:
+            raise UserError("no passed model variant in this repository to measure "
+                            f"(models: {', '.join(known) or 'none'})")
+        return dict(sorted(chosen.items()))
+    if not names:
+        raise UserError("no models named; leave models unset to measure every passed variant")
+    unknown = [n for n in names if n not in entries]
+    if unknown:
+        raise UserError(f"unknown model(s) {', '.join(unknown)}; this repository has: {', '.join(known)}")
+    failed = [n for n in names if entries[n].get("status") != "passed"]
+    if failed:
+        raise UserError(f"model(s) {', '.join(failed)} did not pass verification and are not served for measurement")
+    return {n: entries[n] for n in dict.fromkeys(names)}
+
+
+def _variant_record(name: str, entry: dict) -> dict:
+    """What the report needs from the build manifest, copied so the results dir stands alone."""
+    return {
+        "model": entry.get("model", name),
+        "format": entry.get("format", ""),
+        "precision": entry.get("precision", ""),
+        "role": entry.get("role", "variant"),
+        "status": entry.get("status"),
+        "verification": entry.get("verification"),
+    }
+
+
+def _new_results_dir(out: Path | None, started: datetime) -> Path:
+    if out is not None:
+        out = Path(out)
+        if (out / "results.csv").exists():
+            raise UserError(f"{out}: already holds results; choose another --out directory")
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    for i in range(100):
+        candidate = DEFAULT_RESULTS / (stamp if i == 0 else f"{stamp}-{i}")
+        try:
+            candidate.mkdir(parents=True, exist_ok=False)
+            return candidate
+        except FileExistsError:
+            continue
+    raise RunError(f"{DEFAULT_RESULTS}: could not make a fresh results directory for {stamp}")
+
+
+def _server_version(http_url: str | None) -> str | None:
+    if not http_url:
+        return None
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"http://{http_url}/v2", timeout=2) as response:
+            return json.loads(response.read()).get("version")
+    except (OSError, ValueError):
+        return None
+
+
+def _server_record(server) -> dict:
+    record = {key: getattr(server, key, None) for key in ("runtime", "http_url", "grpc_url", "metrics_url", "image")}
+    command = getattr(server, "command", None)
+    record["command"] = list(command) if command else None
+    record["version"] = _server_version(record["http_url"])
+    return record
+
+
+def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concurrency=(1, 4, 16),
+             out: Path | None = None, protocol: str = "grpc", measurement_ms: int = 2000,
+             stability_pct: float = 25.0, max_trials: int = 10, batch_size: int = 1, max_attempts: int = 3,
+             relaxed_stability_pct: float | None = 100.0, input_entries: int = 4,
+             perf_analyzer: Path | None = None, runtime: str = "local", console: Console | None = None) -> Path:
+    """Measure the repository's variants at each concurrency level and return the results directory.
+
+    `server`: a running server (anything with `grpc_url` / `http_url`); when None one is started on
+    `repo` with builder.runtime.start_server(runtime=...) and stopped afterwards. The directory
+    (default perf/results/<UTC timestamp>/) gets results.csv, manifest.json, inputs/ and raw/.
+    If perf_analyzer or the server fails, what was measured is still written, the manifest says
+    complete: false, and RunError is raised naming the directory.
+    """
+    repo = Path(repo)
+    console = console or Console(highlight=False)
+    if protocol not in PROTOCOLS:
+        raise UserError(f"protocol {protocol!r} must be one of {', '.join(PROTOCOLS)}")
+    levels = sorted(set(int(c) for c in concurrency))
+    if not levels or levels[0] < 1:
+        raise UserError(f"concurrency levels {list(concurrency)} must be integers >= 1")
+    build = read_manifest(repo)
+    variants = select_variants(build, models)
+    signatures = {}
+    for name, entry in variants.items():
+        if "signature" not in entry:
+            raise UserError(f"{repo}: model {name} has no signature in its manifest entry; rebuild the repository")
+        sig = signature_of(entry)
+        if batch_size > 1 and sig.max_batch_size < batch_size:
+            raise UserError(f"model {name}: batch size {batch_size} exceeds its max_batch_size {sig.max_batch_size}")
+        signatures[name] = sig
+    binary = find_perf_analyzer(perf_analyzer)
+    # Validate the flags once before anything starts (the URL is filled in later).
+    PerfFlags(model="check", url="127.0.0.1:1", protocol=protocol, measurement_ms=measurement_ms,
+              stability_pct=stability_pct, max_trials=max_trials, batch_size=batch_size)
+
+    started = datetime.now(timezone.utc)
+    results_dir = _new_results_dir(out, started)
+    run_name = results_dir.name
+    inputs = {name: write_input_data(sig, results_dir / "inputs" / f"{name}.json", entries=input_entries)
+              for name, sig in signatures.items()}
+    manifest = {
+        "schema": RUN_SCHEMA, "run": run_name, "repo": str(repo.resolve()),
+        "started": started.isoformat(timespec="seconds"), "finished": None, "complete": False,
+        "settings": {"concurrency": levels, "protocol": protocol, "measurement_ms": measurement_ms,
+                     "stability_pct": stability_pct, "max_trials": max_trials, "batch_size": batch_size,
+                     "max_attempts": max_attempts, "relaxed_stability_pct": relaxed_stability_pct,
+                     "input_entries": input_entries},
+        "perf_analyzer": {"path": str(binary), "version": perf_analyzer_version(binary)},
+        "server": None, "versions": tool_versions(), "build_versions": build.get("tool_versions", {}),
+        "machine": machine_info(),
+        "variants": {name: _variant_record(name, entry) for name, entry in variants.items()},
+        "commands": [], "errors": [],
+    }
+    rows: list[dict] = []
+    env = perf_env()
+
+    def row_args(name: str) -> dict:
+        entry = manifest["variants"][name]
+        return dict(run=run_name, model=entry["model"], variant=name, format=entry["format"],
+                    precision=entry["precision"], batch_size=batch_size)
+
+    def record_attempts(name: str, attempts) -> None:
+        manifest["commands"].extend(
+            {"variant": name, "command": a.command, "returncode": a.returncode, "seconds": round(a.seconds, 2)}
+            for a in attempts)
+
+    def show(name: str, level: LevelResult) -> None:
+        v = level.values
+        numbers = (f"{v['throughput']:>10.1f} infer/s  p99 {v['p99_us'] / 1000:>8.2f} ms" if v
+                   else f"{'-':>10} infer/s  p99 {'-':>8} ms")
+        style = {"ok": "green", "unstable": "yellow"}.get(level.status, "red")
+        console.print(f"  {name:<32} c={level.concurrency:<4} {numbers}  [{style}]{level.status}[/{style}]"
+                      f" (attempts {level.attempts})")
+
+    failure: PerfAnalyzerError | None = None
+    pending = list(variants)
+    try:
+        with contextlib.ExitStack() as stack:
+            if server is None:
+                from builder.runtime import start_server
+
+                console.print(f"starting a {runtime} Triton server on {repo}")
+                server = stack.enter_context(start_server(repo, runtime=runtime))
+            manifest["server"] = _server_record(server)
+            url = server.grpc_url if protocol == "grpc" else server.http_url
+            while pending:
+                name = pending[0]
+                entry = manifest["variants"][name]
+                console.print(f"[bold]{name}[/bold] ({entry['model']}, {entry['format']} {entry['precision']}): "
+                              f"concurrency {', '.join(map(str, levels))}")
+                flags = PerfFlags(model=name, url=url, protocol=protocol, measurement_ms=measurement_ms,
+                                  stability_pct=stability_pct, max_trials=max_trials, batch_size=batch_size,
+                                  input_data=str(inputs[name].resolve()))
+                try:
+                    result = measure(flags, levels, results_dir / "raw" / name, max_attempts=max_attempts,
+                                     relaxed_stability_pct=relaxed_stability_pct, binary=binary, env=env,
+                                     on_level=lambda level, name=name: show(name, level))
+                except PerfAnalyzerError as exc:
+                    record_attempts(name, exc.attempts)
+                    rows.extend(level_row(level, **row_args(name)) for level in exc.levels)
+                    pending.pop(0)
+                    failure = exc
+                    break
+                record_attempts(name, result.attempts)
+                rows.extend(level_row(level, **row_args(name)) for level in result.levels)
+                pending.pop(0)
+    except BaseException as exc:  # the server failed to start, Ctrl-C, ...: keep what was measured, then re-raise
+        manifest["errors"].append(f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        for name in pending:
+            rows.extend(not_run_rows(levels, **row_args(name)))
+        if failure is not None:
+            manifest["errors"].append(str(failure))
+        manifest["complete"] = failure is None and not pending and all(
+            r["status"] in ("ok", "unstable") for r in rows)
+        manifest["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        save_results(results_dir, to_frame(rows), manifest)
+    if failure is not None:
+        raise RunError(f"{failure}\npartial results kept in {results_dir} (marked incomplete)") from failure
+    unstable = sum(r["status"] != "ok" for r in rows)
+    console.print(f"results in {results_dir}" + (f" ({unstable} level(s) not stable: see status)" if unstable else ""))
+    return results_dir

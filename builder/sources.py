@@ -1,0 +1,97 @@
+"""Loading a model from a spec's `source`: a local directory, a hub id, an inline config or a factory."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from builder.errors import RunError, UserError
+from builder.spec import Model, resolve_source_path
+
+AUTO_CLASSES = {
+    "feature-extraction": "AutoModel",
+    "text-classification": "AutoModelForSequenceClassification",
+    "image-classification": "AutoModelForImageClassification",
+    "zero-shot-image-classification": "AutoModel",
+    "text-generation": "AutoModelForCausalLM",
+}
+
+
+@dataclass
+class Loaded:
+    module: Any  # torch.nn.Module in eval mode, fp32
+    config: Any | None  # transformers PretrainedConfig (None for factory sources)
+    files_dir: Path | None  # where tokenizer / image processor files are (None: random init, no files)
+    example_inputs: dict | None = None  # factory sources only
+    description: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def load_source(spec_path: Path, model: Model) -> Loaded:
+    import torch
+    import transformers
+
+    src = model.source
+    if src.factory is not None:
+        return _load_factory(src.factory, model.name)
+    auto = getattr(transformers, AUTO_CLASSES[model.task])
+    kwargs = {"attn_implementation": "eager"}  # exports cleanly; sdpa is chosen again for torch GPU variants
+    if src.config is not None:
+        cfg_dict = dict(src.config)
+        model_type = cfg_dict.pop("model_type")
+        try:
+            config = transformers.AutoConfig.for_model(model_type, **cfg_dict)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"models[{model.name}].source.config: {exc}") from None
+        torch.manual_seed(0)
+        try:
+            module = auto.from_config(config, **kwargs)
+        except ValueError as exc:
+            raise UserError(f"models[{model.name}].source.config: model_type {model_type!r} does not fit task "
+                            f"{model.task} ({str(exc).splitlines()[0]})") from None
+        return Loaded(module.eval(), config, None, description=f"random init from config ({model_type})")
+    if src.hf is not None:
+        where: str | Path = src.hf
+        files_dir = None
+    else:
+        where = resolve_source_path(spec_path, src)
+        files_dir = where
+    try:
+        module = auto.from_pretrained(where, revision=src.revision, **kwargs) if src.hf else \
+            auto.from_pretrained(where, local_files_only=True, **kwargs)
+    except OSError as exc:
+        hint = "check the id and your network" if src.hf else "the directory needs config.json and weights"
+        raise UserError(f"models[{model.name}].source: cannot load {where}: {str(exc).splitlines()[0]} ({hint})") from None
+    except ValueError as exc:
+        raise UserError(f"models[{model.name}].source: {where} does not fit task {model.task}: "
+                        f"{str(exc).splitlines()[0]}") from None
+    if src.hf:
+        from huggingface_hub import snapshot_download
+
+        files_dir = Path(snapshot_download(src.hf, revision=src.revision,
+                                           allow_patterns=["*.json", "*.txt", "*.model"]))
+    return Loaded(module.eval(), module.config, files_dir, description=f"{src.kind}: {where}")
+
+
+def _load_factory(ref: str, name: str) -> Loaded:
+    mod_name, fn_name = ref.split(":")
+    try:
+        fn = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as exc:
+        raise UserError(f"models[{name}].source.factory: cannot import {ref}: {exc}") from None
+    try:
+        module, example = fn()
+    except Exception as exc:  # user code: report what failed and where
+        raise RunError(f"models[{name}].source.factory: {ref}() failed: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(example, dict) or not example:
+        raise UserError(f"models[{name}].source.factory: {ref}() must return (module, {{input name: example tensor}})")
+    return Loaded(module.eval(), None, None, example_inputs=example, description=f"factory {ref}")
+
+
+def offline_env() -> None:
+    """Local sources never reach the hub."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -1,0 +1,287 @@
+"""The YAML spec: strict, typed, with one-line errors that name the file, the field and the fix."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from builder.errors import UserError
+
+TASKS = (
+    "feature-extraction",
+    "text-classification",
+    "image-classification",
+    "zero-shot-image-classification",
+    "text-generation",
+)
+FORMATS = ("onnx", "tensorrt", "torch")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
+RUNTIMES = ("python", "native")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Tolerance(Strict):
+    """A variant passes when every output meets every bound given here (worst sample counts)."""
+
+    atol: float | None = Field(None, gt=0)
+    min_cosine: float | None = Field(None, gt=0, le=1)
+
+
+DEFAULT_TOLERANCE = {
+    "fp32": Tolerance(atol=1e-3, min_cosine=0.9999),
+    "fp16": Tolerance(atol=5e-2, min_cosine=0.999),
+    "bf16": Tolerance(atol=2e-1, min_cosine=0.99),
+    "int8": Tolerance(min_cosine=0.98),
+    "int4": Tolerance(min_cosine=0.95),
+}
+
+
+class DynamicBatching(Strict):
+    max_queue_delay_us: int = Field(100, ge=0)
+    preferred_batch_sizes: list[int] = []
+
+    @field_validator("preferred_batch_sizes")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(b < 1 for b in v):
+            raise ValueError("batch sizes must be >= 1")
+        return sorted(set(v))
+
+
+class Instances(Strict):
+    kind: Literal["cpu", "gpu"] = "cpu"
+    count: int = Field(1, ge=1, le=64)
+
+
+class Serving(Strict):
+    """Settings that can be given under `defaults:` and overridden per model."""
+
+    max_batch_size: int | None = Field(None, ge=0)
+    dynamic_batching: DynamicBatching | bool | None = None
+    instances: Instances | None = None
+    warmup: bool | None = None
+
+
+SERVING_DEFAULTS = dict(max_batch_size=8, dynamic_batching=DynamicBatching(), instances=Instances(), warmup=True)
+
+
+class Source(Strict):
+    """Exactly one of the fields."""
+
+    path: str | None = None  # a local Hugging Face directory (relative to the spec file)
+    hf: str | None = None  # a hub id (needs internet)
+    config: dict[str, Any] | None = None  # an inline transformers config: random init
+    factory: str | None = None  # module:function returning (nn.Module, example inputs)
+    package: str | None = None  # a directory inside an installed Python package: "pkg/sub/dir"
+    revision: str | None = None  # with hf: a branch, tag or commit
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "Source":
+        given = [k for k in ("path", "hf", "config", "factory", "package") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of path, hf, config, factory, package (got {', '.join(given) or 'none'})")
+        if self.config is not None and "model_type" not in self.config:
+            raise ValueError("config needs model_type (e.g. bert, clip, llama, vit)")
+        if self.factory is not None and not re.fullmatch(r"[\w.]+:\w+", self.factory):
+            raise ValueError("factory must look like 'package.module:function'")
+        if self.revision is not None and self.hf is None:
+            raise ValueError("revision goes with hf")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("path", "hf", "config", "factory", "package") if getattr(self, k) is not None)
+
+
+class Shapes(Strict):
+    max_sequence_length: int = Field(128, ge=2, le=32768)
+    sequence_length: int = Field(16, ge=1)  # typical length: warmup, perf inputs, checks
+    image_size: int | None = Field(None, ge=8, le=4096)  # default: the model config's
+
+    @model_validator(mode="after")
+    def _typical_fits(self) -> "Shapes":
+        if self.sequence_length > self.max_sequence_length:
+            raise ValueError("sequence_length must be <= max_sequence_length")
+        return self
+
+
+class Variant(Strict):
+    format: Literal[FORMATS]  # type: ignore[valid-type]
+    precision: Literal[PRECISIONS] = "fp32"  # type: ignore[valid-type]
+    calibration: Literal["dynamic", "static"] = "dynamic"  # int8 only
+    tolerance: Tolerance | None = None
+
+    @model_validator(mode="after")
+    def _combination(self) -> "Variant":
+        if self.calibration == "static" and self.precision != "int8":
+            raise ValueError("calibration: static applies to precision int8 only")
+        if self.format == "onnx" and self.precision == "bf16":
+            raise ValueError("onnx bf16 is not supported: onnxruntime's CPU provider has no bf16 kernels for "
+                             "these models; use fp16, or format torch with bf16")
+        if self.format == "torch" and self.precision in ("int8", "int4"):
+            raise ValueError(f"torch {self.precision} is not supported yet; use format onnx for {self.precision}")
+        return self
+
+    @property
+    def tag(self) -> str:
+        suffix = "_static" if self.calibration == "static" else ""
+        return f"{self.format}_{self.precision}{suffix}"
+
+    @property
+    def effective_tolerance(self) -> Tolerance:
+        base = DEFAULT_TOLERANCE[self.precision]
+        if self.tolerance is None:
+            return base
+        return base.model_copy(update=self.tolerance.model_dump(exclude_unset=True))
+
+
+class Model(Serving):
+    name: str
+    task: Literal[TASKS]  # type: ignore[valid-type]
+    source: Source
+    variants: list[Variant] = Field(min_length=1)
+    shapes: Shapes = Shapes()
+    labels: list[str] | None = None  # class names; default: the model config's id2label
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v) or len(v) > 64:
+            raise ValueError("use letters, digits, '_' and '-' only (at most 64, starting with a letter or digit)")
+        return v
+
+    @model_validator(mode="after")
+    def _unique_variants(self) -> "Model":
+        tags = [v.tag for v in self.variants]
+        dup = sorted({t for t in tags if tags.count(t) > 1})
+        if dup:
+            raise ValueError(f"variant {dup[0]} is listed twice")
+        return self
+
+
+class Spec(Strict):
+    runtime: Literal[RUNTIMES] = "python"  # type: ignore[valid-type]
+    defaults: Serving = Serving()
+    models: list[Model] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "Spec":
+        names = [m.name for m in self.models]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"model name {dup[0]!r} is used twice; names must be unique")
+        return self
+
+    def serving(self, model: Model) -> dict:
+        """The effective serving settings of a model: model override > defaults > built-in."""
+        out = dict(SERVING_DEFAULTS)
+        for layer in (self.defaults, model):
+            for key in SERVING_DEFAULTS:
+                value = getattr(layer, key)
+                if value is not None:
+                    out[key] = value
+        if out["dynamic_batching"] is True:
+            out["dynamic_batching"] = DynamicBatching()
+        mbs, db = out["max_batch_size"], out["dynamic_batching"]
+        if db and mbs == 0:
+            raise UserError(f"models[{model.name}]: dynamic_batching needs max_batch_size > 0; "
+                            "set max_batch_size or dynamic_batching: false")
+        if db and any(b > mbs for b in db.preferred_batch_sizes):
+            raise UserError(f"models[{model.name}].dynamic_batching.preferred_batch_sizes: "
+                            f"{db.preferred_batch_sizes} has sizes above max_batch_size {mbs}; lower them or raise max_batch_size")
+        return out
+
+
+def _loc(loc: tuple, data: Any) -> str:
+    """A field path like models[0].variants[2].precision, naming models by their name when known."""
+    parts: list[str] = []
+    node = data
+    for item in loc:
+        if isinstance(item, int):
+            name = node[item].get("name") if isinstance(node, list) and item < len(node) and isinstance(node[item], dict) else None
+            parts[-1:] = [f"{parts[-1] if parts else ''}[{item}]" + (f"({name})" if name and parts and parts[-1] == "models" else "")]
+        else:
+            parts.append(str(item))
+        try:
+            node = node[item]
+        except (KeyError, IndexError, TypeError):
+            node = None
+    return ".".join(p for p in parts if p)
+
+
+def _message(err: dict) -> str:
+    kind, msg = err["type"], err["msg"]
+    if kind == "extra_forbidden":
+        return "unknown field; remove it or check its spelling"
+    if kind == "literal_error":
+        expected = err.get("ctx", {}).get("expected", "")
+        return f"{err['input']!r} is not allowed; use one of {expected}"
+    if kind == "missing":
+        return "is required"
+    return msg.removeprefix("Value error, ")
+
+
+def _clean_loc(err: dict) -> tuple:
+    # pydantic adds the union member or validator name for unions (e.g. 'DynamicBatching', 'bool'); drop them
+    return tuple(p for p in err["loc"] if not (isinstance(p, str) and (p[:1].isupper() or p in ("bool", "function-after"))))
+
+
+def load_spec(path: Path | str) -> Spec:
+    """Load and validate a spec file; every problem is a UserError with one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: spec file not found; give the path of a YAML spec (see examples/)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the spec must be a mapping with a 'models' list (see examples/demo.yaml)")
+    try:
+        spec = Spec.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        err = errors[0]
+        where = _loc(_clean_loc(err), data) or "(top level)"
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise UserError(f"{path}: {where}: {_message(err)}{more}") from None
+    for model in spec.models:
+        try:
+            spec.serving(model)
+        except UserError as exc:
+            raise UserError(f"{path}: {exc}") from None
+        if model.source.path is not None:
+            local = (path.parent / model.source.path).resolve()
+            if not local.is_dir():
+                raise UserError(f"{path}: models[{model.name}].source.path: {local} is not a directory; "
+                                "give a local Hugging Face model directory (relative to the spec file)")
+    return spec
+
+
+def resolve_source_path(spec_path: Path, source: Source) -> Path | None:
+    """The local directory a path/package source points to, or None for other kinds."""
+    if source.path is not None:
+        return (Path(spec_path).parent / source.path).resolve()
+    if source.package is not None:
+        import importlib.util
+
+        pkg, _, sub = source.package.partition("/")
+        found = importlib.util.find_spec(pkg)
+        if found is None or not found.submodule_search_locations:
+            raise UserError(f"source.package: Python package {pkg!r} is not installed; pip install it "
+                            f"(e.g. pip install {pkg.replace('_', '-')})")
+        root = Path(list(found.submodule_search_locations)[0]) / sub
+        if not root.is_dir():
+            raise UserError(f"source.package: {root} is not a directory inside {pkg}")
+        return root
+    return None

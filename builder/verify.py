@@ -1,0 +1,115 @@
+"""Numerics of an artifact against the fp32 PyTorch source: every output, every sample, every failure."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from builder.spec import Tolerance
+
+
+@dataclass(frozen=True)
+class OutputCheck:
+    name: str
+    max_abs: float
+    max_rel: float
+    cosine: float  # worst per-sample cosine similarity
+    passed: bool
+    reason: str = ""
+
+
+def compare(name: str, got: np.ndarray, want: np.ndarray, tol: Tolerance) -> OutputCheck:
+    got = np.asarray(got, dtype=np.float64)
+    want = np.asarray(want, dtype=np.float64)
+    if got.shape != want.shape:
+        return OutputCheck(name, float("inf"), float("inf"), 0.0, False, f"shape {got.shape} != {want.shape}")
+    if not np.isfinite(got).all():
+        return OutputCheck(name, float("inf"), float("inf"), 0.0, False, "non-finite values")
+    diff = np.abs(got - want)
+    max_abs = float(diff.max(initial=0.0))
+    max_rel = float((diff / np.maximum(np.abs(want), 1e-6)).max(initial=0.0))
+    g = got.reshape(got.shape[0], -1) if got.ndim > 1 else got.reshape(1, -1)
+    w = want.reshape(g.shape)
+    norms = np.linalg.norm(g, axis=1) * np.linalg.norm(w, axis=1)
+    cos = np.where(norms > 0, (g * w).sum(axis=1) / np.maximum(norms, 1e-30), 1.0)
+    cosine = float(cos.min(initial=1.0))
+    reasons = []
+    if tol.atol is not None and max_abs > tol.atol:
+        reasons.append(f"max abs diff {max_abs:.3g} > {tol.atol:g}")
+    if tol.min_cosine is not None and cosine < tol.min_cosine:
+        reasons.append(f"cosine {cosine:.6f} < {tol.min_cosine:g}")
+    return OutputCheck(name, max_abs, max_rel, cosine, not reasons, "; ".join(reasons))
+
+
+def summarize(checks_per_sample: list[list[OutputCheck]], tol: Tolerance) -> dict:
+    """Worst numbers per output over all samples, and the overall verdict."""
+    worst: dict[str, OutputCheck] = {}
+    for checks in checks_per_sample:
+        for c in checks:
+            w = worst.get(c.name)
+            if w is None:
+                worst[c.name] = c
+            else:
+                worst[c.name] = OutputCheck(
+                    c.name, max(w.max_abs, c.max_abs), max(w.max_rel, c.max_rel), min(w.cosine, c.cosine),
+                    w.passed and c.passed, "; ".join(r for r in (w.reason, c.reason) if r and r not in w.reason) or w.reason)
+    return {
+        "passed": all(c.passed for c in worst.values()),
+        "tolerance": tol.model_dump(),
+        "samples": len(checks_per_sample),
+        "outputs": {name: asdict(c) for name, c in worst.items()},
+    }
+
+
+def failure_lines(result: dict) -> list[str]:
+    """Every failing output, Optimum-style: '- logits: max abs diff 3e-3 > 1e-3'."""
+    return [f"- {name}: {c['reason']}" for name, c in result["outputs"].items() if not c["passed"]]
+
+
+class OnnxRunner:
+    def __init__(self, path: Path, threads: int = 0):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.inputs = {i.name for i in self.session.get_inputs()}
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values = self.session.run(None, {k: v for k, v in feeds.items() if k in self.inputs})
+        return dict(zip(self.outputs, values))
+
+
+class TorchRunner:
+    def __init__(self, path: Path, input_names: list[str], output_names: list[str], precision: str):
+        import torch
+
+        from builder.convert.torch2exported import DTYPES
+
+        self.torch = torch
+        self.module = torch.export.load(str(path)).module()
+        self.dtype = getattr(torch, DTYPES[precision])
+        self.input_names, self.output_names = input_names, output_names
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch = self.torch
+        args = []
+        for name in self.input_names:
+            t = torch.from_numpy(np.ascontiguousarray(feeds[name]))
+            args.append(t.to(self.dtype) if t.is_floating_point() else t)
+        with torch.no_grad():
+            out = self.module(*args)
+        return {n: o.float().numpy() for n, o in zip(self.output_names, out)}
+
+
+def torch_reference(module, input_names: list[str], feeds: dict[str, np.ndarray], output_names) -> dict[str, np.ndarray]:
+    import torch
+
+    with torch.no_grad():
+        out = module(*[torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in input_names])
+    return {n: o.float().numpy() for n, o in zip(output_names, out)}
