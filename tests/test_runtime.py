@@ -20,7 +20,7 @@ from builder.errors import RunError, UserError
 from builder.manifest import MANIFEST, save_reference
 from builder.runtime import (DEFAULT_IMAGE, CheckResult, ServerHandle, container_spec, docker_available,
                              self_check, start_server)
-from builder.runtime import container as container_mod
+from builder.runtime import docker as docker_mod
 from builder.runtime import local, server as server_mod
 from builder.runtime.ports import resolve_ports, url
 from builder.runtime.selfcheck import compare
@@ -474,7 +474,7 @@ def test_docker_container_that_exits_is_removed_and_its_log_reported(tmp_path, m
                 runs.append(spec)
                 return container
 
-    monkeypatch.setattr(container_mod, "docker_client", lambda: Client)
+    monkeypatch.setattr(docker_mod, "docker_client", lambda: Client)
     log = tmp_path / "docker.log"
     with pytest.raises(RunError) as info:
         start_server(tmp_path, "docker", image="img:1", log_path=log)

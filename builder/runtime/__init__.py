@@ -7,7 +7,7 @@
 Heavy imports (tritonclient, docker) happen inside the functions that need them.
 """
 
-from builder.runtime.container import container_spec, docker_available
+from builder.runtime.docker import container_spec, docker_available
 from builder.runtime.selfcheck import CheckResult, self_check
 from builder.runtime.server import DEFAULT_IMAGE, RUNTIMES, ServerHandle, start_server
 

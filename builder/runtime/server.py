@@ -104,7 +104,7 @@ def start_server(repo: Path, runtime: str = "local", *, http_port: int | None = 
         handle = start_local(repo, ports=ports, host=host, tritonserver=tritonserver, log_path=log_path,
                              ready_timeout=ready_timeout, gpus=gpus, stub_python=stub_python)
     else:
-        from builder.runtime.container import start_docker
+        from builder.runtime.docker import start_docker
 
         if tritonserver is not None or stub_python is not None:
             raise UserError("--tritonserver and --stub-python only apply to the local runtime")

@@ -3,6 +3,8 @@
 `container_spec` is the whole container, as the exact keyword arguments of
 `client.containers.run`: a pure function, tested as data. The repository is mounted read-only at
 /models; ports are published on the given host address only.
+
+(`import docker` below is the Docker SDK: imports are absolute, this module does not shadow it.)
 """
 
 from __future__ import annotations
