@@ -23,7 +23,7 @@ from builder.runtime import (DEFAULT_IMAGE, CheckResult, ServerHandle, container
 from builder.runtime import docker as docker_mod
 from builder.runtime import local, server as server_mod
 from builder.runtime.ports import resolve_ports, url
-from builder.runtime.selfcheck import compare
+from builder.runtime.selfcheck import check_model, compare
 from builder.runtime.server import log_excerpt
 from builder.signature import Signature, TensorSpec
 
@@ -284,6 +284,28 @@ def test_interrupt_while_waiting_stops_the_server(tmp_path, monkeypatch):
     assert [h for h in server_mod._live if h.repo == repo] == []
 
 
+NUMPY2_PYTHON = os.environ.get("TRITON_BUILDER_NUMPY2_PYTHON")  # bin/python3 of a venv with numpy 2
+
+
+@pytest.mark.server
+@pytest.mark.slow
+@pytest.mark.skipif(not NUMPY2_PYTHON, reason="set TRITON_BUILDER_NUMPY2_PYTHON to a venv's bin/python3 with numpy 2")
+def test_self_check_catches_the_numpy_2_stub(tmp_path, monkeypatch):
+    python = Path(NUMPY2_PYTHON)
+    with pytest.raises(UserError, match="under numpy 2 the python backend returns empty outputs"):
+        local.stub_env(python)
+    real = local.StubEnv(python=python, **{k: v for k, v in vars(local.stub_env()).items() if k != "python"})
+    monkeypatch.setattr(local, "stub_env", lambda _: real)  # what start_server refuses, served anyway
+    repo = make_repo(tmp_path)
+    with start_server(repo, stub_python=python, log_path=tmp_path / "server.log") as handle:
+        with pytest.raises(RunError) as info:
+            self_check(handle, repo)
+    lines = str(info.value).splitlines()
+    assert lines[:3] == ["self-check failed for 2 of 2 model(s): doubler, shout", "doubler:",
+                         "- OUTPUT: empty (shape (0,)); the python backend does this under numpy 2"]
+    assert "is not healthy" in lines[4]
+
+
 # --- no server needed --------------------------------------------------------------------------
 
 @pytest.fixture
@@ -389,6 +411,20 @@ def test_compare_by_cosine_or_allclose():
     problem, _, _ = compare(-a, a, {"atol": 1e-3, "rtol": 1e-3, "min_cosine": 0.99})
     assert problem == "cosine -1.000000 < 0.99 (max diff = 6)"
     assert compare(a[:2], a, {"atol": 1, "rtol": 1})[0] == "shape (2,) differs from the reference's (3,)"
+
+
+def test_unusable_references_fail_the_model_with_a_reason(tmp_path):
+    (tmp_path / "shout").mkdir()
+    save_reference(tmp_path / "shout" / "pickled.npz", {"TEXT": np.array([[b"a"]], dtype=np.object_)}, {})
+    save_reference(tmp_path / "shout" / "partial.npz", {}, {"LOUD": np.array([[b"A"]])})
+    path = tmp_path / "shout"
+    assert [check_model(None, tmp_path, "shout", entry(SHOUT_SIG, ref)).message
+            for ref in ("pickled.npz", "partial.npz", "absent.npz")] == [
+        f"- reference {path / 'pickled.npz'}: Object arrays cannot be loaded when allow_pickle=False; "
+        f"save text as fixed-width bytes (dtype 'S') arrays",
+        f"- reference {path / 'partial.npz'}: no input TEXT",
+        f"- reference {path / 'absent.npz'}: [Errno 2] No such file or directory: '{path / 'absent.npz'}'",
+    ]
 
 
 # --- docker ------------------------------------------------------------------------------------

@@ -266,7 +266,7 @@ class LevelResult:
     values: dict[str, float] = field(default_factory=dict)
     stable: bool = False
     attempts: int = 0
-    status: str = "missing"  # ok | unstable | missing | failed
+    status: str = "missing"  # ok | unstable | missing | failed | not_run
 
 
 class PerfAnalyzerError(RunError):
@@ -386,9 +386,9 @@ def measure(flags: PerfFlags, levels: tuple[int, ...] | list[int], workdir: Path
             attempt = run_once(f, Path(workdir) / tag, binary=binary, env=env)
         except PerfAnalyzerError as exc:
             attempts.extend(exc.attempts)
-            for lv in results.values():
-                if lv.status == "missing" and lv.attempts and not lv.values:
-                    lv.status = "failed"
+            for lv in results.values():  # levels without numbers: tried and failed, or never reached
+                if lv.status == "missing" and not lv.values:
+                    lv.status = "failed" if lv.attempts else "not_run"
             raise PerfAnalyzerError(str(exc), list(results.values()), attempts) from exc
         attempts.append(attempt)
         return attempt

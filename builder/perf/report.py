@@ -59,7 +59,8 @@ def choose_baseline(variants: dict[str, dict], baseline: str | None = None) -> s
     format, meaning that format's fp32 variant), else the onnx fp32, else the torch fp32."""
     if baseline is not None and baseline in variants:
         return baseline
-    formats = (baseline,) if baseline is not None else BASELINE_FORMATS
+    names_format = baseline is not None and any(v.get("format") == baseline for v in variants.values())
+    formats = (baseline,) if names_format else BASELINE_FORMATS  # a variant of another model: default here
     for fmt in formats:
         for name in sorted(variants):
             info = variants[name]

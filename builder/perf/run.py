@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from builder.errors import RunError, UserError
 from builder.manifest import read_manifest, signature_of
@@ -173,11 +174,11 @@ def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concur
 
     def show(name: str, level: LevelResult) -> None:
         v = level.values
-        numbers = (f"{v['throughput']:>10.1f} infer/s  p99 {v['p99_us'] / 1000:>8.2f} ms" if v
-                   else f"{'-':>10} infer/s  p99 {'-':>8} ms")
+        numbers = f"{v['throughput']:.1f} infer/s, p99 {v['p99_us'] / 1000:.2f} ms" if v else "no numbers"
         style = {"ok": "green", "unstable": "yellow"}.get(level.status, "red")
-        console.print(f"  {name:<32} c={level.concurrency:<4} {numbers}  [{style}]{level.status}[/{style}]"
-                      f" (attempts {level.attempts})")
+        tries = f", {level.attempts} attempts" if level.attempts > 1 else ""
+        console.print(f"  {name} c={level.concurrency}: {numbers} [{style}]{level.status}[/{style}]{tries}",
+                      soft_wrap=True)
 
     failure: PerfAnalyzerError | None = None
     pending = list(variants)
@@ -186,7 +187,7 @@ def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concur
             if server is None:
                 from builder.runtime import start_server
 
-                console.print(f"starting a {runtime} Triton server on {repo}")
+                console.print(f"starting a {runtime} Triton server on {escape(str(repo))}")
                 server = stack.enter_context(start_server(repo, runtime=runtime))
             manifest["server"] = _server_record(server)
             url = server.grpc_url if protocol == "grpc" else server.http_url
@@ -194,7 +195,7 @@ def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concur
                 name = pending[0]
                 entry = manifest["variants"][name]
                 console.print(f"[bold]{name}[/bold] ({entry['model']}, {entry['format']} {entry['precision']}): "
-                              f"concurrency {', '.join(map(str, levels))}")
+                              f"concurrency {', '.join(map(str, levels))}", soft_wrap=True)
                 flags = PerfFlags(model=name, url=url, protocol=protocol, measurement_ms=measurement_ms,
                                   stability_pct=stability_pct, max_trials=max_trials, batch_size=batch_size,
                                   input_data=str(inputs[name].resolve()))
@@ -226,5 +227,5 @@ def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concur
     if failure is not None:
         raise RunError(f"{failure}\npartial results kept in {results_dir} (marked incomplete)") from failure
     unstable = sum(r["status"] != "ok" for r in rows)
-    console.print(f"results in {results_dir}" + (f" ({unstable} level(s) not stable: see status)" if unstable else ""))
+    console.print(f"results in {escape(str(results_dir))}" + (f" ({unstable} level(s) not stable: see status)" if unstable else ""))
     return results_dir
