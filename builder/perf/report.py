@@ -154,7 +154,7 @@ def _why_best(best: Choice, latency_budget_ms, accuracy_budget, n_fitting: int) 
 
 # --------------------------------------------------------------------------- plots
 
-def _plots(model: str, rows: pd.DataFrame, choices: list[Choice], baseline: str | None, out: Path,
+def _plots(model: str, rows: pd.DataFrame, baseline: str | None, out: Path,
            latency_budget_ms: float | None, breakdown_concurrency: int | None) -> dict[str, str]:
     import matplotlib
 
@@ -179,8 +179,14 @@ def _plots(model: str, rows: pd.DataFrame, choices: list[Choice], baseline: str 
                         textcoords="offset points", xytext=(4, 4))
     if latency_budget_ms is not None:
         ax.axvline(latency_budget_ms, color="grey", linestyle="--", linewidth=1, label=f"p99 budget {latency_budget_ms:g} ms")
-    ax.set_xlabel("p99 latency (ms)")
-    ax.set_ylabel("throughput (infer/s)")
+    spread = lambda s: s[s > 0].max() / s[s > 0].min() if (s > 0).any() else 1.0  # noqa: E731
+    log_x, log_y = spread(measured["p99_ms"]) > 20, spread(measured["throughput"]) > 20  # an outlier variant
+    if log_x:
+        ax.set_xscale("log")
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel("p99 latency (ms)" + (", log scale" if log_x else ""))
+    ax.set_ylabel("throughput (infer/s)" + (", log scale" if log_y else ""))
     ax.set_title(f"{model}: throughput vs p99 latency (hollow = unstable)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -247,7 +253,7 @@ def _model_section(model: str, rows: pd.DataFrame, variants: dict[str, dict], re
         rows["speedup"] = rows.apply(lambda r: r["throughput"] / base_tp.get(r["concurrency"], float("nan")), axis=1)
     choices = evaluate(rows, model_variants, latency_budget_ms, accuracy_budget)
     best = best_of(choices)
-    plots = _plots(model, rows, choices, base, results_dir, latency_budget_ms, breakdown_concurrency)
+    plots = _plots(model, rows, base, results_dir, latency_budget_ms, breakdown_concurrency)
 
     out = [f"## {model}", ""]
     out.append(f"Budget: {_budget_text(latency_budget_ms, accuracy_budget)}. "

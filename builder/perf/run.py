@@ -109,6 +109,7 @@ def _server_record(server) -> dict:
 def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concurrency=(1, 4, 16),
              out: Path | None = None, protocol: str = "grpc", measurement_ms: int = 2000,
              stability_pct: float = 25.0, max_trials: int = 10, batch_size: int = 1, max_attempts: int = 3,
+             percentile: int | None = None,
              relaxed_stability_pct: float | None = 100.0, input_entries: int = 4,
              perf_analyzer: Path | None = None, runtime: str = "local", console: Console | None = None) -> Path:
     """Measure the repository's variants at each concurrency level and return the results directory.
@@ -139,7 +140,7 @@ def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concur
     binary = find_perf_analyzer(perf_analyzer)
     # Validate the flags once before anything starts (the URL is filled in later).
     PerfFlags(model="check", url="127.0.0.1:1", protocol=protocol, measurement_ms=measurement_ms,
-              stability_pct=stability_pct, max_trials=max_trials, batch_size=batch_size)
+              stability_pct=stability_pct, max_trials=max_trials, batch_size=batch_size, percentile=percentile)
 
     started = datetime.now(timezone.utc)
     results_dir = _new_results_dir(out, started)
@@ -152,6 +153,7 @@ def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concur
         "settings": {"concurrency": levels, "protocol": protocol, "measurement_ms": measurement_ms,
                      "stability_pct": stability_pct, "max_trials": max_trials, "batch_size": batch_size,
                      "max_attempts": max_attempts, "relaxed_stability_pct": relaxed_stability_pct,
+                     "percentile": percentile,
                      "input_entries": input_entries},
         "perf_analyzer": {"path": str(binary), "version": perf_analyzer_version(binary)},
         "server": None, "versions": tool_versions(), "build_versions": build.get("tool_versions", {}),
@@ -190,7 +192,9 @@ def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concur
                 console.print(f"starting a {runtime} Triton server on {escape(str(repo))}")
                 server = stack.enter_context(start_server(repo, runtime=runtime))
             manifest["server"] = _server_record(server)
-            url = server.grpc_url if protocol == "grpc" else server.http_url
+            url = getattr(server, f"{protocol}_url", None)
+            if not url:
+                raise UserError(f"the server given has no {protocol} URL; pass protocol='grpc' or 'http' to match it")
             while pending:
                 name = pending[0]
                 entry = manifest["variants"][name]
@@ -198,7 +202,7 @@ def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concur
                               f"concurrency {', '.join(map(str, levels))}", soft_wrap=True)
                 flags = PerfFlags(model=name, url=url, protocol=protocol, measurement_ms=measurement_ms,
                                   stability_pct=stability_pct, max_trials=max_trials, batch_size=batch_size,
-                                  input_data=str(inputs[name].resolve()))
+                                  percentile=percentile, input_data=str(inputs[name].resolve()))
                 try:
                     result = measure(flags, levels, results_dir / "raw" / name, max_attempts=max_attempts,
                                      relaxed_stability_pct=relaxed_stability_pct, binary=binary, env=env,
