@@ -175,6 +175,10 @@ def build_model(spec: Spec, spec_path: Path, model: Model, runtime: str, stage: 
                 "verification": check, "reference": "reference.npz", "command": command,
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.time() - t0, 2),
             }
+    if model.ensemble is not None:
+        from builder.ensembles import build_ensembles
+
+        entries.update(build_ensembles(model, loaded, tokenizer, entries, stage, runtime, serving, console))
     return entries
 
 

@@ -143,6 +143,15 @@ class Variant(Strict):
         return base.model_copy(update=self.tolerance.model_dump(exclude_unset=True))
 
 
+class Ensemble(Strict):
+    """Pre-processing (tokenizer / image decoding) + the model + post-processing, as one Triton model."""
+
+    variant: str | None = None  # the variant tag it points at, e.g. onnx_int8; default: the first that passed
+    per_variant: bool = False  # also one ensemble per variant, named {name}_{variant}
+    max_length: int | None = Field(None, ge=2)  # tokenizer truncation; default shapes.max_sequence_length
+    top_k: int = Field(5, ge=1)  # classifiers: how many labels come back
+
+
 class Model(Serving):
     name: str
     task: Literal[TASKS]  # type: ignore[valid-type]
@@ -150,6 +159,7 @@ class Model(Serving):
     variants: list[Variant] = Field(min_length=1)
     shapes: Shapes = Shapes()
     labels: list[str] | None = None  # class names; default: the model config's id2label
+    ensemble: Ensemble | None = None
 
     @field_validator("name")
     @classmethod
@@ -164,6 +174,11 @@ class Model(Serving):
         dup = sorted({t for t in tags if tags.count(t) > 1})
         if dup:
             raise ValueError(f"variant {dup[0]} is listed twice")
+        if self.ensemble and self.ensemble.variant and self.ensemble.variant not in tags:
+            raise ValueError(f"ensemble.variant {self.ensemble.variant!r} is not one of this model's variants "
+                             f"({', '.join(tags)})")
+        if self.ensemble and self.task == "text-generation":
+            raise ValueError("ensemble for text-generation is not supported yet (it comes with LLM serving)")
         return self
 
 
