@@ -230,7 +230,8 @@ def check_variant(variant: Variant, artifact: Path, part: Part, samples, referen
         checks = []
         for feeds, ref in zip(samples, references):
             got = run(feeds)
-            checks.append([verify.compare(n, got[n], ref[n], tol) for n in part.outputs])
+            mask = feeds.get("attention_mask")
+            checks.append([verify.compare(n, got[n], ref[n], tol, mask) for n in part.outputs])
     except Exception as exc:
         raise RunError(f"running the artifact failed: {root_reason(exc)}") from exc
     return verify.summarize(checks, tol)
@@ -243,7 +244,8 @@ def write_config(model_dir: Path, name: str, sig: Signature, runtime: str, varia
     if not native:
         shutil.copy2(RUNNER, model_dir / "1" / "model.py")
         parameters = {"runner": "torch" if variant.format == "torch" else "onnx", "artifact": artifact.name,
-                      "precision": variant.precision, "device": serving["instances"].kind}
+                      "precision": variant.precision, "device": serving["instances"].kind,
+                      "threads": str(serving["instances"].threads)}
     warmup = warmup_files(sig, 1, model_dir) if serving["warmup"] else []
     text = model_config(name, sig, runtime=runtime, fmt=variant.format, serving=serving, parameters=parameters,
                         warmup=warmup)

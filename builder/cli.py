@@ -35,8 +35,10 @@ def build(
     """Export every variant, verify it against the fp32 source, render configs, write the repository."""
     from builder.build import build as run_build
 
+    from builder.errors import UserError
+
     if runtime not in (None, "python", "native"):
-        _fail(__import__("builder.errors").errors.UserError(f"--runtime {runtime!r}: use python or native"))
+        _fail(UserError(f"--runtime {runtime!r}: use python or native"))
     try:
         result = run_build(spec, out, runtime=runtime, only=model, keep_failed=keep_failed, keep_going=keep_going)
     except BuilderError as exc:
@@ -56,6 +58,112 @@ def validate(repo: Path = typer.Argument(Path("model_repository"), help="Reposit
     except BuilderError as exc:
         _fail(exc)
     err.print(f"[green]ok[/]: {checked} models in {repo} are valid")
+
+
+def _pick_runtime(runtime: str, repo: Path) -> str:
+    """auto: Docker (the NGC image) when an engine answers and the repository uses native backends,
+    else the local tritonserver (on PATH or bundled with nvidia-pytriton)."""
+    if runtime != "auto":
+        return runtime
+    from builder.runtime import docker_available
+
+    manifest = repo / "triton-builder.json"
+    native = manifest.is_file() and '"runtime": "native"' in manifest.read_text()
+    return "docker" if native and docker_available() else "local"
+
+
+@app.command()
+def serve(
+    repo: Path = typer.Argument(Path("model_repository"), help="Repository to serve."),
+    runtime: str = typer.Option("auto", help="local | docker | auto"),
+    http_port: int = typer.Option(8000, help="HTTP port."),
+    grpc_port: int = typer.Option(8001, help="gRPC port."),
+    metrics_port: int = typer.Option(8002, help="Metrics port."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind; 0.0.0.0 exposes the server to the network."),
+    tritonserver: Optional[Path] = typer.Option(None, help="tritonserver binary (local runtime)."),
+    image: str = typer.Option(None, help="NGC image for --runtime docker."),
+    gpus: bool = typer.Option(False, help="Request GPUs (docker runtime)."),
+    check: bool = typer.Option(True, help="Send one request to every model after start-up and compare with the build."),
+    once: bool = typer.Option(False, help="Stop right after the self-check (for scripts and CI)."),
+) -> None:
+    """Start Triton on a repository, wait until every model is READY, self-check, serve until Ctrl-C."""
+    import signal
+    import threading
+
+    from builder.runtime import DEFAULT_IMAGE, self_check, start_server
+    from builder.validate import validate_repository
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        validate_repository(repo)
+        chosen = _pick_runtime(runtime, repo)
+        with start_server(repo, chosen, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, host=host,
+                          tritonserver=tritonserver, image=image or DEFAULT_IMAGE, gpus=gpus) as server:
+            err.print(f"[green]ready[/]: {len(server.models)} models ({chosen} runtime)")
+            err.print(f"  HTTP    http://{server.http_url}\n  gRPC    {server.grpc_url}\n  metrics http://{server.metrics_url}/metrics")
+            if check:
+                results = self_check(server, repo)
+                err.print(f"[green]self-check passed[/]: {sum(r.ok for r in results)} models answered as built")
+            if not once:
+                err.print("serving; Ctrl-C stops")
+                stop.wait()
+            err.print("stopping")
+    except BuilderError as exc:
+        _fail(exc)
+
+
+@app.command()
+def perf(
+    repo: Path = typer.Argument(Path("model_repository"), help="Built repository."),
+    model: Optional[list[str]] = typer.Option(None, "--model", help="Only these Triton models (repeatable)."),
+    concurrency: str = typer.Option("1,4,16", help="Comma-separated concurrency levels."),
+    out: Optional[Path] = typer.Option(None, help="Results directory (default perf/results/<UTC time>/)."),
+    url: Optional[str] = typer.Option(None, help="host:port of a running server's gRPC endpoint; default: start one."),
+    protocol: str = typer.Option("grpc", help="grpc | http"),
+    measurement_ms: int = typer.Option(2000, help="perf_analyzer measurement window (-p)."),
+    batch_size: int = typer.Option(1, help="Batch size of each request (-b)."),
+    perf_analyzer: Optional[Path] = typer.Option(None, help="perf_analyzer binary (default: PATH, then the tritonclient wheel's)."),
+) -> None:
+    """Measure every variant with perf_analyzer at each concurrency; write a tidy results table."""
+    from builder.errors import UserError
+    from builder.perf import run_perf
+
+    try:
+        levels = [int(c) for c in concurrency.split(",") if c.strip()]
+    except ValueError:
+        _fail(UserError(f"--concurrency {concurrency!r}: give integers separated by commas, e.g. 1,4,16"))
+    server = None
+    if url:
+        from types import SimpleNamespace
+
+        server = SimpleNamespace(grpc_url=url, http_url=url)
+    try:
+        results = run_perf(repo, server=server, models=model, concurrency=levels, out=out, protocol=protocol,
+                           measurement_ms=measurement_ms, batch_size=batch_size, perf_analyzer=perf_analyzer)
+    except BuilderError as exc:
+        _fail(exc)
+    err.print(f"results: {results}")
+    typer.echo(str(results))
+
+
+@app.command()
+def report(
+    results: Path = typer.Argument(..., help="A results directory written by 'triton-builder perf'."),
+    latency_budget_ms: Optional[float] = typer.Option(None, help="p99 latency budget in ms."),
+    accuracy_budget: Optional[float] = typer.Option(None, help="Minimum cosine similarity to the fp32 source."),
+    baseline: Optional[str] = typer.Option(None, help="Baseline variant (default: the onnx fp32 of each model)."),
+) -> None:
+    """Write report.md and plots: throughput vs latency, breakdown, speedup, accuracy, the best variant."""
+    from builder.perf import write_report
+
+    try:
+        path = write_report(results, latency_budget_ms=latency_budget_ms, accuracy_budget=accuracy_budget, baseline=baseline)
+    except BuilderError as exc:
+        _fail(exc)
+    err.print(f"report: {path}")
+    typer.echo(str(path))
 
 
 def main() -> None:

@@ -59,6 +59,9 @@ class DynamicBatching(Strict):
 class Instances(Strict):
     kind: Literal["cpu", "gpu"] = "cpu"
     count: int = Field(1, ge=1, le=64)
+    # intra-op threads of each instance; 0 lets the runtime use every core. The default of 1 keeps
+    # instances (and a load generator on the same machine) from spinning against each other.
+    threads: int = Field(1, ge=0, le=256)
 
 
 class Serving(Strict):

@@ -20,11 +20,15 @@ class OutputCheck:
     reason: str = ""
 
 
-def compare(name: str, got: np.ndarray, want: np.ndarray, tol: Tolerance) -> OutputCheck:
+def compare(name: str, got: np.ndarray, want: np.ndarray, tol: Tolerance, mask: np.ndarray | None = None) -> OutputCheck:
+    """`mask` (batch, seq): for per-token outputs, padded positions are left out (nobody reads them)."""
     got = np.asarray(got, dtype=np.float64)
     want = np.asarray(want, dtype=np.float64)
     if got.shape != want.shape:
         return OutputCheck(name, float("inf"), float("inf"), 0.0, False, f"shape {got.shape} != {want.shape}")
+    if mask is not None and got.ndim >= 2 and got.shape[:2] == mask.shape:
+        keep = mask.astype(bool).reshape(mask.shape + (1,) * (got.ndim - 2))
+        got, want = np.where(keep, got, 0.0), np.where(keep, want, 0.0)
     if not np.isfinite(got).all():
         return OutputCheck(name, float("inf"), float("inf"), 0.0, False, "non-finite values")
     diff = np.abs(got - want)

@@ -41,6 +41,9 @@ class TorchArtifact:
         import torch
 
         self.torch = torch
+        threads = int(params.get("threads", "0"))
+        if threads:
+            torch.set_num_threads(threads)
         self.device = "cuda" if params.get("device") == "gpu" and torch.cuda.is_available() else "cpu"
         self.dtype = getattr(torch, TORCH_DTYPES[params.get("precision", "fp32")])
         self.module = torch.export.load(path).module().to(self.device)

@@ -1,0 +1,119 @@
+"""`triton-builder validate`: re-check a repository on disk, as Triton and a reviewer would."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from builder.errors import RunError, UserError
+from builder.render import parse_config
+
+LEFTOVERS = ("${", "{{", "{%")
+
+
+def validate_repository(repo: Path) -> int:
+    """Raise UserError listing every problem; return the number of models checked."""
+    repo = Path(repo)
+    if not repo.is_dir():
+        raise UserError(f"{repo}: not a directory; build one with 'triton-builder build SPEC -o {repo}'")
+    problems: list[str] = []
+    configs = {}
+    model_dirs = sorted(p for p in repo.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not model_dirs:
+        raise UserError(f"{repo}: holds no models; build one with 'triton-builder build SPEC -o {repo}'")
+    for d in model_dirs:
+        cfg_path = d / "config.pbtxt"
+        if not cfg_path.is_file():
+            problems.append(f"{d.name}: no config.pbtxt")
+            continue
+        text = cfg_path.read_text()
+        for token in LEFTOVERS:
+            if token in text:
+                problems.append(f"{d.name}/config.pbtxt: unfilled template text {token!r}")
+        try:
+            cfg = parse_config(text, f"{d.name}/config.pbtxt")
+        except RunError as exc:
+            problems.append(str(exc))
+            continue
+        if cfg.name and cfg.name != d.name:
+            problems.append(f"{d.name}/config.pbtxt: name {cfg.name!r} differs from its directory {d.name!r}")
+        configs[d.name] = cfg
+        problems += check_artifacts(d, cfg)
+    manifest_path = repo / "triton-builder.json"
+    if manifest_path.is_file():
+        from builder.manifest import read_manifest
+
+        for name, entry in read_manifest(repo)["models"].items():
+            if name not in configs and (repo / name).exists() is False:
+                problems.append(f"{name}: listed in triton-builder.json but missing on disk")
+            for f in entry.get("files", []):
+                if not (repo / name / f["path"]).is_file():
+                    problems.append(f"{name}: file {f['path']} listed in triton-builder.json is missing")
+    if any(c.platform == "ensemble" for c in configs.values()):
+        from builder.ensembles import check_ensembles
+
+        problems += check_ensembles(repo, configs)
+    if problems:
+        raise UserError(f"{repo}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+    return len(configs)
+
+
+def check_artifacts(model_dir: Path, cfg) -> list[str]:
+    if cfg.platform == "ensemble":
+        return []
+    problems = []
+    params = {k: v.string_value for k, v in cfg.parameters.items()}
+    versions = [p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+    if not versions:
+        return [f"{model_dir.name}: no version directory (e.g. {model_dir.name}/1/)"]
+    for v in versions:
+        if cfg.backend == "python":
+            if not (v / "model.py").is_file():
+                problems.append(f"{model_dir.name}/{v.name}: python backend needs model.py")
+            artifact = params.get("artifact")
+            if artifact and not (v / artifact).is_file():
+                problems.append(f"{model_dir.name}/{v.name}: artifact {artifact} (parameters.artifact) is missing")
+            if artifact and artifact.endswith(".onnx") and (v / artifact).is_file():
+                problems += check_onnx_io(v / artifact, cfg, model_dir.name)
+        elif cfg.backend == "onnxruntime" or cfg.platform == "onnxruntime_onnx":
+            path = v / (cfg.default_model_filename or "model.onnx")
+            if not path.is_file():
+                problems.append(f"{model_dir.name}/{v.name}: {path.name} is missing")
+            else:
+                problems += check_onnx_io(path, cfg, model_dir.name)
+        elif cfg.backend == "tensorrt" or cfg.platform == "tensorrt_plan":
+            if not (v / (cfg.default_model_filename or "model.plan")).is_file():
+                problems.append(f"{model_dir.name}/{v.name}: model.plan is missing")
+    for w in cfg.model_warmup:
+        for key, inp in w.inputs.items():
+            if inp.input_data_file and not (model_dir / "warmup" / inp.input_data_file).is_file():
+                problems.append(f"{model_dir.name}: warmup file warmup/{inp.input_data_file} for {key} is missing")
+    return problems
+
+
+ONNX_TO_TRITON = {1: "TYPE_FP32", 10: "TYPE_FP16", 7: "TYPE_INT64", 6: "TYPE_INT32", 9: "TYPE_BOOL", 2: "TYPE_UINT8",
+                  3: "TYPE_INT8", 11: "TYPE_FP64", 16: "TYPE_BF16", 8: "TYPE_STRING"}
+
+
+def check_onnx_io(path: Path, cfg, name: str) -> list[str]:
+    """The ONNX graph's inputs/outputs against the config: names, dtypes and ranks."""
+    import onnx
+    from tritonclient.grpc import model_config_pb2
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    batch = 1 if cfg.max_batch_size > 0 else 0
+    problems = []
+    for kind, declared, actual in (("input", cfg.input, graph.input), ("output", cfg.output, graph.output)):
+        found = {v.name: v for v in actual}
+        for t in declared:
+            v = found.get(t.name)
+            if v is None:
+                problems.append(f"{name}: {kind} {t.name} is not in {path.name} (it has {', '.join(found)})")
+                continue
+            want = model_config_pb2.DataType.Name(t.data_type)
+            got = ONNX_TO_TRITON.get(v.type.tensor_type.elem_type, "?")
+            if want != got:
+                problems.append(f"{name}: {kind} {t.name} is {want} in config.pbtxt but {got} in {path.name}")
+            rank = len(v.type.tensor_type.shape.dim)
+            if rank != len(t.dims) + batch:
+                problems.append(f"{name}: {kind} {t.name} has rank {len(t.dims) + batch} in config.pbtxt but {rank} in {path.name}")
+    return problems
