@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from builder import convert, verify
@@ -102,7 +103,7 @@ def build(spec_path: Path, out: Path, *, runtime: str | None = None, only: list[
                 if not keep_going:
                     raise type(exc)(f"models[{model.name}]: {exc}") from exc
                 result.results.append(VariantResult(model.name, model.name, "*", "error", time.time() - t0, message=str(exc)))
-                console.print(f"  [red]error[/] {exc}")
+                console.print(f"  [red]error[/] {escape(str(exc))}")
                 continue
             for name, entry in entries.items():
                 install(stage / name, out)
@@ -149,7 +150,7 @@ def build_model(spec: Spec, spec_path: Path, model: Model, runtime: str, stage: 
                 shutil.rmtree(stage / name, ignore_errors=True)
                 result.results.append(VariantResult(name, model.name, variant.tag, "error", time.time() - t0,
                                                     message=f"{variant.tag}: {exc}"))
-                console.print(f"  [red]{name}: {exc}[/]")
+                console.print(f"  [red]{name}: {escape(str(exc))}[/]")
                 continue
             worst_cos = min(o["cosine"] for o in check["outputs"].values())
             worst_abs = max(o["max_abs"] for o in check["outputs"].values())
@@ -159,7 +160,7 @@ def build_model(spec: Spec, spec_path: Path, model: Model, runtime: str, stage: 
                                "\n".join(lines))
             result.results.append(vr)
             if status == "failed":
-                console.print(f"  [red]{name}: verification failed[/]\n    " + "\n    ".join(lines))
+                console.print(f"  [red]{name}: verification failed[/]\n    " + escape("\n    ".join(lines)))
                 if not keep_failed:
                     shutil.rmtree(stage / name, ignore_errors=True)
                     continue
@@ -258,17 +259,14 @@ def with_batch_dim(part: Part, max_batch_size: int) -> Part:
         return part
     inputs = tuple(replace(t, dims=(-1, *t.dims), opt_dims=(1, *t.example_shape()),
                            max_dims=(-1, *t.max_dims) if t.max_dims else None) for t in part.inputs)
-    return replace(part, inputs=inputs)
+    return replace(part, inputs=inputs, batch_in_dims=True)
 
 
 def example_args(part: Part) -> tuple:
     """Example tensors for export: batch 2 and a typical length, so no axis is specialized to 0/1."""
     import torch
 
-    from builder.signature import make_inputs
-
-    sig = part.signature(max_batch_size=1)
-    arrays = make_inputs(sig, 2, np.random.default_rng(3))
+    arrays = part.arrays(2, np.random.default_rng(3))
     return tuple(torch.from_numpy(arrays[t.name]) for t in part.inputs)
 
 

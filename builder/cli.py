@@ -18,7 +18,9 @@ err = Console(stderr=True)
 
 
 def _fail(exc: BuilderError) -> None:
-    err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     raise typer.Exit(exc.exit_code)
 
 
@@ -76,9 +78,9 @@ def _pick_runtime(runtime: str, repo: Path) -> str:
 def serve(
     repo: Path = typer.Argument(Path("model_repository"), help="Repository to serve."),
     runtime: str = typer.Option("auto", help="local | docker | auto"),
-    http_port: int = typer.Option(8000, help="HTTP port."),
-    grpc_port: int = typer.Option(8001, help="gRPC port."),
-    metrics_port: int = typer.Option(8002, help="Metrics port."),
+    http_port: int = typer.Option(8000, help="HTTP port (0: any free port)."),
+    grpc_port: int = typer.Option(8001, help="gRPC port (0: any free port)."),
+    metrics_port: int = typer.Option(8002, help="Metrics port (0: any free port)."),
     host: str = typer.Option("127.0.0.1", help="Address to bind; 0.0.0.0 exposes the server to the network."),
     tritonserver: Optional[Path] = typer.Option(None, help="tritonserver binary (local runtime)."),
     image: str = typer.Option(None, help="NGC image for --runtime docker."),
@@ -99,7 +101,8 @@ def serve(
     try:
         validate_repository(repo)
         chosen = _pick_runtime(runtime, repo)
-        with start_server(repo, chosen, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, host=host,
+        with start_server(repo, chosen, http_port=http_port or None, grpc_port=grpc_port or None,
+                          metrics_port=metrics_port or None, host=host,
                           tritonserver=tritonserver, image=image or DEFAULT_IMAGE, gpus=gpus) as server:
             err.print(f"[green]ready[/]: {len(server.models)} models ({chosen} runtime)")
             err.print(f"  HTTP    http://{server.http_url}\n  gRPC    {server.grpc_url}\n  metrics http://{server.metrics_url}/metrics")

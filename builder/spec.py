@@ -209,6 +209,8 @@ class Spec(Strict):
         if out["dynamic_batching"] is True:
             out["dynamic_batching"] = DynamicBatching()
         mbs, db = out["max_batch_size"], out["dynamic_batching"]
+        if db and mbs == 0 and model.dynamic_batching is None:
+            out["dynamic_batching"] = db = False  # batching inherited from defaults does not apply here
         if db and mbs == 0:
             raise UserError(f"models[{model.name}]: dynamic_batching needs max_batch_size > 0; "
                             "set max_batch_size or dynamic_batching: false")
@@ -268,7 +270,8 @@ def load_spec(path: Path | str) -> Spec:
     try:
         spec = Spec.model_validate(data)
     except ValidationError as exc:
-        errors = exc.errors()
+        # a misspelt key explains a "missing" one: report it first
+        errors = sorted(exc.errors(), key=lambda e: e["type"] == "missing")
         err = errors[0]
         where = _loc(_clean_loc(err), data) or "(top level)"
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""

@@ -2,7 +2,7 @@
 
 MARKERS = {
     "server": "starts a real Triton server (the tritonserver from nvidia-pytriton)",
-    "slow": "takes more than a few seconds",
+    "slow": "long-running (soak, full demo); left out of make test",
     "gpu": "needs an NVIDIA GPU",
     "docker": "needs a Docker engine",
 }

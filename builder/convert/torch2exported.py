@@ -13,7 +13,7 @@ from builder.errors import RunError, root_reason
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
-def export(part, example: tuple, dst: Path, precision: str, batch: bool = True) -> None:
+def export(part, example: tuple, dst: Path, precision: str) -> None:
     import copy
 
     import torch
@@ -29,19 +29,19 @@ def export(part, example: tuple, dst: Path, precision: str, batch: bool = True) 
             dims[name] = Dim(name, min=low, max=high) if high else Dim(name, min=low)
         return dims[name]
 
-    shapes = []
+    from builder.convert.torch2onnx import axis_names
+
+    limits = {"batch": (1, 4096)}
     for t in part.inputs:
-        axes = {0: dim("batch", 1, 4096)} if batch else {}
-        for i, d in enumerate(t.dims):
-            if d == -1:
-                high = t.max_dims[i] if t.max_dims else None
-                axes[i + 1] = dim("sequence", 2, high) if t.kind in ("token_ids", "attention_mask", "token_type_ids") \
-                    else dim(f"{t.name}_{i}", 1, high)
-        shapes.append(axes)
+        for axis, name in axis_names(part)[part.inputs.index(t)].items():
+            if name != "batch" and t.max_dims:
+                limits.setdefault(name, (2 if name == "sequence" else 1, t.max_dims[axis - (0 if part.batch_in_dims else 1)]))
+    shapes = tuple({axis: dim(name, *limits.get(name, (1, None))) for axis, name in axes.items()}
+                   for axes in axis_names(part))
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         try:
-            program = torch.export.export(module, args, dynamic_shapes=(tuple(shapes),), strict=False)  # forward(*args)
+            program = torch.export.export(module, args, dynamic_shapes=(shapes,), strict=False)  # forward(*args)
         except Exception as exc:
             raise RunError(f"torch.export failed: {root_reason(exc)}") from exc
     dst.parent.mkdir(parents=True, exist_ok=True)

@@ -11,18 +11,24 @@ from builder.errors import RunError, root_reason
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above this go to model.onnx.data (protobuf's 2 GiB limit)
 
 
-def dynamic_shapes(part, batch: bool) -> tuple[dict, ...]:
+def axis_names(part) -> list[dict[int, str]]:
+    """Per input, {axis: name} of its dynamic axes: batch, sequence (shared by token inputs), others."""
+    from builder.families import TOKEN_KINDS
+
     shapes = []
     for t in part.inputs:
-        axes = {0: "batch"} if batch else {}
-        for i, d in enumerate(t.dims):
-            if d == -1:
-                axes[i + 1] = "sequence" if t.kind in ("token_ids", "attention_mask", "token_type_ids") else f"{t.name}_{i}"
+        dims = t.dims if part.batch_in_dims else (-1, *t.dims)
+        axes = {}
+        for axis, d in enumerate(dims):
+            if axis == 0:
+                axes[0] = "batch"
+            elif d == -1:
+                axes[axis] = "sequence" if t.kind in TOKEN_KINDS and axis == len(dims) - 1 else f"{t.name}_{axis}"
         shapes.append(axes)
-    return tuple(shapes)
+    return shapes
 
 
-def export(part, example: tuple, dst: Path, batch: bool = True) -> None:
+def export(part, example: tuple, dst: Path) -> None:
     import torch
 
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -33,7 +39,7 @@ def export(part, example: tuple, dst: Path, batch: bool = True) -> None:
             program = torch.onnx.export(
                 part.module, example, dynamo=True, verbose=False,
                 input_names=[t.name for t in part.inputs], output_names=list(part.outputs),
-                dynamic_shapes=(dynamic_shapes(part, batch),), optimize=True,  # forward(*args)
+                dynamic_shapes=(tuple(axis_names(part)),), optimize=True,  # forward(*args)
             )
         except Exception as exc:  # the exporter raises many types; keep the first line of its reason
             raise RunError(f"torch.onnx export failed: {root_reason(exc)}") from exc

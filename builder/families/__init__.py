@@ -24,10 +24,26 @@ class Part:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[str, ...]
     extra: dict = field(default_factory=dict)  # facts for pre/post-processing: labels, logit scale...
+    batch_in_dims: bool = False  # True when max_batch_size is 0: dims[0] is the (dynamic) batch axis
 
     def signature(self, max_batch_size: int) -> Signature:
         """Input-side signature (outputs are filled in from the exported artifact)."""
         return Signature(self.inputs, (), max_batch_size, dict(self.extra))
+
+    def arrays(self, batch: int, rng, length: int | None = None) -> dict[str, np.ndarray]:
+        """Valid inputs with `batch` rows (and token inputs of `length`), whichever way the batch is declared."""
+        shapes = {}
+        for t in self.inputs:
+            shape = list(t.example_shape())
+            if self.batch_in_dims:
+                shape[0] = batch
+            if length is not None and t.kind in TOKEN_KINDS:
+                shape[-1] = length
+            shapes[t.name] = tuple(shape)
+        return make_inputs(self.signature(0 if self.batch_in_dims else 1), batch, rng, shapes)
+
+
+TOKEN_KINDS = ("token_ids", "attention_mask", "token_type_ids")
 
 
 FAMILIES: dict[str, Callable] = {}
@@ -89,14 +105,12 @@ def sample_batches(part: Part, tokenizer, count: int, seed: int, typical_len: in
     With a tokenizer, token inputs come from real sentences; otherwise ids are random below the vocab.
     """
     rng = np.random.default_rng(seed)
-    sig = part.signature(max_batch_size=1)
     batches = []
     for i in range(count):
         batch = (1, 3, 2, 4)[i % 4]
-        spec_len = next((t.max_dims[0] for t in part.inputs if t.kind == "token_ids" and t.max_dims), None)
+        spec_len = next((t.max_dims[-1] for t in part.inputs if t.kind == "token_ids" and t.max_dims), None)
         length = max(2, min(spec_len or typical_len, typical_len + (i * 5) % 11 - 3))
-        shapes = {t.name: (length,) for t in part.inputs if t.kind in ("token_ids", "attention_mask", "token_type_ids")}
-        arrays = make_inputs(sig, batch, rng, shapes)
+        arrays = part.arrays(batch, rng, length)
         if tokenizer is not None and "input_ids" in arrays:
             start = int(rng.integers(len(SAMPLE_TEXTS)))
             texts = [SAMPLE_TEXTS[(start + j) % len(SAMPLE_TEXTS)] for j in range(batch)]

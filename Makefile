@@ -1,0 +1,59 @@
+# triton-builder: every README command is a target here. `make help` lists them.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TB := $(BIN)/triton-builder
+SPEC ?= examples/demo.yaml
+REPO ?= model_repository
+RESULTS ?= perf/results/demo
+CONCURRENCY ?= 1,4,16
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help setup build validate serve perf report demo test test-all test-reliability bench-bundle bench-gpu clean
+
+help: ## List the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	@command -v $(PY) >/dev/null || { echo "error: $(PY) not found; install Python 3.11" >&2; exit 2; }
+	@dpkg -s libb64-0d >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq libb64-0d >/dev/null; \
+	  else echo "note: perf_analyzer needs Debian's libb64-0d: sudo apt-get install libb64-0d" >&2; fi; }
+	[ -x $(BIN)/python ] || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+setup: $(VENV)/.installed ## Create .venv and install everything (idempotent)
+
+build: setup ## Build SPEC (default examples/demo.yaml) into REPO (default model_repository/)
+	$(TB) build $(SPEC) -o $(REPO)
+
+validate: setup ## Check REPO: configs parse, artifacts match, ensembles connect
+	$(TB) validate $(REPO)
+
+serve: setup ## Serve REPO on the local Triton until Ctrl-C
+	$(TB) serve $(REPO)
+
+perf: setup ## Measure every variant of REPO with perf_analyzer into RESULTS
+	$(TB) perf $(REPO) --concurrency $(CONCURRENCY) --out $(RESULTS)
+
+report: setup ## Write RESULTS/report.md and plots
+	$(TB) report $(RESULTS)
+
+demo: setup ## Build the MiniLM demo, serve it, measure it, write the report (CPU, ~5 min)
+	$(TB) build $(SPEC) -o $(REPO)
+	$(TB) serve $(REPO) --once --http-port 0 --grpc-port 0 --metrics-port 0
+	$(TB) perf $(REPO) --concurrency $(CONCURRENCY) --out $(RESULTS)
+	$(TB) report $(RESULTS) --latency-budget-ms 50 --accuracy-budget 0.98 --baseline torch
+	@echo "report: $(RESULTS)/report.md"
+
+test: setup ## The default suite: unit + real-server tests (CPU, < 15 min)
+	$(BIN)/pytest -q -m "not slow and not gpu and not docker" $(PYTEST_ARGS)
+
+test-all: setup ## Every CPU test, slow ones included (soak)
+	$(BIN)/pytest -q -m "not gpu and not docker" $(PYTEST_ARGS)
+
+clean: ## Remove the built repository and results (keeps .venv)
+	rm -rf $(REPO)/*/ $(REPO)/triton-builder.json perf/results/demo
