@@ -7,6 +7,7 @@ TB := $(BIN)/triton-builder
 SPEC ?= examples/demo.yaml
 REPO ?= model_repository
 RESULTS ?= perf/results/demo
+RESULTS_GPU ?= perf/results/gpu
 CONCURRENCY ?= 1,4,16
 PYTEST_ARGS ?=
 
@@ -55,5 +56,14 @@ test: setup ## The default suite: unit + real-server tests (CPU, < 15 min)
 test-all: setup ## Every CPU test, slow ones included (soak)
 	$(BIN)/pytest -q -m "not gpu and not docker" $(PYTEST_ARGS)
 
+test-reliability: setup ## The reliability harness (bad input, faults, ~3 min soak): "N cases tried, N handled as specified"
+	$(BIN)/pytest -q -m "reliability and not gpu and not docker" $(PYTEST_ARGS)
+
 clean: ## Remove the built repository and results (keeps .venv)
 	rm -rf $(REPO)/*/ $(REPO)/triton-builder.json perf/results/demo
+
+bench-bundle: setup ## Prepare .bundle/ (server + wheels, < 64 MiB) for the GPU machine, on a connected one
+	perf/gpu/bundle.sh
+
+bench-gpu: ## On a GPU machine (no registry needed): build, serve, measure, report into RESULTS_GPU
+	perf/gpu/bench.sh $(RESULTS_GPU)

@@ -107,13 +107,26 @@ class Source(Strict):
 class Shapes(Strict):
     max_sequence_length: int = Field(128, ge=2, le=32768)
     sequence_length: int = Field(16, ge=1)  # typical length: warmup, perf inputs, checks
+    # cuda_graphs variants: lengths a request is padded up to (default: powers of two up to the max)
+    sequence_buckets: list[int] | None = None
     image_size: int | None = Field(None, ge=8, le=4096)  # default: the model config's
 
     @model_validator(mode="after")
     def _typical_fits(self) -> "Shapes":
         if self.sequence_length > self.max_sequence_length:
             raise ValueError("sequence_length must be <= max_sequence_length")
+        if self.sequence_buckets and max(self.sequence_buckets) > self.max_sequence_length:
+            raise ValueError("sequence_buckets must not exceed max_sequence_length")
         return self
+
+    def buckets(self) -> list[int]:
+        if self.sequence_buckets:
+            return sorted(set(self.sequence_buckets) | {self.max_sequence_length})
+        out, n = [], 16
+        while n < self.max_sequence_length:
+            out.append(n)
+            n *= 2
+        return out + [self.max_sequence_length]
 
 
 class Variant(Strict):
@@ -121,9 +134,14 @@ class Variant(Strict):
     precision: Literal[PRECISIONS] = "fp32"  # type: ignore[valid-type]
     calibration: Literal["dynamic", "static"] = "dynamic"  # int8 only
     tolerance: Tolerance | None = None
+    # torch on GPU: replay captured CUDA graphs per (batch, sequence) bucket, inputs padded to the bucket
+    cuda_graphs: bool = False
+    compile: Literal["none", "inductor"] = "none"  # torch: torch.compile the program when the model loads
 
     @model_validator(mode="after")
     def _combination(self) -> "Variant":
+        if (self.cuda_graphs or self.compile != "none") and self.format != "torch":
+            raise ValueError("cuda_graphs and compile apply to format torch only")
         if self.calibration == "static" and self.precision != "int8":
             raise ValueError("calibration: static applies to precision int8 only")
         if self.format == "onnx" and self.precision == "bf16":
@@ -136,6 +154,8 @@ class Variant(Strict):
     @property
     def tag(self) -> str:
         suffix = "_static" if self.calibration == "static" else ""
+        suffix += "_inductor" if self.compile == "inductor" else ""
+        suffix += "_graphs" if self.cuda_graphs else ""
         return f"{self.format}_{self.precision}{suffix}"
 
     @property
@@ -162,6 +182,7 @@ class Model(Serving):
     variants: list[Variant] = Field(min_length=1)
     shapes: Shapes = Shapes()
     labels: list[str] | None = None  # class names; default: the model config's id2label
+    outputs: list[str] | None = None  # serve only these of the task's outputs (e.g. [sentence_embedding])
     ensemble: Ensemble | None = None
 
     @field_validator("name")

@@ -90,13 +90,19 @@ class OnnxRunner:
 
 
 class TorchRunner:
-    def __init__(self, path: Path, input_names: list[str], output_names: list[str], precision: str):
+    def __init__(self, path: Path, input_names: list[str], output_names: list[str], precision: str, device: str = "cpu"):
         import torch
 
         from builder.convert.torch2exported import DTYPES
 
         self.torch = torch
-        self.module = torch.export.load(str(path)).module()
+        self.device = "cuda" if device == "gpu" and torch.cuda.is_available() else "cpu"
+        program = torch.export.load(str(path))
+        if self.device != "cpu":
+            from torch.export.passes import move_to_device_pass
+
+            program = move_to_device_pass(program, self.device)
+        self.module = program.module()
         self.dtype = getattr(torch, DTYPES[precision])
         self.input_names, self.output_names = input_names, output_names
 
@@ -104,11 +110,11 @@ class TorchRunner:
         torch = self.torch
         args = []
         for name in self.input_names:
-            t = torch.from_numpy(np.ascontiguousarray(feeds[name]))
+            t = torch.from_numpy(np.ascontiguousarray(feeds[name])).to(self.device)
             args.append(t.to(self.dtype) if t.is_floating_point() else t)
         with torch.no_grad():
             out = self.module(*args)
-        return {n: o.float().numpy() for n, o in zip(self.output_names, out)}
+        return {n: o.float().cpu().numpy() for n, o in zip(self.output_names, out)}
 
 
 def torch_reference(module, input_names: list[str], feeds: dict[str, np.ndarray], output_names) -> dict[str, np.ndarray]:

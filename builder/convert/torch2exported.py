@@ -20,7 +20,11 @@ def export(part, example: tuple, dst: Path, precision: str) -> None:
     from torch.export import Dim
 
     dtype = getattr(torch, DTYPES[precision])
-    module = copy.deepcopy(part.module).to(dtype) if precision != "fp32" else part.module
+    module = copy.deepcopy(part.module)
+    inner = getattr(module, "inner", None)
+    if hasattr(inner, "set_attn_implementation"):
+        inner.set_attn_implementation("sdpa")  # fused attention kernels; the ONNX export keeps eager
+    module = module.to(dtype)
     args = tuple(a.to(dtype) if a.is_floating_point() else a for a in example)
     dims: dict[str, Dim] = {}
 

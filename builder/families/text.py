@@ -19,12 +19,41 @@ def _text_part(loaded, spec, outputs: tuple[str, ...], extra: dict | None = None
     return Part("", Wrapped(forward, model), inputs, outputs, extra or {})
 
 
+def sentence_embedding(out, attention_mask):
+    """Mean of the token vectors under the mask, L2-normalized (sentence-transformers' recipe)."""
+    import torch
+
+    mask = attention_mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
+    summed = (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(summed, p=2, dim=-1)
+
+
 @register("feature-extraction")
 def feature_extraction(loaded, spec) -> list[Part]:
-    outputs = ("last_hidden_state",)
+    available = ["last_hidden_state", "sentence_embedding"]
     if getattr(loaded.module, "pooler", None) is not None:
-        outputs += ("pooler_output",)
-    return [_text_part(loaded, spec, outputs, {"pooling": "mean", "normalize": True})]
+        available.insert(1, "pooler_output")
+    wanted = tuple(spec.outputs or [n for n in available if n != "sentence_embedding"])
+    choose(spec, wanted, available)
+    part = _text_part(loaded, spec, ("last_hidden_state",), {"pooling": "mean", "normalize": True})
+    names = [t.name for t in part.inputs]
+
+    def forward(m, *args):
+        feeds = dict(zip(names, args))
+        out = m(**feeds)
+        extra = {"sentence_embedding": lambda: sentence_embedding(out, feeds["attention_mask"])}
+        return [extra[n]() if n in extra else getattr(out, n) for n in wanted]
+
+    return [Part("", Wrapped(forward, loaded.module), part.inputs, wanted, part.extra)]
+
+
+def choose(spec, wanted, available) -> None:
+    from builder.errors import UserError
+
+    unknown = [n for n in wanted if n not in available]
+    if unknown:
+        raise UserError(f"models[{spec.name}].outputs: {unknown[0]!r} is not an output of {spec.task}; "
+                        f"choose from {', '.join(available)}")
 
 
 @register("text-classification")

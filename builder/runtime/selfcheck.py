@@ -31,18 +31,23 @@ class CheckResult:
     message: str = ""  # "ok", or one "- output: problem" line per problem
 
 
-def self_check(server: ServerHandle, repo: Path) -> list[CheckResult]:
+def self_check(server: ServerHandle, repo: Path, protocol: str = "http") -> list[CheckResult]:
     """Check every model of `repo`'s manifest on `server`; raise RunError listing every failing model.
 
     Entries whose status is "failed" (rejected at build time) are skipped. The RunError carries
-    the full list as `.results`.
+    the full list as `.results`. `protocol` "grpc" needs no HTTP client libraries (GPU bundle).
     """
-    from tritonclient.http import InferenceServerClient
-
     repo = Path(repo)
     entries = {name: entry for name, entry in read_manifest(repo)["models"].items()
                if entry.get("status") != "failed"}
-    client = InferenceServerClient(server.http_url, connection_timeout=TIMEOUT_S, network_timeout=TIMEOUT_S)
+    if protocol == "grpc":
+        from tritonclient.grpc import InferenceServerClient as GrpcClient
+
+        client = GrpcClient(server.grpc_url)
+    else:
+        from tritonclient.http import InferenceServerClient
+
+        client = InferenceServerClient(server.http_url, connection_timeout=TIMEOUT_S, network_timeout=TIMEOUT_S)
     try:
         results = [check_model(client, repo, name, entry, server.models) for name, entry in entries.items()]
     finally:
@@ -107,15 +112,26 @@ def check_model(client, repo: Path, name: str, entry: dict, loaded: tuple[str, .
 
 
 def infer(client, name: str, sig: Signature, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray | None]:
-    """One HTTP request with binary data; every declared output asked for."""
-    from tritonclient.http import InferInput, InferRequestedOutput
+    """One request (HTTP with binary data, or gRPC); every declared output asked for."""
+    import tritonclient.grpc as grpc_module
+
+    http = not isinstance(client, grpc_module.InferenceServerClient)
+    if http:
+        import tritonclient.http as module
+    else:
+        module = grpc_module
+    InferInput = module.InferInput
+    binary = {"binary_data": True} if http else {}
+
+    def InferRequestedOutput(name, binary_data=True):  # noqa: N802 - mirrors tritonclient's name
+        return module.InferRequestedOutput(name, **binary)
 
     requests = []
     for spec in sig.inputs:
         array = as_bytes(inputs[spec.name]) if spec.dtype == "bytes" else np.ascontiguousarray(
             inputs[spec.name], dtype=spec.dtype)
         tensor = InferInput(spec.name, list(array.shape), spec.protocol_dtype)
-        tensor.set_data_from_numpy(array, binary_data=True)
+        tensor.set_data_from_numpy(array, **binary)
         requests.append(tensor)
     wanted = [InferRequestedOutput(spec.name, binary_data=True) for spec in sig.outputs]
     result = client.infer(name, requests, outputs=wanted)
@@ -124,7 +140,7 @@ def infer(client, name: str, sig: Signature, inputs: dict[str, np.ndarray]) -> d
         try:
             outputs[spec.name] = result.as_numpy(spec.name)
         except ValueError:  # declared a shape but sent no bytes: report it as empty, not as a reshape error
-            if (result.get_output(spec.name) or {}).get("parameters", {}).get("binary_data_size") != 0:
+            if not http or (result.get_output(spec.name) or {}).get("parameters", {}).get("binary_data_size") != 0:
                 raise
             outputs[spec.name] = np.empty(0)
     return outputs

@@ -1,0 +1,85 @@
+"""GPU benchmark driver: build the bench spec, serve it on the GPU with the bundled Triton, self-check
+every model over gRPC, run perf_analyzer at several concurrencies, write the table, report and plots.
+
+Run through perf/gpu/bench.sh (it prepares the environment from .bundle/); results go to --out as at
+most 8 files: report.md, results.csv, selfcheck.json, env.json, results.tar.gz (everything, plots
+included) and the log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--spec", type=Path, default=HERE / "bench.yaml")
+    p.add_argument("--tritonserver", type=Path, required=True)
+    p.add_argument("--stub-python", type=Path, required=True)
+    p.add_argument("--concurrency", default="1,16,64,256")
+    p.add_argument("--measurement-ms", type=int, default=1500)
+    p.add_argument("--models", default="", help="comma-separated Triton models to measure (default: all)")
+    p.add_argument("--latency-budget-ms", type=float, default=50.0)
+    args = p.parse_args()
+
+    from builder.build import build
+    from builder.perf import run_perf, write_report
+    from builder.runtime import self_check, start_server
+
+    t0 = time.time()
+    out, work = args.out, args.work
+    out.mkdir(parents=True, exist_ok=True)
+    env = {"python": platform.python_version(), "argv": sys.argv}
+    try:
+        env["nvidia_smi"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                                            "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+        import torch
+        env["torch"] = torch.__version__
+        env["cuda"] = torch.version.cuda
+    except Exception as exc:  # record what could not be read, keep measuring
+        env["env_error"] = repr(exc)
+    repo = work / "repo"
+    result = build(args.spec, repo, keep_going=True)
+    env["build_seconds"] = round(time.time() - t0, 1)
+    env["build"] = [{"model": r.triton_name, "status": r.status, "cosine": r.worst_cosine, "seconds": round(r.seconds, 1)}
+                    for r in result.results]
+    results_dir = work / "results"
+    models = [m for m in args.models.split(",") if m] or None
+    with start_server(repo, tritonserver=args.tritonserver, stub_python=args.stub_python, gpus=True,
+                      ready_timeout=600, log_path=work / "tritonserver.log") as server:
+        env["server_ready_seconds"] = round(time.time() - t0, 1)
+        try:
+            checks = self_check(server, repo, protocol="grpc")
+            (out / "selfcheck.json").write_text(json.dumps([c.__dict__ for c in checks], indent=1))
+        except Exception as exc:
+            (out / "selfcheck.json").write_text(json.dumps({"error": str(exc)}, indent=1))
+            print(f"self-check failed: {exc}", file=sys.stderr)
+        run_perf(repo, server=server, models=models, concurrency=[int(c) for c in args.concurrency.split(",")],
+                 out=results_dir, measurement_ms=args.measurement_ms, protocol="grpc")
+    report = write_report(results_dir, latency_budget_ms=args.latency_budget_ms)
+    env["total_seconds"] = round(time.time() - t0, 1)
+    (out / "env.json").write_text(json.dumps(env, indent=1))
+    shutil.copy2(report, out / "report.md")
+    shutil.copy2(results_dir / "results.csv", out / "results.csv")
+    with tarfile.open(out / "results.tar.gz", "w:gz") as tar:
+        tar.add(results_dir, arcname="results")
+        if (work / "tritonserver.log").exists():
+            tar.add(work / "tritonserver.log", arcname="tritonserver.log")
+    print(f"bench done in {env['total_seconds']} s: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Prepare, on a connected machine, what the GPU machine lacks (it reaches no registry): a trimmed
+# copy of the pip-bundled Triton server (python 3.12 stub only, no bundled libpython) and wheels.
+# Output: .bundle/ (git-ignored), which `make bench-gpu` reads. Must stay under 64 MiB.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+VENV=${VENV:-.venv}
+SITE=$($VENV/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+OUT=.bundle
+rm -rf "$OUT" && mkdir -p "$OUT/wheels" "$OUT/stage/site/pytriton/tritonserver/python_backend_stubs"
+T="$OUT/stage/site/pytriton/tritonserver"
+cp -r "$SITE/pytriton/tritonserver/bin" "$SITE/pytriton/tritonserver/backends" "$T/"
+cp -r "$SITE/pytriton/tritonserver/python_backend_stubs/3.12" "$T/python_backend_stubs/"
+cp -r "$SITE/nvidia_pytriton.libs" "$OUT/stage/site/" && rm -f "$OUT"/stage/site/nvidia_pytriton.libs/libpython3*
+tar -C "$OUT/stage" -cJf "$OUT/tritonserver.tar.xz" site
+rm -rf "$OUT/stage"
+PLAT="--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_17_x86_64
+      --platform manylinux2014_x86_64 --platform manylinux_2_38_x86_64 --platform any"
+# numpy<2 for the python backend stub; perf_analyzer 2.60 (glibc 2.38); the pure-python tritonclient
+# (gRPC client + model_config_pb2; the GPU image has grpcio and protobuf); pydantic for the spec.
+$VENV/bin/python -m pip download -q --no-deps $PLAT -d "$OUT/wheels" \
+  numpy==1.26.4 perf-analyzer==2.60.0 pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 \
+  typing-inspection==0.4.5 python-rapidjson==1.20 2>&1 | grep -v "^WARNING: Location" || true
+$VENV/bin/python -m pip download -q --no-deps --only-binary=:all: --platform any --python-version 3.12 \
+  -d "$OUT/wheels" tritonclient==2.50.0 2>&1 | grep -v "^WARNING: Location" || true
+du -sh "$OUT"/* | sed 's/^/  /'
+total=$(du -sm "$OUT" | cut -f1)
+echo "bundle: $OUT ($total MiB)"
+[ "$total" -lt 60 ] || { echo "error: bundle is $total MiB; the device takes 64 MiB with the working tree" >&2; exit 1; }
