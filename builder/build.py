@@ -20,8 +20,8 @@ from builder import convert, verify
 from builder.errors import BuilderError, RunError, UserError, root_reason
 from builder.families import Part, parts_for, sample_batches
 from builder.manifest import MANIFEST, SCHEMA, save_reference, write_manifest
-from builder.render import model_config, warmup_files
-from builder.repository import file_records, install, locked, staging
+from builder.render import input_limits, model_config, warmup_files
+from builder.repository import checkpoint, clean_stale, deferred_signals, file_records, install, locked, staging
 from builder.signature import Signature, TensorSpec
 from builder.spec import Model, Spec, Variant, load_spec
 
@@ -42,6 +42,17 @@ class VariantResult:
     worst_cosine: float | None = None
     worst_abs: float | None = None
     message: str = ""
+    step: str = ""  # export | verify: where an error or failure happened
+    cached: bool = False  # reused from the build cache
+
+    def describe(self) -> str:
+        """One line naming the model, the variant, the step and the reason."""
+        if self.variant == "*":
+            return f"models[{self.model}]: {self.message}"
+        reason = "; ".join(line.strip().removeprefix("- ") for line in self.message.splitlines() if line.strip())
+        if self.status == "failed":
+            reason = f"out of tolerance: {reason}"
+        return f"models[{self.model}].variants[{self.variant}]: {self.step or 'build'}: {reason}"
 
 
 @dataclass
@@ -66,7 +77,10 @@ def tool_versions() -> dict:
 
 
 def build(spec_path: Path, out: Path, *, runtime: str | None = None, only: list[str] | None = None,
-          keep_failed: bool = False, keep_going: bool = False, console: Console | None = None) -> BuildResult:
+          keep_failed: bool = False, keep_going: bool = False, cache: bool = True,
+          console: Console | None = None) -> BuildResult:
+    from builder.cache import open_cache
+
     console = console or Console(stderr=True)
     spec = load_spec(spec_path)
     runtime = runtime or spec.runtime
@@ -88,43 +102,70 @@ def build(spec_path: Path, out: Path, *, runtime: str | None = None, only: list[
         offline_env()
     out = Path(out).resolve()
     result = BuildResult(out)
+    store = open_cache(cache)
     with locked(out), staging(out) as stage:
         from builder.manifest import read_manifest
+
+        clean_stale(out, keep=stage)  # left by a build that was killed (SIGKILL, power loss)
 
         previous = read_manifest(out)["models"] if (out / MANIFEST).is_file() else {}
         manifest = {"schema": SCHEMA, "builder_version": metadata.version("triton-builder"), "runtime": runtime,
                     "spec": str(Path(spec_path).resolve()), "tool_versions": tool_versions(), "models": dict(previous)}
         for model in models:
+            checkpoint()
             t0 = time.time()
-            console.print(f"[bold]{model.name}[/] ({model.task}): loading {model.source.kind} source")
+            console.print(f"[bold]{model.name}[/] ({model.task})")
             try:
-                entries = build_model(spec, Path(spec_path), model, runtime, stage, result, keep_failed, console)
+                entries = build_model(spec, Path(spec_path), model, runtime, stage, result, keep_failed, console,
+                                      store, manifest["tool_versions"])
             except BuilderError as exc:
                 if not keep_going:
                     raise type(exc)(f"models[{model.name}]: {exc}") from exc
                 result.results.append(VariantResult(model.name, model.name, "*", "error", time.time() - t0, message=str(exc)))
                 console.print(f"  [red]error[/] {escape(str(exc))}")
                 continue
-            for name, entry in entries.items():
-                install(stage / name, out)
-                manifest["models"][name] = entry
-            write_manifest(out, manifest)
+            checkpoint()  # a Ctrl-C / SIGTERM whose exception a library swallowed stops us here
             failures = [r for r in result.results if r.model == model.name and r.status != "passed"]
+            if failures and not (keep_going or keep_failed):
+                console.print(f"  [red]{model.name}: not installed[/]; {escape(str(out))} keeps what it had "
+                              "(--keep-going installs the variants that passed)")
+                break
+            with deferred_signals():  # a model lands whole, with its manifest entries, or not at all
+                for name, entry in entries.items():
+                    install(stage / name, out)
+                    manifest["models"][name] = entry
+                write_manifest(out, manifest)
             if failures and not keep_going:
                 break
-        write_manifest(out, manifest)
     print_summary(result, console)
     return result
 
 
 def build_model(spec: Spec, spec_path: Path, model: Model, runtime: str, stage: Path, result: BuildResult,
-                keep_failed: bool, console: Console) -> dict[str, dict]:
+                keep_failed: bool, console: Console, store=None, tools: dict | None = None) -> dict[str, dict]:
     from builder.sources import load_source
 
+    entries: dict[str, dict] = {}
+    keys, hits = {}, set()
+    if store is not None:
+        from builder.cache import variant_keys
+
+        keys = variant_keys(spec, spec_path, model, runtime, tools or tool_versions())
+        for variant in model.variants:
+            hit = store.fetch(keys[variant.tag], stage)
+            if hit is not None:
+                hits.add(variant.tag)
+                for name, entry in hit.models.items():
+                    entries[name] = entry
+                    result.results.append(cached_result(name, model.name, variant.tag, entry))
+                    console.print(f"  {name}: cached")
+        if len(hits) == len(model.variants) and model.ensemble is None:
+            return entries
+    console.print(f"  loading {model.source.kind} source")
     loaded = load_source(spec_path, model)
     tokenizer = load_tokenizer(loaded.files_dir)
     serving = spec.serving(model)
-    entries: dict[str, dict] = {}
+    built: dict[str, dict[str, tuple[Path, dict]]] = {}  # variant tag -> what the cache gets
     for index, part in enumerate(parts_for(model.task, loaded, model)):
         stem = f"{model.name}_{part.suffix}" if part.suffix else model.name
         part = with_batch_dim(part, serving["max_batch_size"])
@@ -137,19 +178,25 @@ def build_model(spec: Spec, spec_path: Path, model: Model, runtime: str, stage: 
         work = stage / "_work" / stem
         fp32_onnx = work / "model.onnx"
         for variant in model.variants:
+            checkpoint()
+            if variant.tag in hits:
+                continue
             name = f"{stem}_{variant.tag}"
             t0 = time.time()
             console.print(f"  {name}: exporting")
+            step = "export"
             try:
                 artifact, command = make_artifact(variant, part, example, fp32_onnx, stage / name / "1",
                                                   lambda: sample_batches(part, tokenizer, CALIBRATION_SAMPLES, 7, model.shapes.sequence_length),
                                                   spec_path, model)
                 console.print(f"  {name}: verifying against fp32 PyTorch on {len(samples)} batches")
+                step = "verify"
                 check = check_variant(variant, artifact, part, samples, references)
             except RunError as exc:
                 shutil.rmtree(stage / name, ignore_errors=True)
+                built[variant.tag] = None
                 result.results.append(VariantResult(name, model.name, variant.tag, "error", time.time() - t0,
-                                                    message=f"{variant.tag}: {exc}"))
+                                                    message=str(exc), step=step))
                 console.print(f"  [red]{name}: {escape(str(exc))}[/]")
                 continue
             worst_cos = min(o["cosine"] for o in check["outputs"].values())
@@ -157,9 +204,10 @@ def build_model(spec: Spec, spec_path: Path, model: Model, runtime: str, stage: 
             status = "passed" if check["passed"] else "failed"
             lines = verify.failure_lines(check)
             vr = VariantResult(name, model.name, variant.tag, status, time.time() - t0, 0, worst_cos, worst_abs,
-                               "\n".join(lines))
+                               "\n".join(lines), step="verify")
             result.results.append(vr)
             if status == "failed":
+                built[variant.tag] = None
                 console.print(f"  [red]{name}: verification failed[/]\n    " + escape("\n    ".join(lines)))
                 if not keep_failed:
                     shutil.rmtree(stage / name, ignore_errors=True)
@@ -176,11 +224,32 @@ def build_model(spec: Spec, spec_path: Path, model: Model, runtime: str, stage: 
                 "verification": check, "reference": "reference.npz", "command": command,
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.time() - t0, 2),
             }
+            if built.get(variant.tag, {}) is not None:
+                built.setdefault(variant.tag, {})[name] = (model_dir, entries[name])
+    if store is not None:
+        store_variants(store, keys, built, console)
     if model.ensemble is not None:
         from builder.ensembles import build_ensembles
 
         entries.update(build_ensembles(model, loaded, tokenizer, entries, stage, runtime, serving, console))
     return entries
+
+
+def cached_result(name: str, model: str, tag: str, entry: dict) -> VariantResult:
+    outputs = entry["verification"]["outputs"].values()
+    size = sum(f["bytes"] for f in entry["files"] if f["path"].startswith("1/") and not f["path"].endswith(".py"))
+    return VariantResult(name, model, tag, "passed", 0.0, size, min(o["cosine"] for o in outputs),
+                         max(o["max_abs"] for o in outputs), cached=True)
+
+
+def store_variants(store, keys: dict[str, str], built: dict, console: Console) -> None:
+    """Put the variants that passed in the cache; a cache that cannot be written only costs a warning."""
+    for tag, models in built.items():
+        if models:
+            try:
+                store.store(keys[tag], tag, models)
+            except OSError as exc:
+                console.print(f"  [yellow]cache: could not store {tag} in {escape(str(store.root))}: {escape(str(exc))}[/]")
 
 
 def make_artifact(variant: Variant, part: Part, example: tuple, fp32_onnx: Path, version_dir: Path,
@@ -247,6 +316,7 @@ def write_config(model_dir: Path, name: str, sig: Signature, runtime: str, varia
         parameters = {"runner": "torch" if variant.format == "torch" else "onnx", "artifact": artifact.name,
                       "precision": variant.precision, "device": serving["instances"].kind,
                       "threads": str(serving["instances"].threads)}
+        parameters["input_limits"] = input_limits(sig)  # the runner refuses requests outside them
     warmup = warmup_files(sig, 1, model_dir) if serving["warmup"] else []
     text = model_config(name, sig, runtime=runtime, fmt=variant.format, serving=serving, parameters=parameters,
                         warmup=warmup)
@@ -301,7 +371,7 @@ def print_summary(result: BuildResult, console: Console) -> None:
         table.add_column(col, justify="left" if col == "status" else "right", no_wrap=True)
     for r in result.results:
         colour = {"passed": "green", "failed": "red", "error": "red"}[r.status]
-        table.add_row(r.triton_name, f"[{colour}]{r.status}[/]", f"{r.bytes / 1e6:.1f} MB" if r.bytes else "-",
+        table.add_row(r.triton_name, f"[{colour}]{r.status}[/]" + (" (cached)" if r.cached else ""), f"{r.bytes / 1e6:.1f} MB" if r.bytes else "-",
                       f"{r.worst_cosine:.6f}" if r.worst_cosine is not None else "-",
                       f"{r.worst_abs:.2e}" if r.worst_abs is not None else "-", f"{r.seconds:.1f}s")
     console.print(table)

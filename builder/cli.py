@@ -3,6 +3,8 @@ Heavy imports happen inside the commands, so `--help` is fast."""
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -24,6 +26,20 @@ def _fail(exc: BuilderError) -> None:
     raise typer.Exit(exc.exit_code)
 
 
+@contextlib.contextmanager
+def _interruptible(what: str):
+    """Ctrl-C and SIGTERM end the command through its clean-up code, then exit 130 / 143 with one line."""
+    from builder.repository import Stopped, stop_on_signals
+
+    try:
+        with stop_on_signals():
+            yield
+    except KeyboardInterrupt as exc:
+        term = isinstance(exc, Stopped) and exc.signum == signal.SIGTERM
+        err.print(f"[red]error:[/] {'SIGTERM' if term else 'Ctrl-C'}: {what}", highlight=False, soft_wrap=True)
+        raise typer.Exit(143 if term else 130) from None
+
+
 @app.command()
 def build(
     spec: Path = typer.Argument(..., help="YAML spec (see examples/)."),
@@ -33,6 +49,8 @@ def build(
     model: Optional[list[str]] = typer.Option(None, "--model", help="Build only these models (repeatable)."),
     keep_failed: bool = typer.Option(False, help="Write variants that fail verification, marked failed."),
     keep_going: bool = typer.Option(False, help="Build the other models when one fails; exit 1 at the end."),
+    cache: bool = typer.Option(True, help="Reuse variants built before from the same inputs "
+                                          "($TRITON_BUILDER_CACHE, default ~/.cache/triton-builder)."),
 ) -> None:
     """Export every variant, verify it against the fp32 source, render configs, write the repository."""
     from builder.build import build as run_build
@@ -42,10 +60,16 @@ def build(
     if runtime not in (None, "python", "native"):
         _fail(UserError(f"--runtime {runtime!r}: use python or native"))
     try:
-        result = run_build(spec, out, runtime=runtime, only=model, keep_failed=keep_failed, keep_going=keep_going)
+        with _interruptible(f"build stopped; {out} has only complete models, no staging left"):
+            result = run_build(spec, out, runtime=runtime, only=model, keep_failed=keep_failed,
+                               keep_going=keep_going, cache=cache)
     except BuilderError as exc:
         _fail(exc)
     if result.failed:
+        from rich.markup import escape
+
+        for failure in result.failed:
+            err.print(f"[red]error:[/] {escape(failure.describe())}", highlight=False, soft_wrap=True)
         err.print(f"[red]{len(result.failed)} variant(s) did not pass[/]; see the table above")
         raise typer.Exit(1)
 
@@ -143,8 +167,9 @@ def perf(
 
         server = SimpleNamespace(grpc_url=url, http_url=url)
     try:
-        results = run_perf(repo, server=server, models=model, concurrency=levels, out=out, protocol=protocol,
-                           measurement_ms=measurement_ms, batch_size=batch_size, perf_analyzer=perf_analyzer)
+        with _interruptible("perf stopped; what was measured is kept, marked incomplete"):
+            results = run_perf(repo, server=server, models=model, concurrency=levels, out=out, protocol=protocol,
+                               measurement_ms=measurement_ms, batch_size=batch_size, perf_analyzer=perf_analyzer)
     except BuilderError as exc:
         _fail(exc)
     err.print(f"results: {results}")

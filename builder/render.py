@@ -62,6 +62,24 @@ def backend_of(runtime: str, fmt: str) -> dict:
     return dict(platform="", backend="python", default_model_filename="")
 
 
+def input_limits(sig: Signature) -> str:
+    """JSON for the runner's `input_limits` parameter: each input's maximum dims and, for token ids a
+    family declared (those with a maximum length), the vocabulary size. A factory's ids carry a `high`
+    read off one example, not a vocabulary: it is not enforced."""
+    import json
+
+    limits = {}
+    for t in sig.inputs:
+        entry = {}
+        if t.max_dims:
+            entry["max_dims"] = list(t.max_dims)
+            if t.high is not None:
+                entry["high"] = int(t.high)
+        if entry:
+            limits[t.name] = entry
+    return json.dumps(limits, separators=(",", ":"), sort_keys=True)
+
+
 def warmup_files(sig: Signature, batch: int, model_dir: Path, rng_seed: int = 0) -> list[dict]:
     """Write valid warmup inputs (ids below the vocab, masks of ones) as raw files under warmup/."""
     from builder.signature import make_inputs

@@ -46,8 +46,12 @@ def validate_repository(repo: Path) -> int:
             if name not in configs and (repo / name).exists() is False:
                 problems.append(f"{name}: listed in triton-builder.json but missing on disk")
             for f in entry.get("files", []):
-                if not (repo / name / f["path"]).is_file():
+                path = repo / name / f["path"]
+                if not path.is_file():
                     problems.append(f"{name}: file {f['path']} listed in triton-builder.json is missing")
+                elif f["path"].split("/")[0].isdigit() and "sha256" in f and changed(path, f):
+                    problems.append(f"{name}: file {f['path']} differs from the one built (size or sha256 in "
+                                    "triton-builder.json); rebuild the repository")
     if any(c.platform == "ensemble" for c in configs.values()):
         from builder.ensembles import check_ensembles
 
@@ -55,6 +59,14 @@ def validate_repository(repo: Path) -> int:
     if problems:
         raise UserError(f"{repo}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
     return len(configs)
+
+
+def changed(path: Path, record: dict) -> bool:
+    """Whether a model's file (weights, code) is no longer the one the build recorded: a damaged or
+    replaced artifact is caught here, before a server spends its start-up on it."""
+    from builder.cache import sha256_file
+
+    return path.stat().st_size != record["bytes"] or sha256_file(path) != record["sha256"]
 
 
 def check_artifacts(model_dir: Path, cfg) -> list[str]:

@@ -1,14 +1,90 @@
-"""Shared pytest setup. Test layers (see STYLE.md): server, slow, gpu, docker."""
+"""Shared pytest setup. Test layers (see STYLE.md): server, slow, gpu, docker; and the reliability
+harness (`make test-reliability`): every test marked `reliability` is one case of issue 6, and the
+run ends with "N cases tried, M handled as specified"."""
+
+import os
+
+import pytest
 
 MARKERS = {
     "server": "starts a real Triton server (the tritonserver from nvidia-pytriton)",
     "slow": "long-running (soak, full demo); left out of make test",
     "gpu": "needs an NVIDIA GPU",
     "docker": "needs a Docker engine",
+    "reliability": "a case of the reliability harness (bad input, faults, load); make test-reliability",
 }
+
+# Cases of the harness that live in other modules (tests/test_reliability.py marks its own).
+RELIABILITY_CASES = (
+    "tests/test_spec.py::test_bad_spec_exits_2_with_one_line_and_writes_nothing",
+    "tests/test_spec.py::test_missing_spec_file",
+    "tests/test_build.py::test_failed_variant_is_not_written_and_reported",
+    "tests/test_build.py::test_second_build_into_same_output_is_refused",
+    "tests/test_runtime.py::test_failed_model_raises_run_error_and_leaves_nothing",
+    "tests/test_runtime.py::test_server_never_outlives_the_with_block",
+    "tests/test_runtime.py::test_interrupt_while_waiting_stops_the_server",
+    "tests/test_runtime.py::test_busy_port_is_a_user_error_before_anything_starts",
+    "tests/test_runtime.py::test_bad_arguments_are_user_errors",
+    "tests/test_perf.py::test_run_perf_keeps_partial_results_when_perf_analyzer_fails",
+    "tests/test_ensembles.py::test_bad_requests_get_an_error_and_the_stubs_survive",
+)
+
+
+_counts: dict = {}
 
 
 def pytest_configure(config):
     # Harmless when pyproject's [tool.pytest.ini_options] declares them too.
     for name, text in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
+    _counts.update(tried=0, handled=0, skipped=0, failed=[], notes=[])
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid.split("[")[0] in RELIABILITY_CASES:
+            item.add_marker(pytest.mark.reliability)
+
+
+def pytest_runtest_logreport(report):
+    if "reliability" not in report.keywords:
+        return
+    if report.when == "call":
+        _counts["notes"] += [value for key, value in report.user_properties if key == "reliability_note"]
+    if report.when == "call" or (report.when == "setup" and not report.passed):
+        if report.skipped:
+            _counts["skipped"] += 1
+            return
+        _counts["tried"] += 1
+        if report.passed:
+            _counts["handled"] += 1
+        else:
+            _counts["failed"].append(report.nodeid)
+    elif report.when == "teardown" and report.failed and report.nodeid not in _counts["failed"]:
+        _counts["handled"] -= 1  # e.g. a case that left a process behind
+        _counts["failed"].append(report.nodeid)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not _counts.get("tried") and not _counts.get("skipped"):
+        return
+    skipped = f" ({_counts['skipped']} skipped)" if _counts["skipped"] else ""
+    terminalreporter.write_sep("=", "reliability harness")
+    for note in _counts["notes"]:
+        terminalreporter.write_line(note)
+    for nodeid in _counts["failed"]:
+        terminalreporter.write_line(f"not handled as specified: {nodeid}")
+    terminalreporter.write_line(f"{_counts['tried']} cases tried, {_counts['handled']} handled as specified{skipped}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def build_cache(tmp_path_factory):
+    """Builds in tests use a cache of their own, never ~/.cache/triton-builder."""
+    path = tmp_path_factory.mktemp("build-cache")
+    previous = os.environ.get("TRITON_BUILDER_CACHE")
+    os.environ["TRITON_BUILDER_CACHE"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("TRITON_BUILDER_CACHE", None)
+    else:
+        os.environ["TRITON_BUILDER_CACHE"] = previous

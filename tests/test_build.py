@@ -111,7 +111,9 @@ def test_rendered_config_matches_expected_message(tiny_repo):
         warm.inputs[n].data_type = model_config_pb2.TYPE_INT64
         warm.inputs[n].dims.extend([12])
         warm.inputs[n].input_data_file = n
-    for k, v in {"runner": "onnx", "artifact": "model.onnx", "precision": "fp16", "device": "cpu", "threads": "1"}.items():
+    limits = '{"attention_mask":{"max_dims":[32]},"input_ids":{"high":500,"max_dims":[32]},"token_type_ids":{"max_dims":[32]}}'
+    for k, v in {"runner": "onnx", "artifact": "model.onnx", "precision": "fp16", "device": "cpu", "threads": "1",
+                 "input_limits": limits}.items():
         want.parameters[k].string_value = v
     assert parsed(repo / "enc_onnx_fp16" / "config.pbtxt") == want
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
@@ -106,6 +107,16 @@ def _server_record(server) -> dict:
     return record
 
 
+def _answers(url: str, timeout: float = 2.0) -> bool:
+    """Whether something still accepts connections at `url` (host:port, IPv6 in brackets)."""
+    host, _, port = url.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
 def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concurrency=(1, 4, 16),
              out: Path | None = None, protocol: str = "grpc", measurement_ms: int = 2000,
              stability_pct: float = 25.0, max_trials: int = 10, batch_size: int = 1, max_attempts: int = 3,
@@ -128,6 +139,10 @@ def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concur
     if not levels or levels[0] < 1:
         raise UserError(f"concurrency levels {list(concurrency)} must be integers >= 1")
     build = read_manifest(repo)
+    if server is None:  # about to start one: a broken repository is a clear error before any process starts
+        from builder.validate import validate_repository
+
+        validate_repository(repo)
     variants = select_variants(build, models)
     signatures = {}
     for name, entry in variants.items():
@@ -183,6 +198,7 @@ def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concur
                       soft_wrap=True)
 
     failure: PerfAnalyzerError | None = None
+    lost = ""  # set when the server stopped answering during the run
     pending = list(variants)
     try:
         with contextlib.ExitStack() as stack:
@@ -212,6 +228,9 @@ def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concur
                     rows.extend(level_row(level, **row_args(name)) for level in exc.levels)
                     pending.pop(0)
                     failure = exc
+                    if not _answers(url):
+                        lost = f"the Triton server at {url} stopped answering while {name} was measured"
+                        manifest["errors"].append(lost)
                     break
                 record_attempts(name, result.attempts)
                 rows.extend(level_row(level, **row_args(name)) for level in result.levels)
@@ -229,7 +248,8 @@ def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concur
         manifest["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         save_results(results_dir, to_frame(rows), manifest)
     if failure is not None:
-        raise RunError(f"{failure}\npartial results kept in {results_dir} (marked incomplete)") from failure
+        head = f"{lost}\n" if lost else ""
+        raise RunError(f"{head}{failure}\npartial results kept in {results_dir} (marked incomplete)") from failure
     unstable = sum(r["status"] != "ok" for r in rows)
     console.print(f"results in {escape(str(results_dir))}" + (f" ({unstable} level(s) not stable: see status)" if unstable else ""))
     return results_dir

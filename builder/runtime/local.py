@@ -176,6 +176,17 @@ def server_command(layout: Layout, repo: Path, backends: Path, host: str, ports:
     return command
 
 
+def served_path(repo: Path, workdir: Path) -> Path:
+    """The path the server is given for `repo`. The python backend starts each stub with the model's
+    path as one of several space-separated words, so a path with whitespace breaks every model
+    ("Expected 9 arguments, found 3"); such a repository is served through a symlink in `workdir`."""
+    if not any(ch.isspace() for ch in str(repo)):
+        return repo
+    alias = workdir / "repository"
+    alias.symlink_to(repo, target_is_directory=True)
+    return alias
+
+
 def server_environment(layout: Layout, env: StubEnv | None, workdir: Path) -> dict[str, str]:
     environ = dict(os.environ)
     # side effects stay in the work dir: pytriton's home, onnxruntime's and others' caches
@@ -301,7 +312,7 @@ def _launch(repo: Path, layout: Layout, env: StubEnv | None, ports: dict[str, in
 
     try:
         backends = layout.backends or private_backends(layout, env, workdir)
-        command = server_command(layout, repo, backends, host, ports, gpus, shm_prefix)
+        command = server_command(layout, served_path(repo, workdir), backends, host, ports, gpus, shm_prefix)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,

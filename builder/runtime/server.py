@@ -158,7 +158,9 @@ def wait_ready(http_url: str, *, exit_code: Callable[[], int | None], read_log: 
         if index is not None:
             failed = {m["name"]: m.get("reason", "") for m in index if m.get("state") == "UNAVAILABLE"}
             if failed:
-                lines = "\n".join(f"- {name}: {_one_line(reason) or 'unavailable'}" for name, reason in failed.items())
+                # the reason, without the python stub's traceback ("At: ..."): the log lines below keep it
+                lines = "\n".join(f"- {name}: {_one_line(reason.split(chr(10) + 'At:')[0]) or 'unavailable'}"
+                                  for name, reason in failed.items())
                 raise RunError(f"{len(failed)} model(s) failed to load: {', '.join(failed)}\n{lines}\n"
                                + log_excerpt(read_log(), tuple(failed), log_name))
             states = {m.get("state") for m in index}
