@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import shlex
 import shutil
@@ -16,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from builder import convert, verify
+from builder import __version__, convert, verify
 from builder.errors import BuilderError, RunError, UserError, root_reason
 from builder.families import Part, parts_for, sample_batches
 from builder.manifest import MANIFEST, SCHEMA, save_reference, write_manifest
@@ -72,7 +73,7 @@ def tool_versions() -> dict:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             pass
-    versions["triton-builder"] = metadata.version("triton-builder")
+    versions["triton-builder"] = __version__
     return versions
 
 
@@ -109,7 +110,7 @@ def build(spec_path: Path, out: Path, *, runtime: str | None = None, only: list[
         clean_stale(out, keep=stage)  # left by a build that was killed (SIGKILL, power loss)
 
         previous = read_manifest(out)["models"] if (out / MANIFEST).is_file() else {}
-        manifest = {"schema": SCHEMA, "builder_version": metadata.version("triton-builder"), "runtime": runtime,
+        manifest = {"schema": SCHEMA, "builder_version": __version__, "runtime": runtime,
                     "spec": str(Path(spec_path).resolve()), "tool_versions": tool_versions(), "models": dict(previous)}
         for model in models:
             checkpoint()
@@ -191,7 +192,7 @@ def build_model(spec: Spec, spec_path: Path, model: Model, runtime: str, stage: 
                                                   spec_path, model)
                 console.print(f"  {name}: verifying against fp32 PyTorch on {len(samples)} batches")
                 step = "verify"
-                check = check_variant(variant, artifact, part, samples, references)
+                check = check_variant(variant, artifact, part, samples, references, serving["instances"].kind)
             except RunError as exc:
                 shutil.rmtree(stage / name, ignore_errors=True)
                 built[variant.tag] = None
@@ -214,7 +215,7 @@ def build_model(spec: Spec, spec_path: Path, model: Model, runtime: str, stage: 
                     continue
             model_dir = stage / name
             save_reference(model_dir / "reference.npz", samples[0], references[0])
-            write_config(model_dir, name, sig, runtime, variant, artifact, serving)
+            write_config(model_dir, name, sig, runtime, variant, artifact, serving, model)
             files = file_records(model_dir)
             vr.bytes = sum(f["bytes"] for f in files if f["path"].startswith("1/") and not f["path"].endswith(".py"))
             entries[name] = {
@@ -231,7 +232,18 @@ def build_model(spec: Spec, spec_path: Path, model: Model, runtime: str, stage: 
     if model.ensemble is not None:
         from builder.ensembles import build_ensembles
 
-        entries.update(build_ensembles(model, loaded, tokenizer, entries, stage, runtime, serving, console))
+        for name, entry in build_ensembles(model, loaded, tokenizer, entries, stage, runtime, serving, console).items():
+            if entry["role"] == "ensemble":
+                worst = entry["verification"].get("outputs", {}).values()
+                result.results.append(VariantResult(
+                    name, model.name, entry["variant"], entry["status"], entry["seconds"],
+                    worst_cosine=min((o["cosine"] for o in worst if "cosine" in o), default=None),
+                    worst_abs=max((o["max_abs"] for o in worst if "max_abs" in o), default=None),
+                    message=entry["verification"].get("reason", ""), step="ensemble"))
+            if entry["status"] == "failed" and not keep_failed:
+                shutil.rmtree(stage / name, ignore_errors=True)
+                continue
+            entries[name] = entry
     return entries
 
 
@@ -289,12 +301,12 @@ def make_artifact(variant: Variant, part: Part, example: tuple, fp32_onnx: Path,
     return dst, f"{rebuild}  # fp32 export, then: {cmd}" if cmd != rebuild else rebuild
 
 
-def check_variant(variant: Variant, artifact: Path, part: Part, samples, references) -> dict:
+def check_variant(variant: Variant, artifact: Path, part: Part, samples, references, device: str = "cpu") -> dict:
     tol = variant.effective_tolerance
     names = [t.name for t in part.inputs]
     try:
         if variant.format == "torch":
-            run = verify.TorchRunner(artifact, names, list(part.outputs), variant.precision)
+            run = verify.TorchRunner(artifact, names, list(part.outputs), variant.precision, device)
         else:
             run = verify.OnnxRunner(artifact)
         checks = []
@@ -308,7 +320,7 @@ def check_variant(variant: Variant, artifact: Path, part: Part, samples, referen
 
 
 def write_config(model_dir: Path, name: str, sig: Signature, runtime: str, variant: Variant, artifact: Path,
-                 serving: dict) -> None:
+                 serving: dict, model: Model) -> None:
     native = runtime == "native" and variant.format in ("onnx", "tensorrt")
     parameters = {}
     if not native:
@@ -316,11 +328,31 @@ def write_config(model_dir: Path, name: str, sig: Signature, runtime: str, varia
         parameters = {"runner": "torch" if variant.format == "torch" else "onnx", "artifact": artifact.name,
                       "precision": variant.precision, "device": serving["instances"].kind,
                       "threads": str(serving["instances"].threads)}
+        if variant.format == "torch":
+            parameters.update(torch_parameters(variant, sig, serving, model))
         parameters["input_limits"] = input_limits(sig)  # the runner refuses requests outside them
     warmup = warmup_files(sig, 1, model_dir) if serving["warmup"] else []
     text = model_config(name, sig, runtime=runtime, fmt=variant.format, serving=serving, parameters=parameters,
                         warmup=warmup)
     (model_dir / "config.pbtxt").write_text(text)
+
+
+def torch_parameters(variant: Variant, sig: Signature, serving: dict, model: Model) -> dict:
+    """Runner settings of a torch variant: which tensors carry the sequence axis, graph buckets, compile."""
+    from builder.families import TOKEN_KINDS
+
+    seq_inputs = [t.name for t in sig.inputs if t.kind in TOKEN_KINDS]
+    seq_outputs = [t.name for t in sig.outputs if seq_inputs and sig.max_batch_size > 0 and t.dims[:1] == (-1,)]
+    params = {"seq_inputs": ",".join(seq_inputs), "seq_outputs": ",".join(seq_outputs), "compile": variant.compile,
+              "cuda_graphs": "1" if variant.cuda_graphs else "0"}
+    if variant.cuda_graphs:
+        mbs = max(sig.max_batch_size, 1)
+        db = serving["dynamic_batching"]
+        buckets = {1, mbs} | {2 ** i for i in range(12) if 2 ** i < mbs} | set(db.preferred_batch_sizes if db else [])
+        params["batch_buckets"] = ",".join(str(b) for b in sorted(buckets))
+        params["seq_buckets"] = ",".join(str(b) for b in model.shapes.buckets()) if seq_inputs else ""
+        params["example_shapes"] = json.dumps({t.name: [list(t.dims), t.dtype] for t in sig.inputs})
+    return params
 
 
 def with_batch_dim(part: Part, max_batch_size: int) -> Part:

@@ -96,7 +96,7 @@ class TorchRunner:
         from builder.convert.torch2exported import DTYPES
 
         self.torch = torch
-        self.device = "cuda" if device == "gpu" and torch.cuda.is_available() else "cpu"
+        self.device = f"cuda:{torch.cuda.current_device()}" if device == "gpu" and torch.cuda.is_available() else "cpu"
         program = torch.export.load(str(path))
         if self.device != "cpu":
             from torch.export.passes import move_to_device_pass

@@ -28,10 +28,12 @@ def main() -> int:
     p.add_argument("--spec", type=Path, default=HERE / "bench.yaml")
     p.add_argument("--tritonserver", type=Path, required=True)
     p.add_argument("--stub-python", type=Path, required=True)
-    p.add_argument("--concurrency", default="1,16,64,256")
-    p.add_argument("--measurement-ms", type=int, default=1500)
+    p.add_argument("--concurrency", default="1,64,256")
+    p.add_argument("--measurement-ms", type=int, default=1000)
     p.add_argument("--models", default="", help="comma-separated Triton models to measure (default: all)")
     p.add_argument("--latency-budget-ms", type=float, default=50.0)
+    p.add_argument("--kernel-models", default="bert_torch_fp32,bert_torch_fp16_graphs,bert_torch_bf16_graphs",
+                   help="models whose GPU time per batch is measured in-process (what bounds the served numbers)")
     args = p.parse_args()
 
     from builder.build import build
@@ -68,6 +70,7 @@ def main() -> int:
             print(f"self-check failed: {exc}", file=sys.stderr)
         run_perf(repo, server=server, models=models, concurrency=[int(c) for c in args.concurrency.split(",")],
                  out=results_dir, measurement_ms=args.measurement_ms, protocol="grpc")
+    env["kernel_ms"] = kernel_times(repo, [m for m in args.kernel_models.split(",") if m])
     report = write_report(results_dir, latency_budget_ms=args.latency_budget_ms)
     env["total_seconds"] = round(time.time() - t0, 1)
     (out / "env.json").write_text(json.dumps(env, indent=1))
@@ -79,6 +82,58 @@ def main() -> int:
             tar.add(work / "tritonserver.log", arcname="tritonserver.log")
     print(f"bench done in {env['total_seconds']} s: {out}")
     return 0
+
+
+def kernel_times(repo: Path, models: list[str], batches=(1, 16, 64, 128), repeats: int = 20) -> dict:
+    """GPU time of one forward per batch size, in-process, no server: the floor under the served latency.
+
+    Eager variants run the program as served; graph variants replay a CUDA graph captured at that size."""
+    import torch
+
+    from builder.manifest import read_manifest, signature_of
+    from builder.signature import make_inputs
+
+    import numpy as np
+
+    manifest = read_manifest(repo)["models"]
+    out = {}
+    for name in models:
+        entry = manifest.get(name)
+        if entry is None:
+            continue
+        sig = signature_of(entry)
+        program = torch.export.load(str(repo / name / "1" / "model.pt2"))
+        from torch.export.passes import move_to_device_pass
+
+        module = move_to_device_pass(program, "cuda:0").module()
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[entry["precision"]]
+        graphs = "graphs" in name
+        times = {}
+        for batch in batches:
+            arrays = make_inputs(sig, batch, np.random.default_rng(0))
+            args = [torch.from_numpy(arrays[t.name]).cuda() for t in sig.inputs]
+            args = [a.to(dtype) if a.is_floating_point() else a for a in args]
+            with torch.inference_mode():
+                for _ in range(3):
+                    module(*args)
+                run = lambda: module(*args)  # noqa: E731
+                if graphs:
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        module(*args)
+                    run = graph.replay
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize()
+                start.record()
+                for _ in range(repeats):
+                    run()
+                end.record()
+                torch.cuda.synchronize()
+            times[batch] = round(start.elapsed_time(end) / repeats, 3)
+        out[name] = times
+        del module, program
+        torch.cuda.empty_cache()
+    return out
 
 
 if __name__ == "__main__":

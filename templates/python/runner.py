@@ -51,7 +51,9 @@ class TorchArtifact:
         threads = int(params.get("threads", "0"))
         if threads:
             torch.set_num_threads(threads)
-        self.device = "cuda" if params.get("device") == "gpu" and torch.cuda.is_available() else "cpu"
+        gpu = params.get("device") == "gpu" and torch.cuda.is_available()
+        # an explicit index: the program's device constants and the inputs must compare equal
+        self.device = f"cuda:{torch.cuda.current_device()}" if gpu else "cpu"
         self.dtype = getattr(torch, TORCH_DTYPES[params.get("precision", "fp32")])
         module = load_program(torch, path, self.device)
         if params.get("compile", "none") == "inductor":
@@ -60,7 +62,7 @@ class TorchArtifact:
         self.seq_inputs = set(_names(params.get("seq_inputs", "")))
         self.seq_outputs = set(_names(params.get("seq_outputs", "")))
         self.graphs = {}
-        if params.get("cuda_graphs") == "1" and self.device == "cuda":
+        if params.get("cuda_graphs") == "1" and gpu:
             self.batch_buckets = sorted(int(b) for b in _names(params["batch_buckets"]))
             self.seq_buckets = sorted(int(b) for b in _names(params.get("seq_buckets", ""))) or [0]
             self.example = json.loads(params["example_shapes"])  # name -> [dims without batch], dtype
