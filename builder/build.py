@@ -96,6 +96,9 @@ def build(spec_path: Path, out: Path, *, runtime: str | None = None, only: list[
             if v.format == "tensorrt":
                 from builder.convert import onnx2trt
 
+                if runtime != "native":
+                    raise UserError(f"{spec_path}: models[{m.name}].variants[{v.tag}]: format tensorrt is served by "
+                                    "Triton's tensorrt backend; set runtime: native (or --runtime native)")
                 onnx2trt.check_available(f"{spec_path}: models[{m.name}].variants[{v.tag}]")
     if not any(m.source.hf for m in models):
         from builder.sources import offline_env
@@ -189,7 +192,7 @@ def build_model(spec: Spec, spec_path: Path, model: Model, runtime: str, stage: 
             try:
                 artifact, command = make_artifact(variant, part, example, fp32_onnx, stage / name / "1",
                                                   lambda: sample_batches(part, tokenizer, CALIBRATION_SAMPLES, 7, model.shapes.sequence_length),
-                                                  spec_path, model)
+                                                  spec_path, model, serving["max_batch_size"])
                 console.print(f"  {name}: verifying against fp32 PyTorch on {len(samples)} batches")
                 step = "verify"
                 check = check_variant(variant, artifact, part, samples, references, serving["instances"].kind)
@@ -225,6 +228,8 @@ def build_model(spec: Spec, spec_path: Path, model: Model, runtime: str, stage: 
                 "verification": check, "reference": "reference.npz", "command": command,
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.time() - t0, 2),
             }
+            if (model_dir / "1" / "model.plan.json").is_file():  # TensorRT version + GPU the engine needs
+                entries[name]["tensorrt"] = json.loads((model_dir / "1" / "model.plan.json").read_text())
             if built.get(variant.tag, {}) is not None:
                 built.setdefault(variant.tag, {})[name] = (model_dir, entries[name])
     if store is not None:
@@ -265,7 +270,7 @@ def store_variants(store, keys: dict[str, str], built: dict, console: Console) -
 
 
 def make_artifact(variant: Variant, part: Part, example: tuple, fp32_onnx: Path, version_dir: Path,
-                  calibration, spec_path: Path, model: Model) -> tuple[Path, str]:
+                  calibration, spec_path: Path, model: Model, max_batch_size: int = 0) -> tuple[Path, str]:
     from builder.convert import torch2exported, torch2onnx
 
     rebuild = shlex.join(["triton-builder", "build", str(spec_path), "--model", model.name])
@@ -280,7 +285,9 @@ def make_artifact(variant: Variant, part: Part, example: tuple, fp32_onnx: Path,
     if variant.format == "tensorrt":
         from builder.convert import onnx2trt
 
-        return onnx2trt.build_engine(fp32_onnx, version_dir / "model.plan", variant, part)
+        shapes = onnx2trt.profile_shapes(part.inputs, max_batch_size, part.batch_in_dims)
+        record = onnx2trt.build_engine(fp32_onnx, version_dir / "model.plan", variant.precision, shapes)
+        return version_dir / "model.plan", shlex.join(record["command"])
     if variant.precision == "fp32":
         for f in fp32_onnx.parent.glob("model.onnx*"):
             shutil.copy2(f, version_dir / f.name)
@@ -307,6 +314,10 @@ def check_variant(variant: Variant, artifact: Path, part: Part, samples, referen
     try:
         if variant.format == "torch":
             run = verify.TorchRunner(artifact, names, list(part.outputs), variant.precision, device)
+        elif variant.format == "tensorrt":
+            from builder.convert import onnx2trt
+
+            run = lambda feeds: onnx2trt.run_engine(artifact, feeds)  # noqa: E731 - trtexec, where it built
         else:
             run = verify.OnnxRunner(artifact)
         checks = []

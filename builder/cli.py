@@ -125,6 +125,11 @@ def serve(
     try:
         validate_repository(repo)
         chosen = _pick_runtime(runtime, repo)
+        if (repo / "triton-builder.json").is_file():
+            from builder.convert.onnx2trt import check_repository
+            from builder.manifest import read_manifest
+
+            check_repository(repo, read_manifest(repo), (image or DEFAULT_IMAGE) if chosen == "docker" else None)
         with start_server(repo, chosen, http_port=http_port or None, grpc_port=grpc_port or None,
                           metrics_port=metrics_port or None, host=host,
                           tritonserver=tritonserver, image=image or DEFAULT_IMAGE, gpus=gpus) as server:

@@ -239,6 +239,7 @@ def test_second_build_into_same_output_is_refused(tmp_path):
 def test_tensorrt_without_tensorrt_or_docker_is_a_clear_error(tmp_path):
     spec = tmp_path / "s.yaml"
     spec.write_text("""
+runtime: native
 models:
   - name: m
     task: feature-extraction
