@@ -10,6 +10,7 @@ perf_analyzer adds it from `-b`.
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -27,15 +28,29 @@ def input_data(sig: Signature, *, entries: int = 4, seed: int = 0,
         raise UserError(f"input entries {entries} must be >= 1")
     # Generate all entries as one batch (so text rotates through the sample sentences and ids differ),
     # then split: a non-batching model is treated as batching here only to get the leading axis.
-    batched = replace(sig, max_batch_size=max(sig.max_batch_size, entries))
+    # Encoded images are real files (builder.ensembles.sample_images), one per request, sent as "b64":
+    # perf_analyzer sends the decoded bytes as the tensor's raw contents, so they hold Triton's serialized
+    # BYTES form (a 4-byte little-endian length, then the image file), not the bare file.
+    # (An image tensor of another dtype is left to make_inputs, which refuses it.)
+    plain = tuple(t for t in sig.inputs if not (t.kind == "image" and t.dtype == "bytes"))
+    batched = replace(sig, inputs=plain, max_batch_size=max(sig.max_batch_size, entries))
     try:
         arrays = make_inputs(batched, entries, rng=np.random.default_rng(seed), shapes=shapes)
     except ValueError as exc:
         raise UserError(f"perf input data: {exc}") from exc
+    images = None
+    if len(plain) < len(sig.inputs):
+        from builder.ensembles import sample_images
+
+        images = sample_images(entries, seed=seed)
     data = []
     for i in range(entries):
         entry = {}
         for spec in sig.inputs:
+            if spec.name not in arrays:
+                entry[spec.name] = {"b64": base64.b64encode(len(images[i]).to_bytes(4, "little") + images[i]).decode("ascii"),
+                                    "shape": [1] * len(spec.dims)}
+                continue
             value = arrays[spec.name][i]
             if spec.dtype == "bytes":
                 content = [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in value.reshape(-1)]

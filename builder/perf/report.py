@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from builder.errors import UserError
-from builder.perf.results import load_results
+from builder.perf.results import load_steps, load_results
 
 REPORT = "report.md"
 BASELINE_FORMATS = ("onnx", "torch")  # the fp32 baseline, in order of preference
@@ -304,7 +304,24 @@ def _model_section(model: str, rows: pd.DataFrame, variants: dict[str, dict], re
         out += [f"![latency breakdown at concurrency {plots['breakdown_concurrency']}]({plots['latency_breakdown']})", ""]
     if "speedup" in plots:
         out += [f"![speedup vs {base}]({plots['speedup']})", ""]
+    out += _steps_section(load_steps(results_dir), names)
     return out
+
+
+def _steps_section(steps: pd.DataFrame | None, names: list[str]) -> list[str]:
+    """"Where the time goes" for the ensembles among `names`: each step's share of the steps' total time."""
+    if steps is None or steps.empty:
+        return []
+    steps = steps[steps["variant"].isin(names)]
+    if steps.empty:
+        return []
+    header = ["ensemble", "concurrency", "step", "requests", "queue (ms)", "compute infer (ms)", "share"]
+    table = [[r["variant"], str(int(r["concurrency"])), r["step"], str(int(r["requests"])), _num(r["avg_queue_ms"], "{:.3f}"),
+              _num(r["avg_compute_ms"], "{:.3f}"), _num(r["share"] * 100 if pd.notna(r["share"]) else None, "{:.1f} %")]
+             for _, r in steps.iterrows()]
+    return ["Where the time goes (ensembles): average queue and compute time per request of each step, "
+            "from Triton's per-model statistics over the measured level; share of the steps' total.", "",
+            _table(header, table), ""]
 
 
 def write_report(results_dir: Path, *, latency_budget_ms: float | None = None, accuracy_budget: float | None = None,

@@ -7,6 +7,8 @@ A results directory holds:
                   report needs nothing but this directory
   inputs/         the --input-data JSON given to perf_analyzer, per variant
   raw/            every perf_analyzer invocation: command.txt, its CSV, stdout and stderr
+  steps.csv       ensembles only: per measured level, each composing model's average queue and
+                  compute time per request (from Triton's statistics) and its share of their sum
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from builder.perf.analyzer import LevelResult
 RESULTS_CSV = "results.csv"
 RESULTS_PARQUET = "results.parquet"
 RUN_MANIFEST = "manifest.json"
+STEPS_CSV = "steps.csv"
+STEP_COLUMNS = ["run", "variant", "concurrency", "step", "requests", "avg_queue_ms", "avg_compute_ms", "share"]
 
 COLUMNS = [
     "run", "model", "variant", "format", "precision", "concurrency", "batch_size",
@@ -61,6 +65,51 @@ def not_run_rows(levels, *, run: str, model: str, variant: str, format: str, pre
     """Placeholder rows for levels never measured because the run stopped first."""
     return [level_row(LevelResult(c, status="not_run"), run=run, model=model, variant=variant,
                       format=format, precision=precision, batch_size=batch_size) for c in levels]
+
+
+def step_stats(stats: dict) -> dict[str, tuple[int, int, int]]:
+    """model name -> (success.count, queue.ns, compute_infer.ns) from get_inference_statistics(as_json=True)."""
+    out = {}
+    for model in stats.get("model_stats", []):
+        inference = model.get("inference_stats", {})
+
+        def number(key: str, field: str) -> int:
+            return int(inference.get(key, {}).get(field, 0) or 0)
+
+        counts = out.get(model["name"], (0, 0, 0))  # several versions: summed
+        out[model["name"]] = (counts[0] + number("success", "count"), counts[1] + number("queue", "ns"),
+                              counts[2] + number("compute_infer", "ns"))
+    return out
+
+
+def step_rows(before: dict, after: dict, steps: list[str], *, run: str, variant: str, concurrency: int) -> list[dict]:
+    """Per step of an ensemble, the average queue and compute ms per request between two snapshots of
+    `step_stats`, and the step's share of the steps' total (queue + compute)."""
+    rows = []
+    for step in steps:
+        b, a = before.get(step, (0, 0, 0)), after.get(step, (0, 0, 0))
+        count, queue, compute = (a[i] - b[i] for i in range(3))
+        rows.append({"run": run, "variant": variant, "concurrency": int(concurrency), "step": step, "requests": count,
+                     "avg_queue_ms": queue / count / 1e6 if count > 0 else float("nan"),
+                     "avg_compute_ms": compute / count / 1e6 if count > 0 else float("nan")})
+    total = sum(r["avg_queue_ms"] + r["avg_compute_ms"] for r in rows if r["requests"] > 0)
+    for r in rows:
+        r["share"] = (r["avg_queue_ms"] + r["avg_compute_ms"]) / total if total > 0 and r["requests"] > 0 else float("nan")
+    return rows
+
+
+def save_steps(results_dir: Path, rows: list[dict]) -> Path | None:
+    """Write steps.csv (only when some ensemble was measured)."""
+    if not rows:
+        return None
+    path = Path(results_dir) / STEPS_CSV
+    pd.DataFrame(rows, columns=STEP_COLUMNS).to_csv(path, index=False)
+    return path
+
+
+def load_steps(results_dir: Path) -> pd.DataFrame | None:
+    path = Path(results_dir) / STEPS_CSV
+    return pd.read_csv(path) if path.is_file() else None
 
 
 def to_frame(rows: list[dict]) -> pd.DataFrame:

@@ -29,7 +29,8 @@ from builder.perf.analyzer import (
     perf_env,
 )
 from builder.perf.inputs import write_input_data
-from builder.perf.results import level_row, machine_info, not_run_rows, save_results, to_frame, tool_versions
+from builder.perf.results import (level_row, machine_info, not_run_rows, save_results, save_steps, step_rows, step_stats,
+                                  to_frame, tool_versions)
 
 MEASURED_ROLES = ("variant", "ensemble")  # preprocess/postprocess steps only when named
 DEFAULT_RESULTS = Path("perf/results")
@@ -67,7 +68,34 @@ def _variant_record(name: str, entry: dict) -> dict:
         "role": entry.get("role", "variant"),
         "status": entry.get("status"),
         "verification": entry.get("verification"),
+        **({"steps": list(entry["steps"])} if entry.get("steps") else {}),
     }
+
+
+def _stats_reader(server):
+    """A function returning step_stats() of the server's per-model statistics, or None when no client fits."""
+    try:
+        if getattr(server, "grpc_url", None):
+            import tritonclient.grpc as client_module
+
+            client = client_module.InferenceServerClient(server.grpc_url)
+        elif getattr(server, "http_url", None):
+            import tritonclient.http as client_module
+
+            client = client_module.InferenceServerClient(server.http_url)
+        else:
+            return None
+    except Exception:  # noqa: BLE001 - statistics are extra; the measurement goes on without them
+        return None
+
+    def read() -> dict | None:
+        try:
+            grpc = client_module.__name__.endswith("grpc")  # http answers JSON already
+            return step_stats(client.get_inference_statistics(**({"as_json": True} if grpc else {})))
+        except Exception:  # noqa: BLE001
+            return None
+
+    return read
 
 
 def _new_results_dir(out: Path | None, started: datetime) -> Path:
@@ -177,6 +205,7 @@ def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concur
         "commands": [], "errors": [],
     }
     rows: list[dict] = []
+    steps_rows: list[dict] = []  # ensembles: time per composing model, from Triton's statistics
     env = perf_env()
 
     def row_args(name: str) -> dict:
@@ -211,9 +240,24 @@ def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concur
             url = getattr(server, f"{protocol}_url", None)
             if not url:
                 raise UserError(f"the server given has no {protocol} URL; pass protocol='grpc' or 'http' to match it")
+            read_stats = _stats_reader(server) if any(v.get("steps") for v in manifest["variants"].values()) \
+                else None
             while pending:
                 name = pending[0]
                 entry = manifest["variants"][name]
+                steps = entry.get("steps") if read_stats else None
+                snapshot = {"stats": read_stats() if steps else None}
+
+                def on_level(level: LevelResult, name=name, steps=steps, snapshot=snapshot) -> None:
+                    show(name, level)
+                    if not steps:
+                        return
+                    after = read_stats()
+                    if snapshot["stats"] is not None and after is not None and level.values:
+                        steps_rows.extend(step_rows(snapshot["stats"], after, steps, run=run_name, variant=name,
+                                                    concurrency=level.concurrency))
+                    snapshot["stats"] = after
+
                 console.print(f"[bold]{name}[/bold] ({entry['model']}, {entry['format']} {entry['precision']}): "
                               f"concurrency {', '.join(map(str, levels))}", soft_wrap=True)
                 flags = PerfFlags(model=name, url=url, protocol=protocol, measurement_ms=measurement_ms,
@@ -222,7 +266,7 @@ def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concur
                 try:
                     result = measure(flags, levels, results_dir / "raw" / name, max_attempts=max_attempts,
                                      relaxed_stability_pct=relaxed_stability_pct, binary=binary, env=env,
-                                     on_level=lambda level, name=name: show(name, level))
+                                     on_level=on_level)
                 except PerfAnalyzerError as exc:
                     record_attempts(name, exc.attempts)
                     rows.extend(level_row(level, **row_args(name)) for level in exc.levels)
@@ -247,6 +291,7 @@ def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concur
             r["status"] in ("ok", "unstable") for r in rows)
         manifest["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         save_results(results_dir, to_frame(rows), manifest)
+        save_steps(results_dir, steps_rows)
     if failure is not None:
         head = f"{lost}\n" if lost else ""
         raise RunError(f"{head}{failure}\npartial results kept in {results_dir} (marked incomplete)") from failure
