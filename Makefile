@@ -46,6 +46,7 @@ report: setup ## Write RESULTS/report.md and plots
 demo: setup ## Build the MiniLM demo, serve it, measure it, write the report (CPU, ~5 min)
 	$(TB) build $(SPEC) -o $(REPO)
 	$(TB) serve $(REPO) --once --http-port 0 --grpc-port 0 --metrics-port 0
+	rm -rf $(RESULTS)
 	$(TB) perf $(REPO) --concurrency $(CONCURRENCY) --out $(RESULTS)
 	$(TB) report $(RESULTS) --latency-budget-ms 50 --accuracy-budget 0.98 --baseline torch
 	@echo "report: $(RESULTS)/report.md"
