@@ -303,9 +303,10 @@ def make_artifact(variant: Variant, part: Part, example: tuple, fp32_onnx: Path,
             conv.convert(fp32_onnx, dst)
     except Exception as exc:
         raise RunError(f"{module.rsplit('.', 1)[1]} failed: {root_reason(exc)}") from exc
-    extra = ["--calibration", variant.calibration] if variant.precision == "int8" and variant.calibration == "dynamic" else []
-    cmd = convert.command(module, fp32_onnx.name, dst.name, *extra) if variant.calibration == "dynamic" else rebuild
-    return dst, f"{rebuild}  # fp32 export, then: {cmd}" if cmd != rebuild else rebuild
+    if variant.calibration == "static":  # its calibration inputs come from the spec's model: rebuild through it
+        return dst, rebuild
+    extra = ["--calibration", "dynamic"] if variant.precision == "int8" else []
+    return dst, f"{rebuild}  # fp32 export, then: {convert.command(module, fp32_onnx.name, dst.name, *extra)}"
 
 
 def check_variant(variant: Variant, artifact: Path, part: Part, samples, references, device: str = "cpu") -> dict:

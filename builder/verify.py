@@ -89,6 +89,19 @@ class OnnxRunner:
         return dict(zip(self.outputs, values))
 
 
+def load_program(path: Path, device: str):
+    """A saved ExportedProgram's module on `device` ("cpu", "cuda:0"): the device constants inside the
+    graph move too. (templates/python/runner.py has its own copy: served model files stand alone.)"""
+    import torch
+
+    program = torch.export.load(str(path))
+    if device != "cpu":
+        from torch.export.passes import move_to_device_pass
+
+        program = move_to_device_pass(program, device)
+    return program.module()
+
+
 class TorchRunner:
     def __init__(self, path: Path, input_names: list[str], output_names: list[str], precision: str, device: str = "cpu"):
         import torch
@@ -97,12 +110,7 @@ class TorchRunner:
 
         self.torch = torch
         self.device = f"cuda:{torch.cuda.current_device()}" if device == "gpu" and torch.cuda.is_available() else "cpu"
-        program = torch.export.load(str(path))
-        if self.device != "cpu":
-            from torch.export.passes import move_to_device_pass
-
-            program = move_to_device_pass(program, self.device)
-        self.module = program.module()
+        self.module = load_program(path, self.device)
         self.dtype = getattr(torch, DTYPES[precision])
         self.input_names, self.output_names = input_names, output_names
 

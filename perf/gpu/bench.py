@@ -90,8 +90,10 @@ def kernel_times(repo: Path, models: list[str], batches=(1, 16, 64, 128), repeat
     Eager variants run the program as served; graph variants replay a CUDA graph captured at that size."""
     import torch
 
+    from builder.convert.torch2exported import DTYPES
     from builder.manifest import read_manifest, signature_of
     from builder.signature import make_inputs
+    from builder.verify import load_program
 
     import numpy as np
 
@@ -102,11 +104,8 @@ def kernel_times(repo: Path, models: list[str], batches=(1, 16, 64, 128), repeat
         if entry is None:
             continue
         sig = signature_of(entry)
-        program = torch.export.load(str(repo / name / "1" / "model.pt2"))
-        from torch.export.passes import move_to_device_pass
-
-        module = move_to_device_pass(program, "cuda:0").module()
-        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[entry["precision"]]
+        module = load_program(repo / name / "1" / "model.pt2", "cuda:0")
+        dtype = getattr(torch, DTYPES[entry["precision"]])
         graphs = "graphs" in name
         times = {}
         for batch in batches:
@@ -131,7 +130,7 @@ def kernel_times(repo: Path, models: list[str], batches=(1, 16, 64, 128), repeat
                 torch.cuda.synchronize()
             times[batch] = round(start.elapsed_time(end) / repeats, 3)
         out[name] = times
-        del module, program
+        del module
         torch.cuda.empty_cache()
     return out
 
