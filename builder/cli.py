@@ -205,3 +205,12 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - a bug or a library's surprise: one line and a log, no traceback
+        from rich.markup import escape
+
+        from builder.errors import unexpected
+
+        command = next((a for a in sys.argv[1:] if not a.startswith("-")), "triton-builder")
+        err.print(f"[red]error:[/] {escape(command)}: {escape(str(unexpected(exc, command)))}", highlight=False,
+                  soft_wrap=True)
+        sys.exit(1)
