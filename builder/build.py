@@ -405,7 +405,8 @@ def output_specs(part: Part, references: list[dict], max_batch_size: int) -> tup
         if len(ranks) != 1:
             raise RunError(f"output {name} changes rank between inputs: {sorted(shapes)}")
         dims = tuple(-1 if len({s[i] for s in shapes}) > 1 else next(iter(shapes))[i] for i in range(ranks.pop()))
-        specs.append(TensorSpec(name, "float32", dims[1:] if max_batch_size > 0 else (-1, *dims[1:])))
+        dtype = {str(r[name].dtype) for r in references}.pop()  # integer outputs (argmax, ids) stay integers
+        specs.append(TensorSpec(name, dtype, dims[1:] if max_batch_size > 0 else (-1, *dims[1:])))
     return tuple(specs)
 
 

@@ -107,6 +107,8 @@ def serve(
     metrics_port: int = typer.Option(8002, help="Metrics port (0: any free port)."),
     host: str = typer.Option("127.0.0.1", help="Address to bind; 0.0.0.0 exposes the server to the network."),
     tritonserver: Optional[Path] = typer.Option(None, help="tritonserver binary (local runtime)."),
+    stub_python: Optional[Path] = typer.Option(None, help="Python whose environment the python backend's stub uses "
+                                                          "(local runtime; needs numpy<2); default: this one."),
     image: str = typer.Option(None, help="NGC image for --runtime docker."),
     gpus: bool = typer.Option(False, help="Request GPUs (docker runtime)."),
     check: bool = typer.Option(True, help="Send one request to every model after start-up and compare with the build."),
@@ -132,7 +134,8 @@ def serve(
             check_repository(repo, read_manifest(repo), (image or DEFAULT_IMAGE) if chosen == "docker" else None)
         with start_server(repo, chosen, http_port=http_port or None, grpc_port=grpc_port or None,
                           metrics_port=metrics_port or None, host=host,
-                          tritonserver=tritonserver, image=image or DEFAULT_IMAGE, gpus=gpus) as server:
+                          tritonserver=tritonserver, image=image or DEFAULT_IMAGE, gpus=gpus,
+                          stub_python=stub_python) as server:
             err.print(f"[green]ready[/]: {len(server.models)} models ({chosen} runtime)")
             err.print(f"  HTTP    http://{server.http_url}\n  gRPC    {server.grpc_url}\n  metrics http://{server.metrics_url}/metrics")
             if check:
