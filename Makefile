@@ -12,7 +12,7 @@ CONCURRENCY ?= 1,4,16
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup build validate serve perf report demo test test-all test-reliability bench-bundle bench-gpu clean
+.PHONY: help setup build validate serve perf report demo test test-all test-reliability test-matrix bench-bundle bench-gpu clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -52,13 +52,16 @@ demo: setup ## Build the MiniLM demo, serve it, measure it, write the report (CP
 	@echo "report: $(RESULTS)/report.md"
 
 test: setup ## The default suite: unit + real-server tests (CPU, < 15 min)
-	$(BIN)/pytest -q -m "not slow and not gpu and not docker" $(PYTEST_ARGS)
+	$(BIN)/pytest -q -m "not slow and not gpu and not docker and not matrix" $(PYTEST_ARGS)
 
 test-all: setup ## Every CPU test, slow ones included (soak)
 	$(BIN)/pytest -q -m "not gpu and not docker" $(PYTEST_ARGS)
 
 test-reliability: setup ## The reliability harness (bad input, faults, ~3 min soak): "N cases tried, N handled as specified"
 	$(BIN)/pytest -q -m "reliability and not gpu and not docker" $(PYTEST_ARGS)
+
+test-matrix: setup ## Every architecture x precision (tests/architectures.py, ~4 min); result table -> docs/MATRIX.md
+	MATRIX_REPORT=docs/MATRIX.md $(BIN)/pytest -q -m matrix tests/test_matrix.py $(PYTEST_ARGS)
 
 clean: ## Remove the built repository and results (keeps .venv)
 	rm -rf $(REPO)/*/ $(REPO)/triton-builder.json perf/results/demo

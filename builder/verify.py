@@ -39,12 +39,17 @@ def compare(name: str, got: np.ndarray, want: np.ndarray, tol: Tolerance, mask: 
     norms = np.linalg.norm(g, axis=1) * np.linalg.norm(w, axis=1)
     cos = np.where(norms > 0, (g * w).sum(axis=1) / np.maximum(norms, 1e-30), 1.0)
     cosine = float(cos.min(initial=1.0))
+    reasons = out_of_tolerance(max_abs, cosine, tol)
+    return OutputCheck(name, max_abs, max_rel, cosine, not reasons, "; ".join(reasons))
+
+
+def out_of_tolerance(max_abs: float, cosine: float, tol: Tolerance) -> list[str]:
     reasons = []
     if tol.atol is not None and max_abs > tol.atol:
         reasons.append(f"max abs diff {max_abs:.3g} > {tol.atol:g}")
     if tol.min_cosine is not None and cosine < tol.min_cosine:
         reasons.append(f"cosine {cosine:.6f} < {tol.min_cosine:g}")
-    return OutputCheck(name, max_abs, max_rel, cosine, not reasons, "; ".join(reasons))
+    return reasons
 
 
 def summarize(checks_per_sample: list[list[OutputCheck]], tol: Tolerance) -> dict:
@@ -56,9 +61,12 @@ def summarize(checks_per_sample: list[list[OutputCheck]], tol: Tolerance) -> dic
             if w is None:
                 worst[c.name] = c
             else:
-                worst[c.name] = OutputCheck(
-                    c.name, max(w.max_abs, c.max_abs), max(w.max_rel, c.max_rel), min(w.cosine, c.cosine),
-                    w.passed and c.passed, "; ".join(r for r in (w.reason, c.reason) if r and r not in w.reason) or w.reason)
+                max_abs, cosine = max(w.max_abs, c.max_abs), min(w.cosine, c.cosine)
+                # the reason names the worst numbers over all samples (a shape or non-finite problem stays)
+                broken = [r for r in (w.reason, c.reason) if r.startswith(("shape", "non-finite"))]
+                reason = broken[0] if broken else "; ".join(out_of_tolerance(max_abs, cosine, tol))
+                worst[c.name] = OutputCheck(c.name, max_abs, max(w.max_rel, c.max_rel), cosine,
+                                            w.passed and c.passed, reason)
     return {
         "passed": all(c.passed for c in worst.values()),
         "tolerance": tol.model_dump(),

@@ -11,6 +11,7 @@ MARKERS = {
     "slow": "long-running (soak, full demo); left out of make test",
     "gpu": "needs an NVIDIA GPU",
     "docker": "needs a Docker engine",
+    "matrix": "the architecture x precision matrix (make test-matrix); left out of make test",
     "reliability": "a case of the reliability harness (bad input, faults, load); make test-reliability",
 }
 

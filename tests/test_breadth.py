@@ -50,6 +50,11 @@ def small():
     return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU()), {"x": torch.randn(2, 4)}
 
 
+def wide():  # weights large enough to go to external data when asked
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU()), {"x": torch.randn(2, 64)}
+
+
 def with_argmax():
     torch.manual_seed(0)
     return Counter(), {"x": torch.randn(2, 4)}
@@ -392,25 +397,24 @@ def test_integer_outputs_are_declared_with_their_type(factories, tmp_path):
                                                                                 ("output_1", "int64")]
 
 
-def test_int8_writes_external_data_above_the_limit(tmp_path, monkeypatch):
+def test_int8_writes_external_data_above_the_limit(factories, tmp_path, monkeypatch):
     import onnxruntime as ort
 
     from builder.convert import onnx2int8
 
-    result = build_arch(tmp_path, ["bert"], [{"format": "onnx", "precision": "fp32"}])
-    assert not result.failed
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("models:" + model("m", "wide", "[{format: onnx, precision: fp32}]"))
+    assert not build(spec, tmp_path / "repo", cache=False).failed
     monkeypatch.setattr(onnx2int8, "EXTERNAL_DATA_BYTES", 0)  # as if the model were above 2 GB
-    src = tmp_path / "repo" / "bert_onnx_fp32" / "1" / "model.onnx"
+    src = tmp_path / "repo" / "m_onnx_fp32" / "1" / "model.onnx"
+    samples = [{"x": np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)}]
     for calibration in ("dynamic", "static"):
         dst = tmp_path / calibration / "model.onnx"
         dst.parent.mkdir()
-        samples = [{"input_ids": np.array([[5, 6, 7]]), "attention_mask": np.ones((1, 3), dtype=np.int64),
-                    "token_type_ids": np.zeros((1, 3), dtype=np.int64)}]
         onnx2int8.convert(src, dst, calibration, samples)
-        assert (dst.parent / "model.onnx.data").is_file(), sorted(p.name for p in dst.parent.iterdir())
         assert sorted(p.name for p in dst.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
         session = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
-        assert session.run(None, samples[0])[0].shape == (1, 3, 32)
+        assert session.run(None, samples[0])[0].shape == (2, 128)
 
 
 def test_serve_has_the_stub_python_flag_its_messages_name(factories, tmp_path):
@@ -464,3 +468,17 @@ def test_bare_variants_are_measured_on_the_ensembles_sentences(tmp_path):
     assert len(lengths) > 1 and max(lengths) < 32
     assert describe_inputs(path).startswith("input_ids [")
     assert ensemble_tokenizer(repo, {"model": "other", "role": "variant"}) is None
+
+
+def test_a_failing_output_is_reported_with_its_worst_numbers_over_all_samples():
+    from builder import verify
+    from builder.spec import Tolerance
+
+    tol = Tolerance(min_cosine=0.95)
+    want = np.array([[1.0, 0.0], [0.0, 1.0]])
+    first = verify.compare("logits", np.array([[1.0, 0.5], [0.0, 1.0]]), want, tol)  # cosine 0.894
+    second = verify.compare("logits", np.array([[1.0, 1.0], [0.0, 1.0]]), want, tol)  # cosine 0.707
+    third = verify.compare("logits", np.array([[1.0, 0.4], [0.0, 1.0]]), want, tol)  # cosine 0.928
+    summary = verify.summarize([[first], [second], [third]], tol)
+    assert verify.failure_lines(summary) == ["- logits: cosine 0.707107 < 0.95"]
+    assert summary["outputs"]["logits"]["cosine"] == pytest.approx(0.7071067)
