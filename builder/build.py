@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import platform
 import shlex
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field, replace
+from typing import Callable
 from importlib import metadata
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from builder import __version__, convert, verify
+from builder import __version__, formats, verify
 from builder.errors import BuilderError, RunError, UserError, root_reason, step, unexpected
 from builder.families import Part, parts_for, sample_batches
 from builder.manifest import MANIFEST, SCHEMA, save_reference, write_manifest
@@ -91,15 +90,9 @@ def build(spec_path: Path, out: Path, *, runtime: str | None = None, only: list[
         if unknown:
             raise UserError(f"--model {unknown[0]}: not in {spec_path}; known: {', '.join(m.name for m in models)}")
         models = [m for m in models if m.name in only]
-    for m in models:
+    for m in models:  # refused before any work: a format that cannot be built or served here
         for v in m.variants:
-            if v.format == "tensorrt":
-                from builder.convert import onnx2trt
-
-                if runtime != "native":
-                    raise UserError(f"{spec_path}: models[{m.name}].variants[{v.tag}]: format tensorrt is served by "
-                                    "Triton's tensorrt backend; set runtime: native (or --runtime native)")
-                onnx2trt.check_available(f"{spec_path}: models[{m.name}].variants[{v.tag}]")
+            formats.get(v.format).preflight(f"{spec_path}: models[{m.name}].variants[{v.tag}]", runtime)
     if not any(m.source.hf for m in models):
         from builder.sources import offline_env
 
@@ -115,13 +108,13 @@ def build(spec_path: Path, out: Path, *, runtime: str | None = None, only: list[
         previous = read_manifest(out)["models"] if (out / MANIFEST).is_file() else {}
         manifest = {"schema": SCHEMA, "builder_version": __version__, "runtime": runtime,
                     "spec": str(Path(spec_path).resolve()), "tool_versions": tool_versions(), "models": dict(previous)}
+        ctx = Build(spec, Path(spec_path), runtime, stage, result, keep_failed, console, store, manifest["tool_versions"])
         for model in models:
             checkpoint()
             t0 = time.time()
             console.print(f"[bold]{model.name}[/] ({model.task})")
             try:
-                entries = build_model(spec, Path(spec_path), model, runtime, stage, result, keep_failed, console,
-                                      store, manifest["tool_versions"])
+                entries = build_model(ctx, model)
             except Exception as exc:  # noqa: BLE001 - unexpected ones too: one line, the model counts as failed
                 if not isinstance(exc, BuilderError):
                     exc = RunError(f"build: {unexpected(exc, f'models[{model.name}] build')}")
@@ -147,18 +140,85 @@ def build(spec_path: Path, out: Path, *, runtime: str | None = None, only: list[
     return result
 
 
-def build_model(spec: Spec, spec_path: Path, model: Model, runtime: str, stage: Path, result: BuildResult,
-                keep_failed: bool, console: Console, store=None, tools: dict | None = None) -> dict[str, dict]:
+@dataclass
+class Build:
+    """What every model of one build shares."""
+
+    spec: Spec
+    spec_path: Path
+    runtime: str
+    stage: Path  # models are staged here, then installed one by one
+    result: BuildResult
+    keep_failed: bool
+    console: Console
+    store: object | None = None  # the build cache (builder.cache.BuildCache), None with --no-cache
+    tools: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One variant of one part of a model: the record that flows through export, verification, config
+    and manifest (each format's module reads it; see builder.formats)."""
+
+    ctx: Build
+    model: Model
+    variant: Variant
+    part: Part
+    stem: str  # the part's Triton name prefix: {model} or {model}_{part}
+    sig: Signature
+    serving: dict
+    samples: tuple  # verification inputs
+    references: tuple  # the fp32 PyTorch outputs on them
+    example: tuple  # export example tensors
+    source: str  # where the model came from, in words
+    calibration: Callable = lambda: []  # static int8: calibration batches, made on demand
+
+    @property
+    def name(self) -> str:
+        return f"{self.stem}_{self.variant.tag}"
+
+    @property
+    def fmt(self) -> formats.Format:
+        return formats.get(self.variant.format)
+
+    @property
+    def model_dir(self) -> Path:
+        return self.ctx.stage / self.name
+
+    @property
+    def version_dir(self) -> Path:
+        return self.model_dir / "1"
+
+    @property
+    def fp32_onnx(self) -> Path:
+        return self.ctx.stage / "_work" / self.stem / "model.onnx"
+
+    @property
+    def runtime(self) -> str:
+        return self.ctx.runtime
+
+    @property
+    def spec_path(self) -> Path:
+        return self.ctx.spec_path
+
+    @property
+    def rebuild(self) -> str:
+        return shlex.join(["triton-builder", "build", str(self.ctx.spec_path), "--model", self.model.name])
+
+
+def build_model(ctx: Build, model: Model) -> dict[str, dict]:
+    """Build every variant of `model` into ctx.stage; return the manifest entries of what to install."""
     from builder.sources import load_source
 
+    console, result = ctx.console, ctx.result
     entries: dict[str, dict] = {}
     keys, hits = {}, set()
-    if store is not None:
+    if ctx.store is not None:
         from builder.cache import variant_keys
 
-        keys = variant_keys(spec, spec_path, model, runtime, tools or tool_versions())
+        keys = variant_keys(ctx.spec, ctx.spec_path, model, ctx.runtime, ctx.tools or tool_versions())
         for variant in model.variants:
-            hit = store.fetch(keys[variant.tag], stage)
+            hit = ctx.store.fetch(keys[variant.tag], ctx.stage)
             if hit is not None:
                 hits.add(variant.tag)
                 for name, entry in hit.models.items():
@@ -170,13 +230,12 @@ def build_model(spec: Spec, spec_path: Path, model: Model, runtime: str, stage: 
     console.print(f"  loading {model.source.kind} source")
     where = f"models[{model.name}]"
     with step("load", where):
-        loaded = load_source(spec_path, model)
+        loaded = load_source(ctx.spec_path, model)
         tokenizer = load_tokenizer(loaded.files_dir)
         parts = parts_for(model.task, loaded, model)
-    serving = spec.serving(model)
+    serving = ctx.spec.serving(model)
     built: dict[str, dict[str, tuple[Path, dict]]] = {}  # variant tag -> what the cache gets
     for index, part in enumerate(parts):
-        stem = f"{model.name}_{part.suffix}" if part.suffix else model.name
         with step("reference", where):
             part = with_batch_dim(part, serving["max_batch_size"])
             samples = sample_batches(part, tokenizer, VERIFY_SAMPLES, seed=1000 + index,
@@ -185,70 +244,28 @@ def build_model(spec: Spec, spec_path: Path, model: Model, runtime: str, stage: 
             references = [verify.torch_reference(part.module, names, s, part.outputs) for s in samples]
             sig = Signature(part.inputs, output_specs(part, references, serving["max_batch_size"]),
                             serving["max_batch_size"], dict(part.extra))
-        example = example_args(part)
-        work = stage / "_work" / stem
-        fp32_onnx = work / "model.onnx"
+            example = example_args(part)
         for variant in model.variants:
             checkpoint()
             if variant.tag in hits:
                 continue
-            name = f"{stem}_{variant.tag}"
-            t0 = time.time()
-            console.print(f"  {name}: exporting")
-            doing = "export"
-            try:
-                artifact, command = make_artifact(variant, part, example, fp32_onnx, stage / name / "1",
-                                                  lambda: sample_batches(part, tokenizer, CALIBRATION_SAMPLES, 7, model.shapes.sequence_length),
-                                                  spec_path, model, serving["max_batch_size"])
-                console.print(f"  {name}: verifying against fp32 PyTorch on {len(samples)} batches")
-                doing = "verify"
-                check = check_variant(variant, artifact, part, samples, references, serving["instances"].kind)
-            except Exception as exc:  # noqa: BLE001 - one variant's failure, unexpected ones too, is a result
-                if not isinstance(exc, RunError):
-                    exc = unexpected(exc, f"{where}.variants[{variant.tag}] {doing}")
-                shutil.rmtree(stage / name, ignore_errors=True)
+            job = Job(ctx, model, variant, part, f"{model.name}_{part.suffix}" if part.suffix else model.name, sig,
+                      serving, tuple(samples), tuple(references), example, loaded.description,
+                      lambda part=part: sample_batches(part, tokenizer, CALIBRATION_SAMPLES, 7, model.shapes.sequence_length))
+            entry = build_variant(job)
+            if entry is not None:
+                entries[job.name] = entry
+            if entry is None or entry["status"] != "passed":
                 built[variant.tag] = None
-                result.results.append(VariantResult(name, model.name, variant.tag, "error", time.time() - t0,
-                                                    message=str(exc), step=doing))
-                console.print(f"  [red]{name}: {escape(str(exc))}[/]")
-                continue
-            worst_cos = min(o["cosine"] for o in check["outputs"].values())
-            worst_abs = max(o["max_abs"] for o in check["outputs"].values())
-            status = "passed" if check["passed"] else "failed"
-            lines = verify.failure_lines(check)
-            vr = VariantResult(name, model.name, variant.tag, status, time.time() - t0, 0, worst_cos, worst_abs,
-                               "\n".join(lines), step="verify")
-            result.results.append(vr)
-            if status == "failed":
-                built[variant.tag] = None
-                console.print(f"  [red]{name}: verification failed[/]\n    " + escape("\n    ".join(lines)))
-                if not keep_failed:
-                    shutil.rmtree(stage / name, ignore_errors=True)
-                    continue
-            model_dir = stage / name
-            with step("config", f"{where}.variants[{variant.tag}]"):
-                save_reference(model_dir / "reference.npz", samples[0], references[0])
-                write_config(model_dir, name, sig, runtime, variant, artifact, serving, model)
-            files = file_records(model_dir)
-            vr.bytes = sum(f["bytes"] for f in files if f["path"].startswith("1/") and not f["path"].endswith(".py"))
-            entries[name] = {
-                "role": "variant", "model": model.name, "part": part.suffix, "task": model.task,
-                "format": variant.format, "precision": variant.precision, "calibration": variant.calibration,
-                "status": status, "source": loaded.description, "signature": sig.to_dict(), "files": files,
-                "verification": check, "reference": "reference.npz", "command": command,
-                "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.time() - t0, 2),
-            }
-            if (model_dir / "1" / "model.plan.json").is_file():  # TensorRT version + GPU the engine needs
-                entries[name]["tensorrt"] = json.loads((model_dir / "1" / "model.plan.json").read_text())
-            if built.get(variant.tag, {}) is not None:
-                built.setdefault(variant.tag, {})[name] = (model_dir, entries[name])
-    if store is not None:
-        store_variants(store, keys, built, console)
+            elif built.get(variant.tag, {}) is not None:
+                built.setdefault(variant.tag, {})[job.name] = (job.model_dir, entry)
+    if ctx.store is not None:
+        store_variants(ctx.store, keys, built, console)
     if model.ensemble is not None:
         from builder.ensembles import build_ensembles
 
         with step("ensemble", where):
-            ensembles = build_ensembles(model, loaded, tokenizer, entries, stage, runtime, serving, console)
+            ensembles = build_ensembles(model, loaded, tokenizer, entries, ctx.stage, ctx.runtime, serving, console)
         for name, entry in ensembles.items():
             if entry["role"] == "ensemble":
                 worst = entry["verification"].get("outputs", {}).values()
@@ -257,11 +274,58 @@ def build_model(spec: Spec, spec_path: Path, model: Model, runtime: str, stage: 
                     worst_cosine=min((o["cosine"] for o in worst if "cosine" in o), default=None),
                     worst_abs=max((o["max_abs"] for o in worst if "max_abs" in o), default=None),
                     message=entry["verification"].get("reason", ""), step="ensemble"))
-            if entry["status"] == "failed" and not keep_failed:
-                shutil.rmtree(stage / name, ignore_errors=True)
+            if entry["status"] == "failed" and not ctx.keep_failed:
+                shutil.rmtree(ctx.stage / name, ignore_errors=True)
                 continue
             entries[name] = entry
     return entries
+
+
+def build_variant(job: Job) -> dict | None:
+    """Export, verify, render and describe one variant; its result goes to job.ctx.result. Returns its
+    manifest entry, or None when nothing of it is to be installed."""
+    console, name = job.ctx.console, job.name
+    t0 = time.time()
+    console.print(f"  {name}: exporting")
+    doing = "export"
+    try:
+        job.version_dir.mkdir(parents=True, exist_ok=True)
+        artifact, command = make_artifact(job)
+        doing = "verify"
+        check = check_variant(job, artifact)
+    except Exception as exc:  # noqa: BLE001 - one variant's failure, unexpected ones too, is a result
+        if not isinstance(exc, RunError):
+            exc = unexpected(exc, f"models[{job.model.name}].variants[{job.variant.tag}] {doing}")
+        shutil.rmtree(job.model_dir, ignore_errors=True)
+        job.ctx.result.results.append(VariantResult(name, job.model.name, job.variant.tag, "error", time.time() - t0,
+                                                    message=str(exc), step=doing))
+        console.print(f"  [red]{name}: {escape(str(exc))}[/]")
+        return None
+    numbers = check["outputs"].values()
+    status = "passed" if check["passed"] else "failed"
+    lines = verify.failure_lines(check)
+    vr = VariantResult(name, job.model.name, job.variant.tag, status, time.time() - t0, 0,
+                       min((o["cosine"] for o in numbers), default=None),
+                       max((o["max_abs"] for o in numbers), default=None), "\n".join(lines), step="verify")
+    job.ctx.result.results.append(vr)
+    if status == "failed":
+        console.print(f"  [red]{name}: verification failed[/]\n    " + escape("\n    ".join(lines)))
+        if not job.ctx.keep_failed:
+            shutil.rmtree(job.model_dir, ignore_errors=True)
+            return None
+    with step("config", f"models[{job.model.name}].variants[{job.variant.tag}]"):
+        save_reference(job.model_dir / "reference.npz", job.samples[0], job.references[0])
+        write_config(job, artifact)
+    files = file_records(job.model_dir)
+    vr.bytes = sum(f["bytes"] for f in files if f["path"].startswith("1/") and not f["path"].endswith(".py"))
+    return {
+        "role": "variant", "model": job.model.name, "part": job.part.suffix, "task": job.model.task,
+        "format": job.variant.format, "precision": job.variant.precision, "calibration": job.variant.calibration,
+        "status": status, "source": job.source, "signature": job.sig.to_dict(), "files": files,
+        "verification": check, "reference": "reference.npz", "command": command,
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.time() - t0, 2),
+        **job.fmt.record(job, artifact),
+    }
 
 
 def cached_result(name: str, model: str, tag: str, entry: dict) -> VariantResult:
@@ -281,102 +345,48 @@ def store_variants(store, keys: dict[str, str], built: dict, console: Console) -
                 console.print(f"  [yellow]cache: could not store {tag} in {escape(str(store.root))}: {escape(str(exc))}[/]")
 
 
-def make_artifact(variant: Variant, part: Part, example: tuple, fp32_onnx: Path, version_dir: Path,
-                  calibration, spec_path: Path, model: Model, max_batch_size: int = 0) -> tuple[Path, str]:
-    from builder.convert import torch2exported, torch2onnx
+def make_artifact(job: Job) -> tuple[Path, str]:
+    """The variant's artifact under job.version_dir, and the command that reproduces it (its format's
+    conversion)."""
+    return job.fmt.export(job)
 
-    rebuild = shlex.join(["triton-builder", "build", str(spec_path), "--model", model.name])
-    version_dir.mkdir(parents=True, exist_ok=True)
-    if variant.format == "torch":
-        dst = version_dir / "model.pt2"
-        torch2exported.export(part, example, dst, variant.precision)
-        return dst, rebuild
-    if not fp32_onnx.exists():
-        torch2onnx.export(part, example, fp32_onnx)
-    dst = version_dir / "model.onnx"
-    if variant.format == "tensorrt":
-        from builder.convert import onnx2trt
 
-        shapes = onnx2trt.profile_shapes(part.inputs, max_batch_size, part.batch_in_dims)
-        record = onnx2trt.build_engine(fp32_onnx, version_dir / "model.plan", variant.precision, shapes)
-        return version_dir / "model.plan", shlex.join(record["command"])
-    if variant.precision == "fp32":
-        for f in fp32_onnx.parent.glob("model.onnx*"):
-            shutil.copy2(f, version_dir / f.name)
-        return dst, rebuild
-    module = convert.ONNX_PRECISIONS[variant.precision]
-    import importlib
-
-    conv = importlib.import_module(module)
+def check_variant(job: Job, artifact: Path) -> dict:
+    """Every output of the artifact against the fp32 PyTorch references, on every sample."""
+    tol = job.variant.effective_tolerance
+    if job.fmt.runner is None:  # a render-only target: nothing here can run it
+        return {"passed": True, "verified": False, "tolerance": tol.model_dump(), "samples": 0, "outputs": {}}
+    console = job.ctx.console
+    console.print(f"  {job.name}: verifying against fp32 PyTorch on {len(job.samples)} batches")
     try:
-        if variant.precision == "int8":
-            conv.convert(fp32_onnx, dst, variant.calibration, calibration() if variant.calibration == "static" else None)
-        else:
-            conv.convert(fp32_onnx, dst)
-    except Exception as exc:
-        raise RunError(f"{module.rsplit('.', 1)[1]} failed: {root_reason(exc)}") from exc
-    if variant.calibration == "static":  # its calibration inputs come from the spec's model: rebuild through it
-        return dst, rebuild
-    extra = ["--calibration", "dynamic"] if variant.precision == "int8" else []
-    return dst, f"{rebuild}  # fp32 export, then: {convert.command(module, fp32_onnx.name, dst.name, *extra)}"
-
-
-def check_variant(variant: Variant, artifact: Path, part: Part, samples, references, device: str = "cpu") -> dict:
-    tol = variant.effective_tolerance
-    names = [t.name for t in part.inputs]
-    try:
-        if variant.format == "torch":
-            run = verify.TorchRunner(artifact, names, list(part.outputs), variant.precision, device)
-        elif variant.format == "tensorrt":
-            from builder.convert import onnx2trt
-
-            run = lambda feeds: onnx2trt.run_engine(artifact, feeds)  # noqa: E731 - trtexec, where it built
-        else:
-            run = verify.OnnxRunner(artifact)
+        run = job.fmt.runner(artifact, job.sig, job.variant.precision, job.serving["instances"].kind)
         checks = []
-        for feeds, ref in zip(samples, references):
+        for feeds, ref in zip(job.samples, job.references):
             got = run(feeds)
             mask = feeds.get("attention_mask")
-            checks.append([verify.compare(n, got[n], ref[n], tol, mask) for n in part.outputs])
+            checks.append([verify.compare(n, got[n], ref[n], tol, mask) for n in job.part.outputs])
     except Exception as exc:
         raise RunError(f"running the artifact failed: {root_reason(exc)}") from exc
     return verify.summarize(checks, tol)
 
 
-def write_config(model_dir: Path, name: str, sig: Signature, runtime: str, variant: Variant, artifact: Path,
-                 serving: dict, model: Model) -> None:
-    native = runtime == "native" and variant.format in ("onnx", "tensorrt")
+def write_config(job: Job, artifact: Path) -> None:
+    """config.pbtxt (and the python-backend runner with its parameters, where the format is served by it)."""
+    fmt, serving = job.fmt, job.serving
+    if fmt.render(job, artifact):  # a format with its own config and files
+        return
+    backend = fmt.backend(job.runtime)
     parameters = {}
-    if not native:
-        shutil.copy2(RUNNER, model_dir / "1" / "model.py")
-        parameters = {"runner": "torch" if variant.format == "torch" else "onnx", "artifact": artifact.name,
-                      "precision": variant.precision, "device": serving["instances"].kind,
-                      "threads": str(serving["instances"].threads)}
-        if variant.format == "torch":
-            parameters.update(torch_parameters(variant, sig, serving, model))
-        parameters["input_limits"] = input_limits(sig)  # the runner refuses requests outside them
-    warmup = warmup_files(sig, 1, model_dir) if serving["warmup"] else []
-    text = model_config(name, sig, runtime=runtime, fmt=variant.format, serving=serving, parameters=parameters,
-                        warmup=warmup)
-    (model_dir / "config.pbtxt").write_text(text)
-
-
-def torch_parameters(variant: Variant, sig: Signature, serving: dict, model: Model) -> dict:
-    """Runner settings of a torch variant: which tensors carry the sequence axis, graph buckets, compile."""
-    from builder.families import TOKEN_KINDS
-
-    seq_inputs = [t.name for t in sig.inputs if t.kind in TOKEN_KINDS]
-    seq_outputs = [t.name for t in sig.outputs if seq_inputs and sig.max_batch_size > 0 and t.dims[:1] == (-1,)]
-    params = {"seq_inputs": ",".join(seq_inputs), "seq_outputs": ",".join(seq_outputs), "compile": variant.compile,
-              "cuda_graphs": "1" if variant.cuda_graphs else "0"}
-    if variant.cuda_graphs:
-        mbs = max(sig.max_batch_size, 1)
-        db = serving["dynamic_batching"]
-        buckets = {1, mbs} | {2 ** i for i in range(12) if 2 ** i < mbs} | set(db.preferred_batch_sizes if db else [])
-        params["batch_buckets"] = ",".join(str(b) for b in sorted(buckets))
-        params["seq_buckets"] = ",".join(str(b) for b in model.shapes.buckets()) if seq_inputs else ""
-        params["example_shapes"] = json.dumps({t.name: [list(t.dims), t.dtype] for t in sig.inputs})
-    return params
+    if backend["backend"] == "python":
+        shutil.copy2(RUNNER, job.version_dir / "model.py")
+        parameters = {"runner": fmt.python_runner, "artifact": artifact.name, "precision": job.variant.precision,
+                      "device": serving["instances"].kind, "threads": str(serving["instances"].threads),
+                      **fmt.parameters(job, artifact)}
+        parameters["input_limits"] = input_limits(job.sig)  # the runner refuses requests outside them
+    warmup = warmup_files(job.sig, 1, job.model_dir) if serving["warmup"] else []
+    text = model_config(job.name, job.sig, runtime=job.runtime, fmt=job.variant.format, serving=serving,
+                        parameters=parameters, warmup=warmup)
+    (job.model_dir / "config.pbtxt").write_text(text)
 
 
 def with_batch_dim(part: Part, max_batch_size: int) -> Part:

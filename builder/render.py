@@ -54,12 +54,13 @@ def render_template(template: str, where: str, **values) -> str:
 
 
 def backend_of(runtime: str, fmt: str) -> dict:
-    """Which Triton backend serves a variant, and the settings it needs."""
-    if runtime == "native" and fmt == "onnx":
-        return dict(platform="onnxruntime_onnx", backend="onnxruntime", default_model_filename="model.onnx")
-    if runtime == "native" and fmt == "tensorrt":
-        return dict(platform="tensorrt_plan", backend="tensorrt", default_model_filename="model.plan")
-    return dict(platform="", backend="python", default_model_filename="")
+    """Which Triton backend serves a variant of format `fmt` (its record, builder.formats, says), and the
+    settings it needs; `python` for the python-backend pre/post models."""
+    if fmt == "python":
+        return dict(platform="", backend="python", default_model_filename="")
+    from builder import formats
+
+    return formats.get(fmt).backend(runtime)
 
 
 def input_limits(sig: Signature) -> str:

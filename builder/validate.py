@@ -77,55 +77,29 @@ def check_artifacts(model_dir: Path, cfg) -> list[str]:
     versions = [p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
     if not versions:
         return [f"{model_dir.name}: no version directory (e.g. {model_dir.name}/1/)"]
+    from builder import formats
+
+    native = formats.for_backend(cfg.backend, cfg.platform)
     for v in versions:
+        if native is not None:  # served by its own Triton backend: the file it loads, checked by its format
+            path = v / (cfg.default_model_filename or native.native["default_model_filename"])
+            if not path.is_file():
+                problems.append(f"{model_dir.name}/{v.name}: {path.name} is missing")
+            else:
+                problems += native.check(path, cfg, model_dir.name)
+            continue
         if cfg.backend == "python":
             if not (v / "model.py").is_file():
                 problems.append(f"{model_dir.name}/{v.name}: python backend needs model.py")
             artifact = params.get("artifact")
             if artifact and not (v / artifact).is_file():
                 problems.append(f"{model_dir.name}/{v.name}: artifact {artifact} (parameters.artifact) is missing")
-            if artifact and artifact.endswith(".onnx") and (v / artifact).is_file():
-                problems += check_onnx_io(v / artifact, cfg, model_dir.name)
-        elif cfg.backend == "onnxruntime" or cfg.platform == "onnxruntime_onnx":
-            path = v / (cfg.default_model_filename or "model.onnx")
-            if not path.is_file():
-                problems.append(f"{model_dir.name}/{v.name}: {path.name} is missing")
-            else:
-                problems += check_onnx_io(path, cfg, model_dir.name)
-        elif cfg.backend == "tensorrt" or cfg.platform == "tensorrt_plan":
-            if not (v / (cfg.default_model_filename or "model.plan")).is_file():
-                problems.append(f"{model_dir.name}/{v.name}: model.plan is missing")
+            fmt = formats.for_artifact(artifact) if artifact else None
+            if fmt is not None and (v / artifact).is_file():
+                problems += fmt.check(v / artifact, cfg, model_dir.name)
     for w in cfg.model_warmup:
         for key, inp in w.inputs.items():
             if inp.input_data_file and not (model_dir / "warmup" / inp.input_data_file).is_file():
                 problems.append(f"{model_dir.name}: warmup file warmup/{inp.input_data_file} for {key} is missing")
     return problems
 
-
-ONNX_TO_TRITON = {1: "TYPE_FP32", 10: "TYPE_FP16", 7: "TYPE_INT64", 6: "TYPE_INT32", 9: "TYPE_BOOL", 2: "TYPE_UINT8",
-                  3: "TYPE_INT8", 11: "TYPE_FP64", 16: "TYPE_BF16", 8: "TYPE_STRING"}
-
-
-def check_onnx_io(path: Path, cfg, name: str) -> list[str]:
-    """The ONNX graph's inputs/outputs against the config: names, dtypes and ranks."""
-    import onnx
-    from tritonclient.grpc import model_config_pb2
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    batch = 1 if cfg.max_batch_size > 0 else 0
-    problems = []
-    for kind, declared, actual in (("input", cfg.input, graph.input), ("output", cfg.output, graph.output)):
-        found = {v.name: v for v in actual}
-        for t in declared:
-            v = found.get(t.name)
-            if v is None:
-                problems.append(f"{name}: {kind} {t.name} is not in {path.name} (it has {', '.join(found)})")
-                continue
-            want = model_config_pb2.DataType.Name(t.data_type)
-            got = ONNX_TO_TRITON.get(v.type.tensor_type.elem_type, "?")
-            if want != got:
-                problems.append(f"{name}: {kind} {t.name} is {want} in config.pbtxt but {got} in {path.name}")
-            rank = len(v.type.tensor_type.shape.dim)
-            if rank != len(t.dims) + batch:
-                problems.append(f"{name}: {kind} {t.name} has rank {len(t.dims) + batch} in config.pbtxt but {rank} in {path.name}")
-    return problems

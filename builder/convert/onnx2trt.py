@@ -30,7 +30,7 @@ DEFAULT_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
 IMAGE_TENSORRT = {"24.08": "10.3.0", "24.09": "10.4.0", "24.10": "10.5.0", "24.11": "10.6.0", "24.12": "10.7.0",
                   "25.01": "10.8.0", "25.02": "10.8.0"}
 TRTEXEC_IN_IMAGE = "/usr/src/tensorrt/bin/trtexec"
-FLAGS = {"fp32": [], "fp16": ["--fp16"], "bf16": ["--bf16"], "int8": ["--int8", "--fp16"], "int4": []}
+FLAGS = {"fp32": [], "fp16": ["--fp16"], "bf16": ["--bf16"], "int8": ["--int8", "--fp16"]}  # int4: refused by the spec
 WORK = "/work"  # where the build folder is mounted in the container
 
 
