@@ -82,11 +82,11 @@ def check_artifacts(model_dir: Path, cfg) -> list[str]:
     native = formats.for_backend(cfg.backend, cfg.platform)
     for v in versions:
         if native is not None:  # served by its own Triton backend: the file it loads, checked by its format
-            path = v / (cfg.default_model_filename or native.native["default_model_filename"])
-            if not path.is_file():
-                problems.append(f"{model_dir.name}/{v.name}: {path.name} is missing")
-            else:
-                problems += native.check(path, cfg, model_dir.name)
+            filename = cfg.default_model_filename or native.native.get("default_model_filename")
+            if filename and not (v / filename).is_file():
+                problems.append(f"{model_dir.name}/{v.name}: {filename} is missing")
+            else:  # a format whose backend reads a folder (an LLM engine set) checks the version folder
+                problems += native.check(v / filename if filename else v, cfg, model_dir.name)
             continue
         if cfg.backend == "python":
             if not (v / "model.py").is_file():
