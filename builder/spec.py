@@ -18,7 +18,8 @@ TASKS = (
     "zero-shot-image-classification",
     "text-generation",
 )
-FORMATS = ("onnx", "tensorrt", "torch")
+FORMATS = ("onnx", "tensorrt", "torch", "tensorrt-llm", "vllm")
+LLM_FORMATS = ("tensorrt-llm", "vllm")  # render-only targets of text-generation models with a generation block
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 RUNTIMES = ("python", "native")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -79,11 +80,11 @@ SERVING_DEFAULTS = dict(max_batch_size=8, dynamic_batching=DynamicBatching(), in
 class Source(Strict):
     """Exactly one of the fields."""
 
-    path: str | None = None  # a local Hugging Face directory (relative to the spec file)
+    path: str | None = None  # a local Hugging Face directory or a .gguf file (relative to the spec file)
     hf: str | None = None  # a hub id (needs internet)
     config: dict[str, Any] | None = None  # an inline transformers config: random init
     factory: str | None = None  # module:function returning (nn.Module, example inputs)
-    package: str | None = None  # a directory inside an installed Python package: "pkg/sub/dir"
+    package: str | None = None  # a directory or .gguf file inside an installed Python package: "pkg/sub/dir"
     revision: str | None = None  # with hf: a branch, tag or commit
 
     @model_validator(mode="after")
@@ -140,6 +141,11 @@ class Variant(Strict):
 
     @model_validator(mode="after")
     def _combination(self) -> "Variant":
+        if self.format in LLM_FORMATS:
+            if self.calibration != "dynamic" or self.cuda_graphs or self.compile != "none":
+                raise ValueError(f"format {self.format} takes precision (and tolerance) only; remove calibration, "
+                                 "cuda_graphs and compile")
+            return self
         if (self.cuda_graphs or self.compile != "none") and self.format != "torch":
             raise ValueError("cuda_graphs and compile apply to format torch only")
         if self.calibration == "static" and self.precision != "int8":
@@ -175,6 +181,28 @@ class Ensemble(Strict):
     top_k: int = Field(5, ge=1)  # classifiers: how many labels come back
 
 
+class Generation(Strict):
+    """Text generation served from a KV cache: the limits every runtime (ours, TensorRT-LLM, vLLM) is sized by."""
+
+    max_sequences: int = Field(8, ge=1, le=4096)  # sequences decoded together (KV-cache slots); more wait in a queue
+    max_prompt_tokens: int = Field(512, ge=1)  # longest prompt accepted, in tokens
+    max_total_tokens: int = Field(1024, ge=2)  # prompt + generated tokens of one sequence (the cache length)
+    max_tokens: int = Field(128, ge=1)  # new tokens when a request gives no max_tokens
+    prefill_chunk: int = Field(128, ge=1)  # prompt tokens run per step, so a long prompt does not stall the others
+    gpu_memory_fraction: float = Field(0.9, gt=0, le=1)  # TensorRT-LLM / vLLM: share of free GPU memory for the cache
+    tensor_parallel: int = Field(1, ge=1)  # TensorRT-LLM / vLLM: GPUs one model is split over
+    pipeline_parallel: int = Field(1, ge=1)  # TensorRT-LLM: pipeline stages
+
+    @model_validator(mode="after")
+    def _limits(self) -> "Generation":
+        if self.max_prompt_tokens >= self.max_total_tokens:
+            raise ValueError(f"max_prompt_tokens ({self.max_prompt_tokens}) must be below max_total_tokens "
+                             f"({self.max_total_tokens}) to leave room for generated tokens")
+        if self.max_tokens > self.max_total_tokens - 1:
+            raise ValueError(f"max_tokens ({self.max_tokens}) must be below max_total_tokens ({self.max_total_tokens})")
+        return self
+
+
 class Model(Serving):
     name: str
     task: Literal[TASKS]  # type: ignore[valid-type]
@@ -184,6 +212,7 @@ class Model(Serving):
     labels: list[str] | None = None  # class names; default: the model config's id2label
     outputs: list[str] | None = None  # serve only these of the task's outputs (e.g. [sentence_embedding])
     ensemble: Ensemble | None = None
+    generation: Generation | None = None  # text-generation: serve text in / text out from a KV cache
 
     @field_validator("name")
     @classmethod
@@ -202,7 +231,18 @@ class Model(Serving):
             raise ValueError(f"ensemble.variant {self.ensemble.variant!r} is not one of this model's variants "
                              f"({', '.join(tags)})")
         if self.ensemble and self.task == "text-generation":
-            raise ValueError("ensemble for text-generation is not supported yet (it comes with LLM serving)")
+            raise ValueError("ensemble does not apply to text-generation; a generation: block serves text in / "
+                             "text out (tokenizer included) as one model")
+        if self.generation is not None and self.task != "text-generation":
+            raise ValueError(f"generation applies to task text-generation only (this model's task is {self.task})")
+        llm = [v.tag for v in self.variants if v.format in LLM_FORMATS]
+        if llm and self.generation is None:
+            raise ValueError(f"variant {llm[0]} needs a generation: block (max_sequences, max_prompt_tokens, ...)")
+        if self.generation is not None:
+            other = [v.tag for v in self.variants if v.format not in ("torch", *LLM_FORMATS)]
+            if other:
+                raise ValueError(f"variant {other[0]}: a generation model is served as format torch, tensorrt-llm "
+                                 "or vllm; remove it or drop the generation: block for logits-only exports")
         return self
 
 
@@ -304,9 +344,9 @@ def load_spec(path: Path | str) -> Spec:
             raise UserError(f"{path}: {exc}") from None
         if model.source.path is not None:
             local = (path.parent / model.source.path).resolve()
-            if not local.is_dir():
-                raise UserError(f"{path}: models[{model.name}].source.path: {local} is not a directory; "
-                                "give a local Hugging Face model directory (relative to the spec file)")
+            if not (local.is_dir() or (local.is_file() and local.suffix == ".gguf")):
+                raise UserError(f"{path}: models[{model.name}].source.path: {local} is not a directory or a .gguf "
+                                "file; give a local Hugging Face model directory or a GGUF file (relative to the spec file)")
     return spec
 
 
@@ -323,7 +363,7 @@ def resolve_source_path(spec_path: Path, source: Source) -> Path | None:
             raise UserError(f"source.package: Python package {pkg!r} is not installed; pip install it "
                             f"(e.g. pip install {pkg.replace('_', '-')})")
         root = Path(list(found.submodule_search_locations)[0]) / sub
-        if not root.is_dir():
-            raise UserError(f"source.package: {root} is not a directory inside {pkg}")
+        if not (root.is_dir() or (root.is_file() and root.suffix == ".gguf")):
+            raise UserError(f"source.package: {root} is not a directory or a .gguf file inside {pkg}")
         return root
     return None
