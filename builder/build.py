@@ -120,8 +120,11 @@ def build(spec_path: Path, out: Path, *, runtime: str | None = None, only: list[
             t0 = time.time()
             console.print(f"[bold]{model.name}[/] ({model.task})")
             try:
-                entries = build_model(spec, Path(spec_path), model, runtime, stage, result, keep_failed, console,
-                                      store, manifest["tool_versions"])
+                if model.generation is not None:
+                    entries = build_generator(spec, Path(spec_path), model, stage, result, console)
+                else:
+                    entries = build_model(spec, Path(spec_path), model, runtime, stage, result, keep_failed, console,
+                                          store, manifest["tool_versions"])
             except BuilderError as exc:
                 if not keep_going:
                     raise type(exc)(f"models[{model.name}]: {exc}") from exc
@@ -249,6 +252,20 @@ def build_model(spec: Spec, spec_path: Path, model: Model, runtime: str, stage: 
                 shutil.rmtree(stage / name, ignore_errors=True)
                 continue
             entries[name] = entry
+    return entries
+
+
+def build_generator(spec: Spec, spec_path: Path, model: Model, stage: Path, result: BuildResult,
+                    console: Console) -> dict[str, dict]:
+    """A text-generation model with a generation: block (builder/generation): its variants and results."""
+    from builder.generation import build_generation
+
+    entries, outcomes = build_generation(spec, spec_path, model, stage, console)
+    for o in outcomes:
+        name = o.get("name", f"{model.name}_{o['variant']}")
+        size = sum(f["bytes"] for f in entries[name]["files"] if f["path"].startswith("1/")) if name in entries else 0
+        result.results.append(VariantResult(name, model.name, o["variant"], o["status"], o.get("seconds", 0.0), size,
+                                            o.get("cosine"), None, o["message"], step=o["step"]))
     return entries
 
 
