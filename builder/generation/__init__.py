@@ -70,7 +70,7 @@ def load(spec_path: Path, model) -> Source:
 
     from builder.spec import resolve_source_path
 
-    src, where = model.source, f"models[{model.name}].source"
+    src, where = model.source, "source"  # the build prefixes models[name]
     if src.config is not None or src.factory is not None:
         raise UserError(f"{where}: generation needs a tokenizer; give path, hf or package (a model directory or "
                         "a .gguf file with its tokenizer), or drop the generation: block to export logits only")
@@ -194,15 +194,14 @@ def build_generation(spec, spec_path: Path, model, stage: Path, console) -> tupl
     gen = model.generation
     console.print(f"  loading {model.source.kind} source")
     src = load(spec_path, model)
-    where = f"models[{model.name}]"
-    config, weights = hf2decoder.convert(src.module, where, src.eos)
+    config, weights = hf2decoder.convert(src.module, src.eos)
     limit = getattr(src.module.config, "max_position_embeddings", None)
     if limit and gen.max_total_tokens > limit:
-        raise UserError(f"{where}.generation.max_total_tokens: {gen.max_total_tokens} is above the model's "
+        raise UserError(f"generation.max_total_tokens: {gen.max_total_tokens} is above the model's "
                         f"max_position_embeddings ({limit}); lower it")
     window = hf2decoder.window_limit(src.module)
     if window and gen.max_total_tokens > window:
-        raise UserError(f"{where}.generation.max_total_tokens: {gen.max_total_tokens} is above the model's sliding "
+        raise UserError(f"generation.max_total_tokens: {gen.max_total_tokens} is above the model's sliding "
                         f"window ({window}); lower it to {window} or less")
     samples = prompts(src.tokenizer)
     prompt_ids = [ids for _, _, ids in samples]

@@ -26,22 +26,20 @@ def supported() -> str:
     return ", ".join(ARCHITECTURES)
 
 
-def convert(model, where: str, eos_token_ids: tuple[int, ...]) -> tuple[DecoderConfig, dict]:
+def convert(model, eos_token_ids: tuple[int, ...]) -> tuple[DecoderConfig, dict]:
     """(config, weights in fp32) of a loaded transformers *ForCausalLM; UserError for what is not supported."""
     import torch
 
     cfg = model.config
     kind = cfg.model_type
     if kind not in ARCHITECTURES:
-        raise UserError(f"{where}: model_type {kind!r} is not supported for generation yet; supported: {supported()} "
+        raise UserError(f"model_type {kind!r} is not supported for generation yet; supported: {supported()} "
                         "(or drop the generation: block to export logits only)")
     rope = (getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
     rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
     if rope_type not in STATIC_ROPE:
-        raise UserError(f"{where}: rope type {rope_type!r} depends on the sequence length; supported: "
+        raise UserError(f"rope type {rope_type!r} depends on the sequence length; supported: "
                         f"{', '.join(STATIC_ROPE)}")
-    if kind == "mistral" and getattr(cfg, "sliding_window", None):
-        pass  # checked against max_total_tokens by the caller (window_limit)
     extra = ARCHITECTURES[kind]
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     inner = model.model
@@ -88,7 +86,7 @@ def convert(model, where: str, eos_token_ids: tuple[int, ...]) -> tuple[DecoderC
     from builder.generation.decoder import ACTIVATIONS
 
     if act not in ACTIVATIONS:
-        raise UserError(f"{where}: activation {act!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
+        raise UserError(f"activation {act!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
     return config, {k: v.contiguous() for k, v in weights.items()}
 
 
