@@ -111,11 +111,14 @@ def serve(
     gpus: bool = typer.Option(False, help="Request GPUs (docker runtime)."),
     check: bool = typer.Option(True, help="Send one request to every model after start-up and compare with the build."),
     once: bool = typer.Option(False, help="Stop right after the self-check (for scripts and CI)."),
+    openai_port: Optional[int] = typer.Option(None, help="Also serve an OpenAI-compatible API (/v1/completions, "
+                                                         "/v1/chat/completions) for text-generation models on this port."),
 ) -> None:
     """Start Triton on a repository, wait until every model is READY, self-check, serve until Ctrl-C."""
     import signal
     import threading
 
+    from builder.errors import UserError
     from builder.runtime import DEFAULT_IMAGE, self_check, start_server
     from builder.validate import validate_repository
 
@@ -138,9 +141,20 @@ def serve(
             if check:
                 results = self_check(server, repo)
                 err.print(f"[green]self-check passed[/]: {sum(r.ok for r in results)} models answered as built")
+            front = None
+            if openai_port is not None:
+                from builder.generation.openai_front import start_front
+
+                try:
+                    front = start_front(repo, server.http_url, openai_port, host)
+                except OSError as exc:
+                    raise UserError(f"--openai-port {openai_port}: {exc.strerror}; choose a free port") from None
+                err.print(f"  OpenAI  http://{host}:{front.server_port}/v1")
             if not once:
                 err.print("serving; Ctrl-C stops")
                 stop.wait()
+            if front is not None:
+                front.shutdown()
             err.print("stopping")
     except BuilderError as exc:
         _fail(exc)

@@ -27,7 +27,11 @@ ARCHS = {
 }
 
 
-def make_tokenizer(path: Path):
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+
+
+def make_tokenizer(path: Path, chat: bool = False):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -38,17 +42,19 @@ def make_tokenizer(path: Path):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")  # no pad token
+    if chat:
+        fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(path)
     return fast
 
 
-def make_model_dir(path: Path, arch: str = "llama", seed: int = 0) -> Path:
+def make_model_dir(path: Path, arch: str = "llama", seed: int = 0, chat: bool = False) -> Path:
     """A saved tiny model of `arch` with its tokenizer; returns the directory."""
     import torch
     import transformers
 
     path.mkdir(parents=True, exist_ok=True)
-    tok = make_tokenizer(path)
+    tok = make_tokenizer(path, chat)
     settings = dict(ARCHS[arch])
     kind = settings.pop("model_type")
     config = transformers.AutoConfig.for_model(kind, vocab_size=len(tok), max_position_embeddings=512,

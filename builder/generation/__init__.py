@@ -287,7 +287,7 @@ def write_config(model_dir: Path, name: str, serving: dict, parameters: dict) ->
 
     text = render_template(
         "generation.pbtxt.j2", f"{name}/config.pbtxt", name=name,
-        inputs=[{"name": n, "type": t, "dims": 1, "optional": o} for n, t, o in INPUTS],
+        inputs=[{"name": n, "type": t, "dims": -1 if n == "stop" else 1, "optional": o} for n, t, o in INPUTS],
         outputs=[{"name": n, "type": t, "dims": 1} for n, t in OUTPUTS],
         instance_kind="KIND_GPU" if serving["instances"].kind == "gpu" else "KIND_CPU",
         instance_count=serving["instances"].count, parameters=parameters)
