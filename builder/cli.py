@@ -171,8 +171,11 @@ def perf(
     measurement_ms: int = typer.Option(2000, help="perf_analyzer measurement window (-p)."),
     batch_size: int = typer.Option(1, help="Batch size of each request (-b)."),
     perf_analyzer: Optional[Path] = typer.Option(None, help="perf_analyzer binary (default: PATH, then the tritonclient wheel's)."),
+    prompt_tokens: int = typer.Option(32, help="Text generation: tokens of the synthetic prompt."),
+    output_tokens: int = typer.Option(64, help="Text generation: tokens generated per request (forced)."),
 ) -> None:
-    """Measure every variant with perf_analyzer at each concurrency; write a tidy results table."""
+    """Measure every variant with perf_analyzer at each concurrency; write a tidy results table.
+    Text-generation models get TTFT, inter-token latency and tokens/s (perf_analyzer --streaming)."""
     from builder.errors import UserError
     from builder.perf import run_perf
 
@@ -188,7 +191,8 @@ def perf(
     try:
         with _interruptible("perf stopped; what was measured is kept, marked incomplete"):
             results = run_perf(repo, server=server, models=model, concurrency=levels, out=out, protocol=protocol,
-                               measurement_ms=measurement_ms, batch_size=batch_size, perf_analyzer=perf_analyzer)
+                               measurement_ms=measurement_ms, batch_size=batch_size, perf_analyzer=perf_analyzer,
+                               prompt_tokens=prompt_tokens, output_tokens=output_tokens)
     except BuilderError as exc:
         _fail(exc)
     err.print(f"results: {results}")

@@ -147,3 +147,24 @@ def test_openai_front_with_the_openai_client(served):
             client.completions.create(model="nope", prompt="Hi")
     finally:
         front.shutdown()
+
+
+def test_perf_measures_ttft_itl_and_tokens_with_perf_analyzer_streaming(served, tmp_path):
+    import pandas as pd
+
+    from builder.perf import run_perf, write_report
+
+    server, repo = served
+    results = run_perf(repo, server=server, concurrency=[1, 2], out=tmp_path / "res", prompt_tokens=12, output_tokens=20)
+    table = pd.read_csv(results / "llm.csv")
+    assert list(table["status"]) == ["ok", "ok"] and list(table["concurrency"]) == [1, 2]
+    assert (table["requests"] == 4).all() and (table["output_tokens"] == 20).all()
+    assert (table["ttft_p50_ms"] > 0).all() and (table["itl_p50_ms"] > 0).all()
+    assert (table["itl_p99_ms"] >= table["itl_p50_ms"]).all()
+    # every request of the export produced exactly the forced 20 tokens
+    import json
+
+    export = json.loads((results / "raw" / "tiny" / "c2.json").read_text())
+    assert [r["response_outputs"][-1]["num_output_tokens"] for r in export["experiments"][0]["requests"]] == [20] * 4
+    report = write_report(results).read_text()
+    assert "| tiny | 2 |" in report and (results / "llm_ttft.png").is_file()

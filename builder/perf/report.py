@@ -333,6 +333,8 @@ def write_report(results_dir: Path, *, latency_budget_ms: float | None = None, a
     variant is the baseline (default: onnx fp32, else torch fp32).
     """
     results_dir = Path(results_dir)
+    if (results_dir / "llm.csv").is_file() and not (results_dir / "results.csv").is_file():
+        return write_generation_report(results_dir)
     if latency_budget_ms is not None and latency_budget_ms <= 0:
         raise UserError(f"latency budget {latency_budget_ms} ms must be positive")
     if accuracy_budget is not None and not -1 <= accuracy_budget <= 1:
@@ -383,4 +385,23 @@ def write_report(results_dir: Path, *, latency_budget_ms: float | None = None, a
                                 baseline=baseline, breakdown_concurrency=breakdown_concurrency)
     path = results_dir / REPORT
     path.write_text("\n".join(lines).rstrip() + "\n")
+    return path
+
+
+def write_generation_report(results_dir: Path) -> Path:
+    """report.md for a text-generation run (llm.csv): TTFT / ITL / tokens/s table and plots."""
+    import json
+
+    from builder.perf.llm import write_llm_report
+
+    frame = pd.read_csv(results_dir / "llm.csv")
+    if frame.empty:
+        raise UserError(f"{results_dir}: llm.csv has no rows")
+    manifest = json.loads((results_dir / "manifest.json").read_text()) if (results_dir / "manifest.json").is_file() else {}
+    machine = manifest.get("machine", {})
+    lines = [f"# Performance report: run {manifest.get('run', results_dir.name)}", "",
+             f"Machine: {machine.get('cpu', machine) if machine else 'unknown'}.", ""]
+    lines += write_llm_report(results_dir, frame)
+    path = results_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
     return path

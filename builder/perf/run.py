@@ -150,7 +150,8 @@ def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concur
              stability_pct: float = 25.0, max_trials: int = 10, batch_size: int = 1, max_attempts: int = 3,
              percentile: int | None = None,
              relaxed_stability_pct: float | None = 100.0, input_entries: int = 4,
-             perf_analyzer: Path | None = None, runtime: str = "local", console: Console | None = None) -> Path:
+             perf_analyzer: Path | None = None, runtime: str = "local", console: Console | None = None,
+             prompt_tokens: int = 32, output_tokens: int = 64) -> Path:
     """Measure the repository's variants at each concurrency level and return the results directory.
 
     `server`: a running server (anything with `grpc_url` / `http_url`); when None one is started on
@@ -172,6 +173,16 @@ def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concur
 
         validate_repository(repo)
     variants = select_variants(build, models)
+    generators = {n: e for n, e in variants.items() if "generation" in e}
+    if generators:  # text generation is measured as LLM servers are: TTFT, ITL, tokens/s (builder/perf/llm.py)
+        if len(generators) != len(variants):
+            raise UserError(f"text-generation models ({', '.join(generators)}) are measured apart from the others; "
+                            "pick them, or the others, with --model")
+        from builder.perf.llm import measure_generators
+
+        return measure_generators(repo, generators, server=server, concurrency=levels, out=out,
+                                  prompt_tokens=prompt_tokens, output_tokens=output_tokens,
+                                  perf_analyzer=perf_analyzer, console=console)
     signatures = {}
     for name, entry in variants.items():
         if "signature" not in entry:
