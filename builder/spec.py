@@ -138,9 +138,14 @@ class Variant(Strict):
     # torch on GPU: replay captured CUDA graphs per (batch, sequence) bucket, inputs padded to the bucket
     cuda_graphs: bool = False
     compile: Literal["none", "inductor"] = "none"  # torch: torch.compile the program when the model loads
+    # tensorrt-llm: llmapi (LLM() from model.yaml, the current path) or engine (trtllm-build + the
+    # inflight_batcher_llm model set, for TensorRT-LLM <= 1.2)
+    flow: Literal["llmapi", "engine"] = "llmapi"
 
     @model_validator(mode="after")
     def _combination(self) -> "Variant":
+        if self.flow != "llmapi" and self.format != "tensorrt-llm":
+            raise ValueError("flow applies to format tensorrt-llm only; remove it")
         if self.format in LLM_FORMATS:
             if self.calibration != "dynamic" or self.cuda_graphs or self.compile != "none":
                 raise ValueError(f"format {self.format} takes precision (and tolerance) only; remove calibration, "
@@ -162,6 +167,7 @@ class Variant(Strict):
         suffix = "_static" if self.calibration == "static" else ""
         suffix += "_inductor" if self.compile == "inductor" else ""
         suffix += "_graphs" if self.cuda_graphs else ""
+        suffix += "_engine" if self.flow == "engine" else ""
         return f"{self.format}_{self.precision}{suffix}"
 
     @property

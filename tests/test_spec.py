@@ -76,6 +76,8 @@ BAD_SPECS = {
     "generation_with_onnx": ("models:" + LLM_MODEL.replace("format: torch", "format: onnx") + "    generation: {}\n",
                              "models[0](lm): variant onnx_fp32: a generation model is served as format torch, "
                              "tensorrt-llm or vllm; remove it or drop the generation: block for logits-only exports"),
+    "flow_on_vllm": ("models:" + LLM_MODEL.replace("format: torch", "format: vllm, flow: engine") + "    generation: {}\n",
+                     "models[0](lm).variants[0]: flow applies to format tensorrt-llm only; remove it"),
     "config_without_type": ("models:" + GOOD_MODEL.replace("model_type: bert, ", ""),
                             "models[0](enc).source: config needs model_type (e.g. bert, clip, llama, vit)"),
 }
