@@ -177,3 +177,21 @@ def test_unsupported_architecture_is_refused_before_work(tmp_path):
     assert result.output.strip().splitlines()[-1] == (
         "error: models[tiny]: model_type 'gpt2' is not supported for generation yet; supported: "
         f"{hf2decoder.supported()} (or drop the generation: block to export logits only)")
+
+
+def test_one_spec_renders_our_endpoint_tensorrt_llm_and_vllm(tmp_path):
+    model_dir = make_model_dir(tmp_path / "m", "qwen2")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(spec_text(model_dir, variants="[{format: torch, precision: fp32}, {format: vllm, precision: bf16}, "
+                                                  "{format: tensorrt-llm, precision: bf16}]"))
+    out = tmp_path / "repo"
+    result = CliRunner().invoke(app, ["build", str(spec), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "triton-builder.json").read_text())["models"]
+    assert manifest["tiny"]["status"] == "passed"
+    assert {n: e["status"] for n, e in manifest.items() if n != "tiny"} == {
+        "tiny_vllm_bf16": "rendered", "tiny_tensorrt-llm_bf16": "rendered"}
+    engine_args = json.loads((out / "tiny_vllm_bf16" / "1" / "model.json").read_text())
+    assert engine_args["max_num_seqs"] == 2 and engine_args["max_model_len"] == 128 and engine_args["dtype"] == "bfloat16"
+    assert (out / "tiny_vllm_bf16" / "hf" / "config.json").is_file()  # the weights travel with the repository
+    assert CliRunner().invoke(app, ["validate", str(out)]).exit_code == 0

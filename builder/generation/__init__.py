@@ -214,8 +214,10 @@ def build_generation(spec, spec_path: Path, model, stage: Path, console) -> tupl
     for variant in model.variants:
         checkpoint()
         if variant.format in LLM_FORMATS:
-            results.append({"variant": variant.tag, "status": "error", "step": "render",
-                            "message": f"format {variant.format} is rendered by builder.targets (not wired yet)"})
+            made = render_target(spec_path, model, variant, src, stage, serving)
+            entries.update(made)
+            results += [{"variant": variant.tag, "name": n, "status": "passed", "step": "render",
+                         "message": "rendered, not executed here"} for n in made]
             continue
         name = model.name if variant is default else f"{model.name}_{variant.tag}"
         t0 = time.time()
@@ -267,6 +269,43 @@ def build_generation(spec, spec_path: Path, model, stage: Path, console) -> tupl
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.time() - t0, 2),
         }
     return entries, results
+
+
+def render_target(spec_path: Path, model, variant, src: Source, stage: Path, serving: dict) -> dict[str, dict]:
+    """A TensorRT-LLM or vLLM repository for the same model (builder/targets): render-only here. Local
+    sources are saved as a Hugging Face directory inside the model's folder, so the repository is whole."""
+    import torch
+
+    from builder.targets import TARGETS
+
+    name = f"{model.name}_{variant.tag}"
+    if model.source.hf:
+        weights = tokenizer = model.source.hf
+    else:
+        folder = stage / name / "hf"
+        dtype = getattr(torch, TORCH_DTYPES.get(variant.precision, "bfloat16"))
+        module = src.module
+        # a GGUF checkpoint loads dequantized but keeps a quantizer that refuses to save: save plain weights
+        quantizer, module.hf_quantizer = getattr(module, "hf_quantizer", None), None
+        quantization = module.config.__dict__.pop("quantization_config", None)
+        try:
+            module.to(dtype).save_pretrained(folder)
+        finally:
+            module.to(torch.float32)
+            module.hf_quantizer = quantizer
+            if quantization is not None:
+                module.config.quantization_config = quantization
+        src.tokenizer.save_pretrained(folder)
+        weights = tokenizer = f"{name}/hf"
+    options = {"flow": variant.flow} if variant.format == "tensorrt-llm" else {}
+    made = TARGETS[variant.format].render(stage, name=name, weights=weights, tokenizer=tokenizer,
+                                          precision=variant.precision, generation=model.generation, serving=serving,
+                                          **options)
+    from builder.repository import file_records
+
+    return {n: {**e, "model": model.name, "part": "", "task": model.task, "format": variant.format,
+                "status": "rendered", "source": src.description, "files": file_records(stage / n),
+                "command": f"triton-builder build {spec_path} --model {model.name}"} for n, e in made.items()}
 
 
 def save_tokenizer(tokenizer, version: Path) -> None:

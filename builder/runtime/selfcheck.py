@@ -39,7 +39,7 @@ def self_check(server: ServerHandle, repo: Path, protocol: str = "http") -> list
     """
     repo = Path(repo)
     entries = {name: entry for name, entry in read_manifest(repo)["models"].items()
-               if entry.get("status") != "failed"}
+               if entry.get("status") not in ("failed", "rendered")}  # rendered: TensorRT-LLM / vLLM, not served here
     if protocol == "grpc":
         from tritonclient.grpc import InferenceServerClient as GrpcClient
 
