@@ -10,9 +10,11 @@ RESULTS ?= perf/results/demo
 RESULTS_GPU ?= perf/results/gpu
 CONCURRENCY ?= 1,4,16
 PYTEST_ARGS ?=
+DEPLOY ?= deploy
+COMPOSE_SCHEMA := .tools/compose_spec.json
 
 .DEFAULT_GOAL := help
-.PHONY: help setup build validate serve perf report demo test test-all test-reliability bench-bundle bench-gpu clean
+.PHONY: help setup build validate serve perf report deploy demo test test-all test-reliability bench-bundle bench-gpu clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -22,8 +24,16 @@ $(VENV)/.installed: pyproject.toml
 	@dpkg -s libb64-0d >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq libb64-0d >/dev/null; \
 	  else echo "note: perf_analyzer needs Debian's libb64-0d: sudo apt-get install libb64-0d" >&2; fi; }
+	@dpkg -s prometheus >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq prometheus >/dev/null; \
+	  else echo "note: the deploy tests need Debian's prometheus (promtool): sudo apt-get install prometheus" >&2; fi; }
 	[ -x $(BIN)/python ] || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	@# the Compose specification's JSON schema, as docker-compose 1.29.2 ships it (tests/test_deploy.py)
+	[ -f $(COMPOSE_SCHEMA) ] || { $(BIN)/pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
+	  docker-compose==1.29.2 -d .tools && $(BIN)/python -c "import sys, zipfile; sys.stdout.buffer.write(zipfile.ZipFile(\
+	  '.tools/docker_compose-1.29.2-py2.py3-none-any.whl').read('compose/config/compose_spec.json'))" > $(COMPOSE_SCHEMA).tmp \
+	  && mv $(COMPOSE_SCHEMA).tmp $(COMPOSE_SCHEMA); }
 	@touch $@
 
 setup: $(VENV)/.installed ## Create .venv and install everything (idempotent)
@@ -42,6 +52,9 @@ perf: setup ## Measure every variant of REPO with perf_analyzer into RESULTS
 
 report: setup ## Write RESULTS/report.md and plots
 	$(TB) report $(RESULTS)
+
+deploy: setup ## Write DEPLOY/ (Dockerfile, compose, Prometheus, Grafana, Kubernetes, KServe) for REPO
+	$(TB) deploy $(REPO) -o $(DEPLOY) --force
 
 demo: setup ## Build the MiniLM demo, serve it, measure it, write the report (CPU, ~5 min)
 	$(TB) build $(SPEC) -o $(REPO)

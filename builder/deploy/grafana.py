@@ -37,7 +37,8 @@ def _panel(pid: int, title: str, targets: list[tuple[str, str]], unit: str, x: i
 def dashboard(rate_window: str) -> dict:
     sel = '{model=~"$model"}'
     panels = [
-        _panel(1, "Throughput (inferences/s)", [(RULES["inferences"] + sel, "{{model}}")], "ops", 0, 0),
+        _panel(1, "Throughput: inferences/s and requests/s", [(RULES["inferences"] + sel, "{{model}} inferences"),
+                                                            (RULES["requests"] + sel, "{{model}} requests")], "ops", 0, 0),
         _panel(2, "Latency per request: queue / compute input / infer / output",
                [(RULES[k] + sel, "{{model}} " + k.removesuffix("_us")) for k in ("queue_us", "input_us", "infer_us", "output_us")],
                "µs", 12, 0, stack=True),
@@ -48,6 +49,7 @@ def dashboard(rate_window: str) -> dict:
         _panel(5, "GPU utilization", [("nv_gpu_utilization", "GPU {{gpu_uuid}}")], "percentunit", 0, 16),
         _panel(6, "GPU memory used", [("nv_gpu_memory_used_bytes", "GPU {{gpu_uuid}}"),
                                       ("nv_gpu_memory_total_bytes", "GPU {{gpu_uuid}} total")], "bytes", 12, 16),
+        _panel(7, "Time per request, end to end in the server", [(RULES["request_us"] + sel, "{{model}}")], "µs", 0, 24),
     ]
     return {
         "uid": "triton-builder", "title": "Triton (triton-builder)", "schemaVersion": 39, "version": 1,
