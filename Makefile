@@ -14,7 +14,7 @@ DEPLOY ?= deploy
 COMPOSE_SCHEMA := .tools/compose_spec.json
 
 .DEFAULT_GOAL := help
-.PHONY: help setup build validate serve perf report deploy demo test test-all test-reliability bench-bundle bench-gpu clean
+.PHONY: help setup build validate serve perf report deploy demo test test-all test-reliability bench-bundle bench-gpu bench-gpu-scaling clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -81,3 +81,7 @@ bench-bundle: setup ## Prepare .bundle/ (server + wheels, < 64 MiB) for the GPU 
 
 bench-gpu: ## On a GPU machine (no registry needed): build, serve, measure, report into RESULTS_GPU
 	perf/gpu/bench.sh $(RESULTS_GPU)
+
+bench-gpu-scaling: ## On the 2-GPU machine: BERT-base bf16 graphs on 1 GPU vs 2 GPUs, one run, into RESULTS_GPU-scaling
+	perf/gpu/bench.sh $(RESULTS_GPU)-scaling --spec perf/gpu/scaling.yaml --concurrency 16,64,128,256,512 \
+	  --kernel-models ""

@@ -108,3 +108,13 @@ def test_cpu_copy_of_gpu_settings_renders_no_gpus(tmp_path):
     (group,) = parse_config(model_config("pre", SIG, runtime="python", fmt="python", serving=cpu, parameters={},
                                          warmup=[])).instance_group
     assert group.kind == group.KIND_CPU and list(group.gpus) == []
+
+
+def test_gpu_scaling_bench_spec_puts_the_same_variant_on_one_and_two_gpus():
+    from pathlib import Path
+
+    spec = load_spec(Path(__file__).resolve().parent.parent / "perf" / "gpu" / "scaling.yaml")
+    placed = {m.name: spec.serving(m)["instances"] for m in spec.models}
+    assert {n: (i.kind, i.count, i.gpus) for n, i in placed.items()} == {"bert_1gpu": ("gpu", 4, [0]),
+                                                                         "bert_2gpu": ("gpu", 4, [0, 1])}
+    assert spec.models[0].variants == spec.models[1].variants
