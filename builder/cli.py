@@ -262,6 +262,41 @@ def ask(
         _fail(exc)
 
 
+@app.command()
+def deploy(
+    repo: Path = typer.Argument(Path("model_repository"), help="Built repository (with triton-builder.json)."),
+    out: Path = typer.Option(Path("deploy"), "-o", "--out", help="Directory to write (must not exist, or --force)."),
+    force: bool = typer.Option(False, help="Replace OUT if it exists."),
+    base_image: Optional[str] = typer.Option(None, help="NGC Triton image (default: the one serve uses)."),
+    image: Optional[str] = typer.Option(None, help="Name of the image to build (default triton-builder/<repo>:latest)."),
+    name: str = typer.Option("triton", help="Compose service / Kubernetes name."),
+    metrics_target: Optional[str] = typer.Option(None, help="host:port Prometheus scrapes (default <name>:8002)."),
+    scrape_interval: str = typer.Option("15s", help="Prometheus scrape and evaluation interval."),
+    rate_window: str = typer.Option("1m", help="rate() window of the recording rules (>= 4 scrape intervals)."),
+    latency_budget_ms: float = typer.Option(100.0, help="Alert when the average queue time per request is above it."),
+    failure_ratio: float = typer.Option(0.01, help="Alert when failed / all requests is above it."),
+    queue_target_ms: float = typer.Option(10.0, help="HPA target: average queue time per request."),
+    min_replicas: int = typer.Option(1, help="HPA minimum replicas."),
+    max_replicas: int = typer.Option(4, help="HPA maximum replicas."),
+    storage_uri: str = typer.Option("pvc://triton-models/model_repository", help="KServe: where the repository is."),
+) -> None:
+    """Write a Dockerfile, compose.yaml (Triton, Prometheus, Grafana), Prometheus rules, Kubernetes and KServe files."""
+    from builder.deploy import DeployOptions
+    from builder.deploy import deploy as run_deploy
+
+    try:
+        options = DeployOptions(base_image=base_image, image=image, name=name, metrics_target=metrics_target,
+                                scrape_interval=scrape_interval, rate_window=rate_window,
+                                latency_budget_ms=latency_budget_ms, failure_ratio=failure_ratio,
+                                queue_target_ms=queue_target_ms, min_replicas=min_replicas, max_replicas=max_replicas,
+                                storage_uri=storage_uri)
+        files = run_deploy(repo, out, options, force=force)
+    except BuilderError as exc:
+        _fail(exc)
+    err.print(f"[green]wrote[/] {len(files)} files to {out}; see {out / 'README.md'}")
+    typer.echo(str(out))
+
+
 def main() -> None:
     try:
         app()

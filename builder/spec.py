@@ -59,10 +59,56 @@ class DynamicBatching(Strict):
 
 class Instances(Strict):
     kind: Literal["cpu", "gpu"] = "cpu"
-    count: int = Field(1, ge=1, le=64)
+    count: int = Field(1, ge=1, le=64)  # with kind gpu: instances on each GPU
     # intra-op threads of each instance; 0 lets the runtime use every core. The default of 1 keeps
     # instances (and a load generator on the same machine) from spinning against each other.
     threads: int = Field(1, ge=0, le=256)
+    # kind gpu: which GPUs get `count` instances each; "all" (Triton's default) is every visible GPU
+    gpus: list[int] | Literal["all"] | None = None
+
+    @field_validator("gpus", mode="before")
+    @classmethod
+    def _gpus_shape(cls, v: Any) -> Any:
+        if v is None or v == "all" or (isinstance(v, list) and all(isinstance(g, int) and not isinstance(g, bool) for g in v)):
+            return v
+        raise ValueError(f"{v!r} is not a list of GPU indices; use e.g. [0, 1], or all")
+
+    @model_validator(mode="after")
+    def _gpus(self) -> "Instances":
+        if self.gpus is not None and self.kind != "gpu":
+            raise ValueError("gpus applies to kind: gpu only; set kind: gpu or remove gpus")
+        if isinstance(self.gpus, list):
+            if not self.gpus or any(g < 0 for g in self.gpus) or len(set(self.gpus)) != len(self.gpus):
+                raise ValueError(f"gpus {self.gpus} must be distinct device indices >= 0 (e.g. [0, 1]), or all")
+        return self
+
+
+class LevelPolicy(Strict):
+    """The queue of one priority level (Triton's ModelQueuePolicy)."""
+
+    max_queue_size: int = Field(0, ge=0)  # requests waiting at most; beyond it new ones are rejected; 0: unbounded
+    timeout_us: int = Field(0, ge=0)  # a request waiting longer is rejected (timeout_action); 0: never
+    timeout_action: Literal["reject", "delay"] = "reject"
+    allow_timeout_override: bool = False  # a request may ask for a shorter timeout of its own
+
+
+class QueuePolicy(LevelPolicy):
+    """Admission control: bounded queues and timeouts, so overload gets fast errors instead of latency."""
+
+    priority_levels: int = Field(0, ge=0, le=16)  # 0: one queue; N: requests carry a priority 1..N (1 first)
+    default_priority: int | None = Field(None, ge=1)  # the level of a request that names none; default N
+    levels: dict[int, LevelPolicy] = {}  # per-level queues; levels not listed use the fields above
+
+    @model_validator(mode="after")
+    def _levels(self) -> "QueuePolicy":
+        if (self.default_priority is not None or self.levels) and not self.priority_levels:
+            raise ValueError("default_priority and levels need priority_levels >= 1")
+        if self.default_priority is not None and self.default_priority > self.priority_levels:
+            raise ValueError(f"default_priority {self.default_priority} is above priority_levels {self.priority_levels}")
+        bad = sorted(k for k in self.levels if not 1 <= k <= self.priority_levels)
+        if bad:
+            raise ValueError(f"levels {bad} are outside 1..{self.priority_levels} (priority_levels)")
+        return self
 
 
 class Serving(Strict):
@@ -72,9 +118,11 @@ class Serving(Strict):
     dynamic_batching: DynamicBatching | bool | None = None
     instances: Instances | None = None
     warmup: bool | None = None
+    queue_policy: QueuePolicy | None = None  # admission control of the dynamic batcher's queue
 
 
-SERVING_DEFAULTS = dict(max_batch_size=8, dynamic_batching=DynamicBatching(), instances=Instances(), warmup=True)
+SERVING_DEFAULTS = dict(max_batch_size=8, dynamic_batching=DynamicBatching(), instances=Instances(), warmup=True,
+                        queue_policy=None)
 
 
 class Source(Strict):
@@ -281,6 +329,11 @@ class Spec(Strict):
         if db and mbs == 0:
             raise UserError(f"models[{model.name}]: dynamic_batching needs max_batch_size > 0; "
                             "set max_batch_size or dynamic_batching: false")
+        if out["queue_policy"] is not None and not db:
+            if model.queue_policy is not None:
+                raise UserError(f"models[{model.name}].queue_policy: the queue belongs to the dynamic batcher; "
+                                "set max_batch_size > 0 and dynamic_batching, or remove queue_policy")
+            out["queue_policy"] = None  # inherited from defaults: no queue to bound here
         if db and any(b > mbs for b in db.preferred_batch_sizes):
             raise UserError(f"models[{model.name}].dynamic_batching.preferred_batch_sizes: "
                             f"{db.preferred_batch_sizes} has sizes above max_batch_size {mbs}; lower them or raise max_batch_size")
