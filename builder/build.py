@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from builder import __version__, convert, verify
-from builder.errors import BuilderError, RunError, UserError, root_reason
+from builder.errors import BuilderError, RunError, UserError, root_reason, step, unexpected
 from builder.families import Part, parts_for, sample_batches
 from builder.manifest import MANIFEST, SCHEMA, save_reference, write_manifest
 from builder.render import input_limits, model_config, warmup_files
@@ -125,7 +125,9 @@ def build(spec_path: Path, out: Path, *, runtime: str | None = None, only: list[
                 else:
                     entries = build_model(spec, Path(spec_path), model, runtime, stage, result, keep_failed, console,
                                           store, manifest["tool_versions"])
-            except BuilderError as exc:
+            except Exception as exc:  # noqa: BLE001 - unexpected ones too: one line, the model counts as failed
+                if not isinstance(exc, BuilderError):
+                    exc = RunError(f"build: {unexpected(exc, f'models[{model.name}] build')}")
                 if not keep_going:
                     raise type(exc)(f"models[{model.name}]: {exc}") from exc
                 result.results.append(VariantResult(model.name, model.name, "*", "error", time.time() - t0, message=str(exc)))
@@ -169,18 +171,23 @@ def build_model(spec: Spec, spec_path: Path, model: Model, runtime: str, stage: 
         if len(hits) == len(model.variants) and model.ensemble is None:
             return entries
     console.print(f"  loading {model.source.kind} source")
-    loaded = load_source(spec_path, model)
-    tokenizer = load_tokenizer(loaded.files_dir)
+    where = f"models[{model.name}]"
+    with step("load", where):
+        loaded = load_source(spec_path, model)
+        tokenizer = load_tokenizer(loaded.files_dir)
+        parts = parts_for(model.task, loaded, model)
     serving = spec.serving(model)
     built: dict[str, dict[str, tuple[Path, dict]]] = {}  # variant tag -> what the cache gets
-    for index, part in enumerate(parts_for(model.task, loaded, model)):
+    for index, part in enumerate(parts):
         stem = f"{model.name}_{part.suffix}" if part.suffix else model.name
-        part = with_batch_dim(part, serving["max_batch_size"])
-        samples = sample_batches(part, tokenizer, VERIFY_SAMPLES, seed=1000 + index, typical_len=model.shapes.sequence_length)
-        names = [t.name for t in part.inputs]
-        references = [verify.torch_reference(part.module, names, s, part.outputs) for s in samples]
-        sig = Signature(part.inputs, output_specs(part, references, serving["max_batch_size"]),
-                        serving["max_batch_size"], dict(part.extra))
+        with step("reference", where):
+            part = with_batch_dim(part, serving["max_batch_size"])
+            samples = sample_batches(part, tokenizer, VERIFY_SAMPLES, seed=1000 + index,
+                                     typical_len=model.shapes.sequence_length)
+            names = [t.name for t in part.inputs]
+            references = [verify.torch_reference(part.module, names, s, part.outputs) for s in samples]
+            sig = Signature(part.inputs, output_specs(part, references, serving["max_batch_size"]),
+                            serving["max_batch_size"], dict(part.extra))
         example = example_args(part)
         work = stage / "_work" / stem
         fp32_onnx = work / "model.onnx"
@@ -191,19 +198,21 @@ def build_model(spec: Spec, spec_path: Path, model: Model, runtime: str, stage: 
             name = f"{stem}_{variant.tag}"
             t0 = time.time()
             console.print(f"  {name}: exporting")
-            step = "export"
+            doing = "export"
             try:
                 artifact, command = make_artifact(variant, part, example, fp32_onnx, stage / name / "1",
                                                   lambda: sample_batches(part, tokenizer, CALIBRATION_SAMPLES, 7, model.shapes.sequence_length),
                                                   spec_path, model, serving["max_batch_size"])
                 console.print(f"  {name}: verifying against fp32 PyTorch on {len(samples)} batches")
-                step = "verify"
+                doing = "verify"
                 check = check_variant(variant, artifact, part, samples, references, serving["instances"].kind)
-            except RunError as exc:
+            except Exception as exc:  # noqa: BLE001 - one variant's failure, unexpected ones too, is a result
+                if not isinstance(exc, RunError):
+                    exc = unexpected(exc, f"{where}.variants[{variant.tag}] {doing}")
                 shutil.rmtree(stage / name, ignore_errors=True)
                 built[variant.tag] = None
                 result.results.append(VariantResult(name, model.name, variant.tag, "error", time.time() - t0,
-                                                    message=str(exc), step=step))
+                                                    message=str(exc), step=doing))
                 console.print(f"  [red]{name}: {escape(str(exc))}[/]")
                 continue
             worst_cos = min(o["cosine"] for o in check["outputs"].values())
@@ -220,8 +229,9 @@ def build_model(spec: Spec, spec_path: Path, model: Model, runtime: str, stage: 
                     shutil.rmtree(stage / name, ignore_errors=True)
                     continue
             model_dir = stage / name
-            save_reference(model_dir / "reference.npz", samples[0], references[0])
-            write_config(model_dir, name, sig, runtime, variant, artifact, serving, model)
+            with step("config", f"{where}.variants[{variant.tag}]"):
+                save_reference(model_dir / "reference.npz", samples[0], references[0])
+                write_config(model_dir, name, sig, runtime, variant, artifact, serving, model)
             files = file_records(model_dir)
             vr.bytes = sum(f["bytes"] for f in files if f["path"].startswith("1/") and not f["path"].endswith(".py"))
             entries[name] = {
@@ -240,7 +250,9 @@ def build_model(spec: Spec, spec_path: Path, model: Model, runtime: str, stage: 
     if model.ensemble is not None:
         from builder.ensembles import build_ensembles
 
-        for name, entry in build_ensembles(model, loaded, tokenizer, entries, stage, runtime, serving, console).items():
+        with step("ensemble", where):
+            ensembles = build_ensembles(model, loaded, tokenizer, entries, stage, runtime, serving, console)
+        for name, entry in ensembles.items():
             if entry["role"] == "ensemble":
                 worst = entry["verification"].get("outputs", {}).values()
                 result.results.append(VariantResult(
@@ -410,7 +422,8 @@ def output_specs(part: Part, references: list[dict], max_batch_size: int) -> tup
         if len(ranks) != 1:
             raise RunError(f"output {name} changes rank between inputs: {sorted(shapes)}")
         dims = tuple(-1 if len({s[i] for s in shapes}) > 1 else next(iter(shapes))[i] for i in range(ranks.pop()))
-        specs.append(TensorSpec(name, "float32", dims[1:] if max_batch_size > 0 else (-1, *dims[1:])))
+        dtype = {str(r[name].dtype) for r in references}.pop()  # integer outputs (argmax, ids) stay integers
+        specs.append(TensorSpec(name, dtype, dims[1:] if max_batch_size > 0 else (-1, *dims[1:])))
     return tuple(specs)
 
 

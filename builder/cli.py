@@ -107,6 +107,8 @@ def serve(
     metrics_port: int = typer.Option(8002, help="Metrics port (0: any free port)."),
     host: str = typer.Option("127.0.0.1", help="Address to bind; 0.0.0.0 exposes the server to the network."),
     tritonserver: Optional[Path] = typer.Option(None, help="tritonserver binary (local runtime)."),
+    stub_python: Optional[Path] = typer.Option(None, help="Python whose environment the python backend's stub uses "
+                                                          "(local runtime; needs numpy<2); default: this one."),
     image: str = typer.Option(None, help="NGC image for --runtime docker."),
     gpus: bool = typer.Option(False, help="Request GPUs (docker runtime)."),
     check: bool = typer.Option(True, help="Send one request to every model after start-up and compare with the build."),
@@ -135,7 +137,8 @@ def serve(
             check_repository(repo, read_manifest(repo), (image or DEFAULT_IMAGE) if chosen == "docker" else None)
         with start_server(repo, chosen, http_port=http_port or None, grpc_port=grpc_port or None,
                           metrics_port=metrics_port or None, host=host,
-                          tritonserver=tritonserver, image=image or DEFAULT_IMAGE, gpus=gpus) as server:
+                          tritonserver=tritonserver, image=image or DEFAULT_IMAGE, gpus=gpus,
+                          stub_python=stub_python) as server:
             err.print(f"[green]ready[/]: {len(server.models)} models ({chosen} runtime)")
             err.print(f"  HTTP    http://{server.http_url}\n  gRPC    {server.grpc_url}\n  metrics http://{server.metrics_url}/metrics")
             if check:
@@ -303,3 +306,12 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - a bug or a library's surprise: one line and a log, no traceback
+        from rich.markup import escape
+
+        from builder.errors import unexpected
+
+        command = next((a for a in sys.argv[1:] if not a.startswith("-")), "triton-builder")
+        err.print(f"[red]error:[/] {escape(command)}: {escape(str(unexpected(exc, command)))}", highlight=False,
+                  soft_wrap=True)
+        sys.exit(1)

@@ -1,8 +1,16 @@
 """One root exception, split into "your input is wrong" and "something failed while running".
 
 The CLI maps `UserError` to exit code 2 and `RunError` to exit code 1, printing one line and no
-traceback for either.
+traceback for either. An exception that is neither (a library's, or a bug) becomes a RunError through
+`unexpected`, which keeps the full traceback in a log file and names it.
 """
+
+import contextlib
+import os
+import re
+import time
+import traceback
+from pathlib import Path
 
 
 class BuilderError(Exception):
@@ -21,6 +29,44 @@ class RunError(BuilderError):
     """Something failed while running (export, verification, server, perf_analyzer)."""
 
     exit_code = 1
+
+
+def log_dir() -> Path:
+    """Where full tracebacks of unexpected errors go: $TRITON_BUILDER_LOGS, else <build cache>/logs."""
+    if os.environ.get("TRITON_BUILDER_LOGS"):
+        return Path(os.environ["TRITON_BUILDER_LOGS"]).expanduser()
+    from builder.cache import default_root
+
+    return default_root() / "logs"
+
+
+def unexpected(exc: BaseException, where: str) -> RunError:
+    """An exception nobody raised on purpose (a library's, or a bug of ours), as a RunError of one line:
+    where it happened, its innermost cause, and the log file that holds the full traceback."""
+    text = "".join(traceback.format_exception(exc))
+    try:
+        folder = log_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", where)[:80].strip("_") or "error"
+        path = folder / f"{stamp}-{safe}-{os.getpid()}.log"
+        path.write_text(f"{where}\n\n{text}", encoding="utf-8")
+        log = f"full traceback: {path}"
+    except OSError as err:  # a log we cannot write must not hide the error itself
+        log = f"no traceback log ({err.strerror})"
+    return RunError(f"{root_reason(exc)} (unexpected; {log})")
+
+
+@contextlib.contextmanager
+def step(name: str, where: str = ""):
+    """Run a step of the work: our own errors pass through; any other exception becomes a RunError
+    named after the step (`load: TypeError: ... (unexpected; full traceback: ...)`)."""
+    try:
+        yield
+    except BuilderError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the point: nothing unexpected reaches the user as a traceback
+        raise RunError(f"{name}: {unexpected(exc, f'{where} {name}'.strip())}") from exc
 
 
 def root_reason(exc: BaseException) -> str:

@@ -38,7 +38,9 @@ def load_source(spec_path: Path, model: Model) -> Loaded:
     if src.factory is not None:
         return _load_factory(src.factory, model.name)
     auto = getattr(transformers, AUTO_CLASSES[model.task])
-    kwargs = {"attn_implementation": "eager"}  # exports cleanly; sdpa is chosen again for torch GPU variants
+    # eager attention exports cleanly (sdpa is chosen again for torch variants); fp32 whatever dtype the
+    # checkpoint was saved in: it is the reference every variant is checked against
+    kwargs = {"attn_implementation": "eager", "dtype": torch.float32}
     if src.config is not None:
         cfg_dict = dict(src.config)
         model_type = cfg_dict.pop("model_type")
@@ -47,6 +49,7 @@ def load_source(spec_path: Path, model: Model) -> Loaded:
         except (ValueError, KeyError, TypeError) as exc:
             raise UserError(f"models[{model.name}].source.config: {exc}") from None
         torch.manual_seed(0)
+        name_architecture(auto, config)
         try:
             module = auto.from_config(config, **kwargs)
         except ValueError as exc:
@@ -74,6 +77,19 @@ def load_source(spec_path: Path, model: Model) -> Loaded:
         files_dir = Path(snapshot_download(src.hf, revision=src.revision,
                                            allow_patterns=["*.json", "*.txt", "*.model"]))
     return Loaded(module.eval(), module.config, files_dir, description=f"{src.kind}: {where}")
+
+
+def name_architecture(auto, config) -> None:
+    """Auto classes that map one config type to several model classes (DeiT: with and without the
+    distillation head) pick one by `config.architectures`; a bare config has none. Name the first."""
+    if getattr(config, "architectures", None):
+        return
+    try:
+        classes = auto._model_mapping[type(config)]
+    except (KeyError, AttributeError):
+        return
+    if isinstance(classes, (list, tuple)) and classes:
+        config.architectures = [classes[0].__name__]
 
 
 def _load_factory(ref: str, name: str) -> Loaded:

@@ -206,6 +206,10 @@ class Variant(Strict):
         if self.format == "onnx" and self.precision == "bf16":
             raise ValueError("onnx bf16 is not supported: onnxruntime's CPU provider has no bf16 kernels for "
                              "these models; use fp16, or format torch with bf16")
+        if self.format == "tensorrt" and self.precision == "int4":
+            raise ValueError("tensorrt int4 is not supported: trtexec makes int4 engines only from ONNX graphs with "
+                             "int4 quantize nodes, which this builder does not write; use format onnx with int4, "
+                             "or tensorrt with fp16 or int8")
         if self.format == "torch" and self.precision in ("int8", "int4"):
             raise ValueError(f"torch {self.precision} is not supported yet; use format onnx for {self.precision}")
         return self
@@ -265,7 +269,7 @@ class Model(Serving):
     shapes: Shapes = Shapes()
     labels: list[str] | None = None  # class names; default: the model config's id2label
     outputs: list[str] | None = None  # serve only these of the task's outputs (e.g. [sentence_embedding])
-    ensemble: Ensemble | None = None
+    ensemble: Ensemble | bool | None = None  # true: the model's fp32 variant (or its only one)
     generation: Generation | None = None  # text-generation: serve text in / text out from a KV cache
 
     @field_validator("name")
@@ -281,6 +285,13 @@ class Model(Serving):
         dup = sorted({t for t in tags if tags.count(t) > 1})
         if dup:
             raise ValueError(f"variant {dup[0]} is listed twice")
+        if isinstance(self.ensemble, bool):  # the shorthand: the fp32 variant, or the only one
+            chosen = next((v.tag for v in self.variants if v.precision == "fp32" and v.format != "tensorrt"),
+                          tags[0] if len(tags) == 1 else None)
+            if self.ensemble and chosen is None:
+                raise ValueError(f"ensemble: true picks the fp32 variant (or the only one) and this model has neither; "
+                                 f"write ensemble: {{variant: {tags[0]}}} with the variant you want")
+            object.__setattr__(self, "ensemble", Ensemble(variant=chosen) if self.ensemble else None)
         if self.ensemble and self.ensemble.variant and self.ensemble.variant not in tags:
             raise ValueError(f"ensemble.variant {self.ensemble.variant!r} is not one of this model's variants "
                              f"({', '.join(tags)})")
@@ -357,8 +368,28 @@ def _loc(loc: tuple, data: Any) -> str:
     return ".".join(p for p in parts if p)
 
 
+# What to write instead, for pydantic's type errors (its own words name the problem, not the fix).
+WRITE_INSTEAD = {
+    "int": "write a whole number, e.g. 8",
+    "float": "write a number, e.g. 0.5",
+    "bool": "write true or false",
+    "string": "write a string, e.g. name: my-model",
+    "list": "write a list, e.g. [a, b]",
+    "dict": "write a mapping, e.g. {key: value}",
+}
+SHORTHANDS = {"Ensemble": "true or ", "DynamicBatching": "false, true or "}
+
+
+def _fields_of(class_name: str) -> str:
+    cls = globals().get(class_name)
+    fields = ", ".join(getattr(cls, "model_fields", {})) if cls else ""
+    return f"a mapping of its fields ({fields})" if fields else "a mapping"
+
+
 def _message(err: dict) -> str:
     kind, msg = err["type"], err["msg"]
+    got = err.get("input")
+    shown = f"; got {got!r}" if isinstance(got, (str, int, float, bool, type(None))) else ""
     if kind == "extra_forbidden":
         return "unknown field; remove it or check its spelling"
     if kind == "literal_error":
@@ -366,6 +397,16 @@ def _message(err: dict) -> str:
         return f"{err['input']!r} is not allowed; use one of {expected}"
     if kind == "missing":
         return "is required"
+    if kind in ("model_type", "model_attributes_type"):
+        name = err.get("ctx", {}).get("class_name", "")
+        return f"{msg.split(' or instance')[0]}{shown}; write {SHORTHANDS.get(name, '')}{_fields_of(name)}"
+    base = kind.split("_")[0]
+    if kind.endswith(("_type", "_parsing")) and base in WRITE_INSTEAD:
+        return f"{msg}{shown}; {WRITE_INSTEAD[base]}"
+    bounds = {"greater_than": "more than {gt}", "greater_than_equal": "{ge} or more", "less_than": "less than {lt}",
+              "less_than_equal": "{le} or less"}
+    if kind in bounds:
+        return f"{msg}{shown}; write {bounds[kind].format(**err.get('ctx', {}))}"
     return msg.removeprefix("Value error, ")
 
 

@@ -122,7 +122,7 @@ class TorchRunner:
             args.append(t.to(self.dtype) if t.is_floating_point() else t)
         with torch.no_grad():
             out = self.module(*args)
-        return {n: o.float().cpu().numpy() for n, o in zip(self.output_names, out)}
+        return {n: as_numpy(o) for n, o in zip(self.output_names, out)}
 
 
 def torch_reference(module, input_names: list[str], feeds: dict[str, np.ndarray], output_names) -> dict[str, np.ndarray]:
@@ -130,4 +130,10 @@ def torch_reference(module, input_names: list[str], feeds: dict[str, np.ndarray]
 
     with torch.no_grad():
         out = module(*[torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in input_names])
-    return {n: o.float().numpy() for n, o in zip(output_names, out)}
+    return {n: as_numpy(o) for n, o in zip(output_names, out)}
+
+
+def as_numpy(tensor) -> np.ndarray:
+    """Floating outputs as float32 (bf16 has no numpy dtype); integer and bool outputs keep their type."""
+    tensor = tensor.detach().cpu()
+    return (tensor.float() if tensor.is_floating_point() else tensor).numpy()

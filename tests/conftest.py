@@ -1,4 +1,4 @@
-"""Shared pytest setup. Test layers (see STYLE.md): server, slow, gpu, docker; and the reliability
+"""Shared pytest setup. Test layers: server, slow, gpu, docker, matrix; and the reliability
 harness (`make test-reliability`): every test marked `reliability` is one case of issue 6, and the
 run ends with "N cases tried, M handled as specified"."""
 

@@ -192,7 +192,7 @@ def copy_repo(built, dst: Path) -> Path:
      "models[0](enc).variants[0]: torch int8 is not supported yet; use format onnx for int8"),
     (f"models:\n  - {{name: enc, task: feature-extraction, source: {{config: {TINY_BERT}}}, "
      "instances: {count: 0}, variants: [{format: onnx}]}\n",
-     "models[0](enc).instances.count: Input should be greater than or equal to 1"),
+     "models[0](enc).instances.count: Input should be greater than or equal to 1; got 0; write 1 or more"),
 ], ids=["unsafe_yaml_tag", "torch_int8", "zero_instances"])
 def test_more_bad_specs_exit_2_and_run_nothing(tmp_path, text, expected):
     marker = tmp_path / "ran"

@@ -40,9 +40,10 @@ BAD_SPECS = {
     "bad_name": ("models:" + GOOD_MODEL.replace("name: enc", "name: 'my model/1'"),
                  "models[0](my model/1).name: use letters, digits, '_' and '-' only (at most 64, starting with a letter or digit)"),
     "negative_batch": ("defaults: {max_batch_size: -1}\nmodels:" + GOOD_MODEL,
-                       "defaults.max_batch_size: Input should be greater than or equal to 0"),
+                       "defaults.max_batch_size: Input should be greater than or equal to 0; got -1; write 0 or more"),
     "wrong_type": ("defaults: {max_batch_size: lots}\nmodels:" + GOOD_MODEL,
-                   "defaults.max_batch_size: Input should be a valid integer, unable to parse string as an integer"),
+                   "defaults.max_batch_size: Input should be a valid integer, unable to parse string as an integer; "
+                   "got 'lots'; write a whole number, e.g. 8"),
     "two_sources": ("models:" + GOOD_MODEL.replace("source: {config:", "source: {hf: bert-base-uncased, config:"),
                     "models[0](enc).source: give exactly one of path, hf, config, factory, package (got hf, config)"),
     "missing_path": ("models:" + GOOD_MODEL.replace("source: {config: {model_type: bert, vocab_size: 100, hidden_size: 16, "

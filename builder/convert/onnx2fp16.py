@@ -18,8 +18,27 @@ def convert(src: Path, dst: Path) -> None:
     model = onnx.load(str(src))
     block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(KEEP_FP32))
     model16 = convert_float_to_float16(model, keep_io_types=True, op_block_list=block, disable_shape_infer=True)
+    drop_repeated_casts(model16.graph)
     unique_node_names(model16.graph)
     onnx.save(model16, str(dst), save_as_external_data=model16.ByteSize() > (1 << 30))
+
+
+def drop_repeated_casts(graph) -> None:
+    """A tensor that feeds several fp32-kept ops (decoder LMs, ALBERT's shared layers) gets one Cast per
+    consumer, all defining the same `<tensor>_cast_to_fp32`: onnxruntime refuses the model ("Duplicate
+    definition of name"). Keep the first of identical nodes; the later ones define nothing new."""
+    first: dict[str, object] = {}
+    repeated = []
+    for node in graph.node:
+        earlier = [first[o] for o in node.output if o in first]
+        if earlier and all(e.op_type == node.op_type and list(e.input) == list(node.input)
+                           and list(e.output) == list(node.output) and e.attribute == node.attribute for e in earlier):
+            repeated.append(node)
+            continue
+        for o in node.output:
+            first.setdefault(o, node)
+    for node in repeated:
+        graph.node.remove(node)
 
 
 def unique_node_names(graph) -> None:

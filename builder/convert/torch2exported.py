@@ -22,8 +22,9 @@ def export(part, example: tuple, dst: Path, precision: str) -> None:
     dtype = getattr(torch, DTYPES[precision])
     module = copy.deepcopy(part.module)
     inner = getattr(module, "inner", None)
-    if hasattr(inner, "set_attn_implementation"):
-        inner.set_attn_implementation("sdpa")  # fused attention kernels; the ONNX export keeps eager
+    if getattr(inner, "_supports_sdpa", False) and hasattr(inner, "set_attn_implementation"):
+        # fused attention kernels; the ONNX export keeps eager. CNNs (ConvNeXt, ResNet) have no attention.
+        inner.set_attn_implementation("sdpa")
     module = module.to(dtype)
     args = tuple(a.to(dtype) if a.is_floating_point() else a for a in example)
     dims: dict[str, Dim] = {}

@@ -16,15 +16,23 @@ def clip(loaded, spec) -> list[Part]:
     tcfg, vcfg = config.text_config, config.vision_config
     max_len = min(spec.shapes.max_sequence_length, tcfg.max_position_embeddings)
     text_inputs = token_inputs(tcfg.vocab_size, max_len, min(spec.shapes.sequence_length, max_len), False)
-    extra = {"logit_scale": float(model.logit_scale.exp().item()), "labels": spec.labels or []}
+    # CLIP: softmax over the labels of logit_scale x cosine; SigLIP: a sigmoid of it plus logit_bias
+    bias = getattr(model, "logit_bias", None)
+    extra = {"logit_scale": float(model.logit_scale.exp().item()), "labels": spec.labels or [],
+             "logit_bias": float(bias.item()) if bias is not None else 0.0,
+             "activation": "sigmoid" if bias is not None else "softmax"}
+
+    def projected(m, attr: str, pooled):  # SigLIP's towers end in their own heads: no projection layer
+        projection = getattr(m, attr, None)
+        return projection(pooled) if projection is not None else pooled
 
     def text(m, input_ids, attention_mask):
         pooled = m.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
-        return [m.text_projection(pooled)]
+        return [projected(m, "text_projection", pooled)]
 
     def image(m, pixel_values):
         pooled = m.vision_model(pixel_values=pixel_values).pooler_output
-        return [m.visual_projection(pooled)]
+        return [projected(m, "visual_projection", pooled)]
 
     pixels = pixel_input(vcfg, spec)
     return [

@@ -19,13 +19,48 @@ def _text_part(loaded, spec, outputs: tuple[str, ...], extra: dict | None = None
     return Part("", Wrapped(forward, model), inputs, outputs, extra or {})
 
 
-def sentence_embedding(out, attention_mask):
-    """Mean of the token vectors under the mask, L2-normalized (sentence-transformers' recipe)."""
+POOLING_MODES = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean",
+                 "pooling_mode_max_tokens": "max"}
+
+
+def pooling_of(loaded, name: str) -> dict:
+    """The sentence embedding's recipe: sentence-transformers' `1_Pooling/config.json` and whether
+    `modules.json` ends in Normalize; without those files, mean pooling + L2 normalization."""
+    import json
+
+    folder = loaded.files_dir
+    if folder is None or not (folder / "modules.json").is_file():
+        return {"pooling": "mean", "normalize": True}
+    modules = json.loads((folder / "modules.json").read_text())
+    pooling_dir = next((m["path"] for m in modules if m.get("type", "").endswith(".Pooling")), None)
+    normalize = any(m.get("type", "").endswith(".Normalize") for m in modules)
+    config = json.loads((folder / pooling_dir / "config.json").read_text()) if pooling_dir else {}
+    chosen = [k for k, v in config.items() if k.startswith("pooling_mode_") and v]
+    if not chosen:
+        return {"pooling": "mean", "normalize": normalize}
+    unsupported = [k for k in chosen if k not in POOLING_MODES]
+    if len(chosen) > 1 or unsupported:
+        from builder.errors import UserError
+
+        raise UserError(f"models[{name}].source: {pooling_dir}/config.json asks for {' + '.join(chosen)}; "
+                        "supported: exactly one of cls, mean or max pooling; serve outputs: [last_hidden_state] "
+                        "and pool on the client")
+    return {"pooling": POOLING_MODES[chosen[0]], "normalize": normalize}
+
+
+def sentence_embedding(out, attention_mask, pooling: str = "mean", normalize: bool = True):
+    """Pooled token vectors (cls, mean or max under the mask), L2-normalized: sentence-transformers' recipe."""
     import torch
 
-    mask = attention_mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
-    summed = (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-    return torch.nn.functional.normalize(summed, p=2, dim=-1)
+    hidden = out.last_hidden_state
+    if pooling == "cls":
+        pooled = hidden[:, 0]
+    elif pooling == "max":
+        pooled = hidden.masked_fill(attention_mask.unsqueeze(-1) == 0, -1e9).max(1).values
+    else:
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(pooled, p=2, dim=-1) if normalize else pooled
 
 
 @register("feature-extraction")
@@ -35,13 +70,14 @@ def feature_extraction(loaded, spec) -> list[Part]:
         available.insert(1, "pooler_output")
     wanted = tuple(spec.outputs or [n for n in available if n != "sentence_embedding"])
     choose(spec, wanted, available)
-    part = _text_part(loaded, spec, ("last_hidden_state",), {"pooling": "mean", "normalize": True})
+    recipe = pooling_of(loaded, spec.name)
+    part = _text_part(loaded, spec, ("last_hidden_state",), recipe)
     names = [t.name for t in part.inputs]
 
     def forward(m, *args):
         feeds = dict(zip(names, args))
         out = m(**feeds)
-        extra = {"sentence_embedding": lambda: sentence_embedding(out, feeds["attention_mask"])}
+        extra = {"sentence_embedding": lambda: sentence_embedding(out, feeds["attention_mask"], **recipe)}
         return [extra[n]() if n in extra else getattr(out, n) for n in wanted]
 
     return [Part("", Wrapped(forward, loaded.module), part.inputs, wanted, part.extra)]

@@ -134,7 +134,7 @@ class PerfFlags:
     stability_pct: float = 25.0  # -s
     max_trials: int = 10  # -r
     input_data: str | None = None  # --input-data (a JSON file, "zero" or "random")
-    csv_file: str = CSV_NAME  # -f, relative to the working directory (see ENVIRONMENT.md)
+    csv_file: str = CSV_NAME  # -f, relative: with an absolute path an ensemble run writes no per-step CSVs
     batch_size: int = 1  # -b
     percentile: int | None = None  # --percentile: stabilize on this percentile instead of the average
     shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()  # --shape name:d1,d2

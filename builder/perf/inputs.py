@@ -22,8 +22,12 @@ from builder.signature import Signature, make_inputs
 
 
 def input_data(sig: Signature, *, entries: int = 4, seed: int = 0,
-               shapes: dict[str, tuple[int, ...]] | None = None) -> dict:
-    """`entries` distinct requests (batch 1, no batch dim) for every input of `sig`."""
+               shapes: dict[str, tuple[int, ...]] | None = None, tokenizer=None) -> dict:
+    """`entries` distinct requests (batch 1, no batch dim) for every input of `sig`.
+
+    With `tokenizer` (a `tokenizers.Tokenizer`, the one a model's ensemble serves with), token inputs
+    are the sample sentences the ensemble is measured with, tokenized one per request: bare variants
+    and their ensemble then see the same token-length distribution."""
     if entries < 1:
         raise UserError(f"input entries {entries} must be >= 1")
     # Generate all entries as one batch (so text rotates through the sample sentences and ids differ),
@@ -43,6 +47,8 @@ def input_data(sig: Signature, *, entries: int = 4, seed: int = 0,
         from builder.ensembles import sample_images
 
         images = sample_images(entries, seed=seed)
+    if tokenizer is not None and any(t.kind == "token_ids" for t in plain) and sig.max_batch_size > 0:
+        arrays.update(tokenized(tokenizer, plain, entries))
     data = []
     for i in range(entries):
         entry = {}
@@ -51,7 +57,7 @@ def input_data(sig: Signature, *, entries: int = 4, seed: int = 0,
                 entry[spec.name] = {"b64": base64.b64encode(len(images[i]).to_bytes(4, "little") + images[i]).decode("ascii"),
                                     "shape": [1] * len(spec.dims)}
                 continue
-            value = arrays[spec.name][i]
+            value = np.asarray(arrays[spec.name][i])
             if spec.dtype == "bytes":
                 content = [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in value.reshape(-1)]
             else:
@@ -59,6 +65,47 @@ def input_data(sig: Signature, *, entries: int = 4, seed: int = 0,
             entry[spec.name] = {"content": content, "shape": list(value.shape)}
         data.append(entry)
     return {"data": data}
+
+
+TOKEN_FIELDS = {"token_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
+
+
+def tokenized(tokenizer, inputs, entries: int) -> dict[str, list[np.ndarray]]:
+    """Per request, the token tensors of one sample sentence (the same rotation as make_inputs' text)."""
+    from builder.signature import SAMPLE_TEXTS
+
+    tokenizer.no_padding()
+    encodings = [tokenizer.encode(SAMPLE_TEXTS[i % len(SAMPLE_TEXTS)]) for i in range(entries)]
+    return {t.name: [np.asarray(getattr(e, TOKEN_FIELDS[t.kind]), dtype=t.dtype) for e in encodings]
+            for t in inputs if t.kind in TOKEN_FIELDS}
+
+
+def ensemble_tokenizer(repo: Path, entry: dict):
+    """The tokenizer of the ensemble built for this variant's model (`{model}_pre/1/tokenizer.json`), if any."""
+    path = Path(repo) / f"{entry.get('model', '')}_pre" / "1" / "tokenizer.json"
+    if entry.get("role", "variant") != "variant" or not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path))
+
+
+def describe_inputs(path: Path) -> str:
+    """What the requests of an input-data file hold, in words: '4 texts' or 'input_ids of 7-20 tokens'."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))["data"]
+    parts = []
+    for name in data[0]:
+        values = [e[name] for e in data]
+        if "b64" in values[0]:
+            parts.append(f"{name}: {len(values)} encoded images")
+        elif values[0]["content"] and isinstance(values[0]["content"][0], str):
+            parts.append(f"{name}: {len(values)} sample sentences")
+        else:
+            shapes = sorted({tuple(v["shape"]) for v in values})
+            text = " / ".join("x".join(map(str, s)) for s in shapes) if len(shapes) <= 3 else \
+                f"{'x'.join(map(str, shapes[0]))} to {'x'.join(map(str, shapes[-1]))}"
+            parts.append(f"{name} [{text}]")
+    return ", ".join(parts)
 
 
 def write_input_data(sig: Signature, path: Path, **kwargs) -> Path:

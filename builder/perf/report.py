@@ -259,6 +259,9 @@ def _model_section(model: str, rows: pd.DataFrame, variants: dict[str, dict], re
     out.append(f"Budget: {_budget_text(latency_budget_ms, accuracy_budget)}. "
                f"Baseline: {base + ' (fp32, measured in this run)' if base else 'none (no onnx/torch fp32 variant of this model was measured)'}.")
     out.append("")
+    shapes = [f"`{n}`: {model_variants[n]['inputs']}" for n in names if model_variants[n].get("inputs")]
+    if shapes:
+        out += ["Inputs of each request: " + "; ".join(shapes) + ".", ""]
     if best is not None:
         out.append(_why_best(best, latency_budget_ms, accuracy_budget, sum(c.fits for c in choices)))
     else:
@@ -379,6 +382,9 @@ def write_report(results_dir: Path, *, latency_budget_ms: float | None = None, a
         f"Every perf_analyzer command is in `manifest.json` and `raw/`.",
         "",
     ]
+    table = table.copy()  # a CLIP tower is compared with its own baseline, never with the other tower
+    table["model"] = [f"{m}_{variants[v]['part']}" if variants.get(v, {}).get("part") else m
+                      for m, v in zip(table["model"], table["variant"])]
     for model in sorted(table["model"].unique()):
         lines += _model_section(model, table[table["model"] == model], variants, results_dir,
                                 latency_budget_ms=latency_budget_ms, accuracy_budget=accuracy_budget,

@@ -28,7 +28,7 @@ from builder.perf.analyzer import (
     perf_analyzer_version,
     perf_env,
 )
-from builder.perf.inputs import write_input_data
+from builder.perf.inputs import describe_inputs, ensemble_tokenizer, write_input_data
 from builder.perf.results import (level_row, machine_info, not_run_rows, save_results, save_steps, step_rows, step_stats,
                                   to_frame, tool_versions)
 
@@ -65,6 +65,7 @@ def _variant_record(name: str, entry: dict) -> dict:
         "model": entry.get("model", name),
         "format": entry.get("format", ""),
         "precision": entry.get("precision", ""),
+        "part": entry.get("part", ""),  # CLIP: "text" / "image"; the report compares a tower with its own baseline
         "role": entry.get("role", "variant"),
         "status": entry.get("status"),
         "verification": entry.get("verification"),
@@ -199,7 +200,8 @@ def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concur
     started = datetime.now(timezone.utc)
     results_dir = _new_results_dir(out, started)
     run_name = results_dir.name
-    inputs = {name: write_input_data(sig, results_dir / "inputs" / f"{name}.json", entries=input_entries)
+    inputs = {name: write_input_data(sig, results_dir / "inputs" / f"{name}.json", entries=input_entries,
+                                     tokenizer=ensemble_tokenizer(repo, variants[name]))
               for name, sig in signatures.items()}
     manifest = {
         "schema": RUN_SCHEMA, "run": run_name, "repo": str(repo.resolve()),
@@ -212,7 +214,8 @@ def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concur
         "perf_analyzer": {"path": str(binary), "version": perf_analyzer_version(binary)},
         "server": None, "versions": tool_versions(), "build_versions": build.get("tool_versions", {}),
         "machine": machine_info(),
-        "variants": {name: _variant_record(name, entry) for name, entry in variants.items()},
+        "variants": {name: {**_variant_record(name, entry), "inputs": describe_inputs(inputs[name])}
+                     for name, entry in variants.items()},
         "commands": [], "errors": [],
     }
     rows: list[dict] = []

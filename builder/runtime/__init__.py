@@ -9,7 +9,8 @@ Heavy imports (tritonclient, docker) happen inside the functions that need them.
 
 from builder.runtime.docker import container_spec, docker_available
 from builder.runtime.selfcheck import CheckResult, self_check
-from builder.runtime.server import DEFAULT_IMAGE, RUNTIMES, ServerHandle, start_server
+from builder.runtime.server import DEFAULT_IMAGE, RUNTIMES, ServerHandle
+from builder.runtime.start import start_server
 
 __all__ = ["CheckResult", "DEFAULT_IMAGE", "RUNTIMES", "ServerHandle", "container_spec", "docker_available",
            "self_check", "start_server"]

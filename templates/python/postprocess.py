@@ -5,13 +5,15 @@ classifiers, `1/labels.json` beside it. Parameter `task` picks what it does; par
 (JSON) names the tensors it reads and writes by role:
 
 - `embedding`: {"hidden", "mask"} -> {"embedding"}: mean of the token vectors where the attention mask
-  is 1 (parameter `pooling`: `mean`, or `cls` for the first token), then L2-normalized when parameter
+  is 1 (parameter `pooling`: `mean`, `cls` for the first token, `max` for the largest value over the
+  unmasked tokens), then L2-normalized when parameter
   `normalize` is `true` (sentence-transformers' all-MiniLM recipe);
 - `classification`: {"logits"} -> {"probabilities", "labels"}: softmax, then the `top_k` most probable
   classes, most probable first (ties: lower class index first), with their names from `labels.json`;
 - `zero-shot`: {"image", "text"} (embeddings of a batch of images and of the candidate labels) ->
   {"probabilities"} [images, labels]: softmax over the labels of `logit_scale` x cosine similarity,
-  as CLIP computes `logits_per_image`.
+  as CLIP computes `logits_per_image`; with parameter `activation` `sigmoid` (SigLIP), a sigmoid of
+  it plus `logit_bias`, each label on its own.
 
 Each request is answered on its own; one that fails gets an error response with the reason.
 The functions above `TritonPythonModel` need no Triton: the builder runs them in-process to verify
@@ -45,12 +47,14 @@ def pool(hidden, mask, pooling="mean"):
     hidden = np.asarray(hidden, dtype=np.float32)
     if pooling == "cls":
         return hidden[:, 0]
-    if pooling != "mean":
-        raise ValueError(f"unknown pooling {pooling!r}; use mean or cls")
+    if pooling not in ("mean", "max"):
+        raise ValueError(f"unknown pooling {pooling!r}; use mean, cls or max")
     weights = np.asarray(mask).astype(np.float32)[..., None]
     if weights.shape[:2] != hidden.shape[:2]:
         raise ValueError(f"attention mask shape {list(weights.shape[:2])} does not match the hidden states' "
                          f"{list(hidden.shape[:2])}")
+    if pooling == "max":  # sentence-transformers: padded positions set to -1e9 first
+        return np.where(weights > 0, hidden, np.float32(-1e9)).max(axis=1)
     return (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
 
 
@@ -76,11 +80,14 @@ def classify(logits, labels, k):
     return values, encoded[indices]
 
 
-def zero_shot(image_embeds, text_embeds, logit_scale):
+def zero_shot(image_embeds, text_embeds, logit_scale, logit_bias=0.0, activation="softmax"):
     """[images, dim] and [labels, dim] -> probabilities [images, labels]."""
     image = l2_normalize(np.asarray(image_embeds, dtype=np.float32))
     text = l2_normalize(np.asarray(text_embeds, dtype=np.float32))
-    return softmax(float(logit_scale) * image @ text.T, axis=-1)
+    logits = float(logit_scale) * image @ text.T + float(logit_bias)
+    if activation == "sigmoid":
+        return (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
+    return softmax(logits, axis=-1)
 
 
 class PostProcessor:
@@ -94,6 +101,8 @@ class PostProcessor:
         self.normalize = params.get("normalize", "true") == "true"
         self.k = int(params.get("top_k", "5"))
         self.logit_scale = float(params.get("logit_scale", "1.0"))
+        self.logit_bias = float(params.get("logit_bias", "0.0"))
+        self.activation = params.get("activation", "softmax")
         self.labels = labels
         if self.task == "classification" and not labels:
             raise ValueError("classification needs labels.json with the class names")
@@ -105,7 +114,8 @@ class PostProcessor:
         if self.task == "classification":
             probabilities, names = classify(inputs["logits"], self.labels, self.k)
             return {"probabilities": probabilities, "labels": names}
-        return {"probabilities": zero_shot(inputs["image"], inputs["text"], self.logit_scale)}
+        return {"probabilities": zero_shot(inputs["image"], inputs["text"], self.logit_scale, self.logit_bias,
+                                           self.activation)}
 
 
 class TritonPythonModel:
