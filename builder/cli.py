@@ -157,6 +157,10 @@ def perf(
     measurement_ms: int = typer.Option(2000, help="perf_analyzer measurement window (-p)."),
     batch_size: int = typer.Option(1, help="Batch size of each request (-b)."),
     perf_analyzer: Optional[Path] = typer.Option(None, help="perf_analyzer binary (default: PATH, then the tritonclient wheel's)."),
+    stability_pct: float = typer.Option(25.0, help="perf_analyzer stability threshold in % (-s); also the noise "
+                                                   "band 'compare' allows each run."),
+    repeats: int = typer.Option(1, help="Measure each variant N times; results.csv keeps the median, repeats.csv all "
+                                        "(the noise band of 'compare')."),
 ) -> None:
     """Measure every variant with perf_analyzer at each concurrency; write a tidy results table."""
     from builder.errors import UserError
@@ -174,7 +178,8 @@ def perf(
     try:
         with _interruptible("perf stopped; what was measured is kept, marked incomplete"):
             results = run_perf(repo, server=server, models=model, concurrency=levels, out=out, protocol=protocol,
-                               measurement_ms=measurement_ms, batch_size=batch_size, perf_analyzer=perf_analyzer)
+                               measurement_ms=measurement_ms, batch_size=batch_size, perf_analyzer=perf_analyzer,
+                               repeats=repeats, stability_pct=stability_pct)
     except BuilderError as exc:
         _fail(exc)
     err.print(f"results: {results}")
@@ -197,6 +202,27 @@ def report(
         _fail(exc)
     err.print(f"report: {path}")
     typer.echo(str(path))
+
+
+@app.command()
+def compare(
+    base: Path = typer.Argument(..., help="The baseline results directory (from 'triton-builder perf')."),
+    new: Path = typer.Argument(..., help="The results directory to check against it."),
+    threshold: float = typer.Option(10.0, help="Smallest change in percent that counts (beyond the noise band too)."),
+    out: Optional[Path] = typer.Option(None, help="Where compare.md / .csv / .png go (default: NEW)."),
+) -> None:
+    """Regression gate: change in throughput, p50 and p99 per variant and level, with noise bands; exit 1 on a regression."""
+    from builder.perf.compare import write_comparison
+
+    try:
+        result, path = write_comparison(base, new, threshold_pct=threshold, out=out)
+    except BuilderError as exc:
+        _fail(exc)
+    typer.echo(path.read_text())
+    err.print(f"comparison: {path}")
+    if not result.regressions.empty:
+        err.print(f"[red]{len(result.regressions)} regression(s)[/] beyond the noise and the {threshold:g} % threshold")
+        raise typer.Exit(1)
 
 
 def main() -> None:
