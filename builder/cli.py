@@ -205,6 +205,44 @@ def report(
 
 
 @app.command()
+def profile(
+    repo: Path = typer.Argument(Path("model_repository"), help="Built repository."),
+    model: Optional[list[str]] = typer.Option(None, "--model", help="Only these variants (Triton model names, repeatable)."),
+    out: Optional[Path] = typer.Option(None, help="Where profile.md, profile.json and traces go (default: REPO-profile/ beside REPO)."),
+    results: Optional[Path] = typer.Option(None, help="A perf results directory of REPO: the advice reads its served breakdown."),
+    batch: Optional[list[int]] = typer.Option(None, "--batch", help="Batch sizes to profile (default 1 and min(8, max_batch_size))."),
+    accuracy_budget: Optional[float] = typer.Option(None, help="Minimum cosine for the accuracy advice."),
+    try_: bool = typer.Option(False, "--try", help="Apply the top suggestion to a copy of the spec, rebuild, re-measure, show before/after."),
+    concurrency: str = typer.Option("1,4", help="--try: concurrency levels of the before/after measurement."),
+) -> None:
+    """Where each variant's time goes (operators, roofline, memory) and what to change, with the evidence."""
+    from builder.diagnose.profile import profile_repository
+    from builder.errors import UserError
+
+    try:
+        levels = [int(c) for c in concurrency.split(",") if c.strip()]
+        with _interruptible("profile stopped"):
+            path, _, tips = profile_repository(repo, models=model, out=out, batches=batch, results=results,
+                                               accuracy_budget=accuracy_budget, console=err)
+            err.print(f"profile: {path}")
+            for tip in tips:
+                err.print(f"  advice ({tip.rule}, {tip.variant}): {tip.message}", highlight=False, soft_wrap=True)
+            if try_:
+                from builder.diagnose.trial import try_advice
+                from builder.manifest import read_manifest
+
+                tip, cmp_path, _ = try_advice(repo, read_manifest(repo), tips, path.parent, concurrency=levels, console=err)
+                typer.echo(cmp_path.read_text())
+                err.print(f"before/after: {cmp_path}")
+    except ValueError:
+        _fail(UserError(f"--concurrency {concurrency!r}: give integers separated by commas, e.g. 1,4"))
+    except BuilderError as exc:
+        _fail(exc)
+    if not try_:
+        typer.echo(path.read_text())
+
+
+@app.command()
 def compare(
     base: Path = typer.Argument(..., help="The baseline results directory (from 'triton-builder perf')."),
     new: Path = typer.Argument(..., help="The results directory to check against it."),

@@ -47,7 +47,7 @@ class Comparison:
         return self.table[self.table["verdict"] == "regressed"]
 
 
-def _noise(results_dir: Path, table: pd.DataFrame, manifest: dict) -> pd.DataFrame:
+def _noise(results_dir: Path, table: pd.DataFrame, manifest: dict, rename: dict | None = None) -> pd.DataFrame:
     """Per (variant, concurrency): each metric's value (the repeats' median when there are repeats),
     its noise band in percent, and where the band came from."""
     settings = manifest.get("settings", {})
@@ -62,6 +62,7 @@ def _noise(results_dir: Path, table: pd.DataFrame, manifest: dict) -> pd.DataFra
     repeats_path = Path(results_dir) / REPEATS_CSV
     if repeats_path.is_file():
         repeats = pd.read_csv(repeats_path)
+        repeats["variant"] = repeats["variant"].replace(rename or {})
         repeats = repeats[repeats["throughput"].notna()]
         grouped = repeats.groupby(KEY)
         index = out.set_index(KEY).index
@@ -85,10 +86,14 @@ def _with_medians(table: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def compare_runs(base_dir: Path, new_dir: Path, threshold_pct: float = 10.0) -> Comparison:
+def compare_runs(base_dir: Path, new_dir: Path, threshold_pct: float = 10.0,
+                 rename_new: dict[str, str] | None = None) -> Comparison:
+    """`rename_new`: variant names of NEW to read as BASE's (a changed variant built under a new name)."""
     if not threshold_pct > 0:
         raise UserError(f"--threshold {threshold_pct}: give a positive percentage, e.g. 10")
     (base, base_manifest), (new, new_manifest) = load_results(base_dir), load_results(new_dir)
+    if rename_new:
+        new["variant"] = new["variant"].replace(rename_new)
     notes = [f"{what} differs: base {b!r}, new {n!r}" for what, b, n in (
         ("batch size", base_manifest.get("settings", {}).get("batch_size"), new_manifest.get("settings", {}).get("batch_size")),
         ("protocol", base_manifest.get("settings", {}).get("protocol"), new_manifest.get("settings", {}).get("protocol")),
@@ -96,8 +101,8 @@ def compare_runs(base_dir: Path, new_dir: Path, threshold_pct: float = 10.0) -> 
         ("GPUs", base_manifest.get("machine", {}).get("gpus"), new_manifest.get("machine", {}).get("gpus")),
     ) if b != n]
 
-    base, new = (_with_medians(t.merge(_noise(d, t, m), on=KEY))
-                 for t, d, m in ((base, base_dir, base_manifest), (new, new_dir, new_manifest)))
+    base, new = (_with_medians(t.merge(_noise(d, t, m, r), on=KEY))
+                 for t, d, m, r in ((base, base_dir, base_manifest, None), (new, new_dir, new_manifest, rename_new)))
     merged = base.merge(new, on=KEY, how="outer", suffixes=("_base", "_new"), indicator=True)
     not_compared = []
     for variant in sorted(set(base["variant"]) ^ set(new["variant"])):
@@ -200,9 +205,9 @@ def plot(c: Comparison, path: Path) -> Path | None:
 
 
 def write_comparison(base_dir: Path, new_dir: Path, *, threshold_pct: float = 10.0,
-                     out: Path | None = None) -> tuple[Comparison, Path]:
+                     out: Path | None = None, rename_new: dict[str, str] | None = None) -> tuple[Comparison, Path]:
     """Compare, write compare.md / compare.csv / compare.png into `out` (default NEW); return both."""
-    c = compare_runs(Path(base_dir), Path(new_dir), threshold_pct)
+    c = compare_runs(Path(base_dir), Path(new_dir), threshold_pct, rename_new)
     out = Path(out) if out is not None else Path(new_dir)
     out.mkdir(parents=True, exist_ok=True)
     c.table.to_csv(out / "compare.csv", index=False)
