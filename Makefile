@@ -8,11 +8,13 @@ SPEC ?= examples/demo.yaml
 REPO ?= model_repository
 RESULTS ?= perf/results/demo
 RESULTS_GPU ?= perf/results/gpu
+PROFILE ?= perf/results/profile
+BASE ?= perf/results/base
 CONCURRENCY ?= 1,4,16
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup build validate serve perf report demo test test-all test-reliability bench-bundle bench-gpu clean
+.PHONY: help setup build validate serve perf report profile compare demo test test-all test-reliability bench-bundle bench-gpu clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -42,6 +44,12 @@ perf: setup ## Measure every variant of REPO with perf_analyzer into RESULTS
 
 report: setup ## Write RESULTS/report.md and plots
 	$(TB) report $(RESULTS)
+
+profile: setup ## Profile REPO's variants in-process (operators, roofline, memory) + advice (reads RESULTS if there) into PROFILE
+	$(TB) profile $(REPO) --out $(PROFILE) $(if $(wildcard $(RESULTS)/results.csv),--results $(RESULTS))
+
+compare: setup ## Regression gate: RESULTS against BASE (a results dir); exit 1 on a regression beyond noise
+	$(TB) compare $(BASE) $(RESULTS)
 
 demo: setup ## Build the MiniLM demo, serve it, measure it, write the report (CPU, ~5 min)
 	$(TB) build $(SPEC) -o $(REPO)

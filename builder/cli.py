@@ -214,6 +214,9 @@ def profile(
     accuracy_budget: Optional[float] = typer.Option(None, help="Minimum cosine for the accuracy advice."),
     try_: bool = typer.Option(False, "--try", help="Apply the top suggestion to a copy of the spec, rebuild, re-measure, show before/after."),
     concurrency: str = typer.Option("1,4", help="--try: concurrency levels of the before/after measurement."),
+    tritonserver: Optional[Path] = typer.Option(None, help="--try: tritonserver binary (default: PATH, then nvidia-pytriton's)."),
+    stub_python: Optional[Path] = typer.Option(None, help="--try: python3 whose environment the python backend stub uses."),
+    gpus: bool = typer.Option(False, help="--try: start the servers with GPUs."),
 ) -> None:
     """Where each variant's time goes (operators, roofline, memory) and what to change, with the evidence."""
     from builder.diagnose.profile import profile_repository
@@ -231,7 +234,9 @@ def profile(
                 from builder.diagnose.trial import try_advice
                 from builder.manifest import read_manifest
 
-                tip, cmp_path, _ = try_advice(repo, read_manifest(repo), tips, path.parent, concurrency=levels, console=err)
+                options = {"tritonserver": tritonserver, "stub_python": stub_python, "gpus": gpus}
+                tip, cmp_path, _ = try_advice(repo, read_manifest(repo), tips, path.parent, concurrency=levels,
+                                              server_options=options, console=err)
                 typer.echo(cmp_path.read_text())
                 err.print(f"before/after: {cmp_path}")
     except ValueError:

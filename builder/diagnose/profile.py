@@ -41,9 +41,9 @@ _PATTERNS = [  # first match wins; names are lower-cased torch aten names or ONN
     ("matmul", r"matmul|gemm|addmm|\bmm\b|::mm$|bmm|linear|conv|einsum|baddbmm"),
     ("normalization", r"norm"),
     # data movement; torch's view ops (view, permute, expand...) copy nothing and stay in "other"
-    ("copies", r"copy|clone|contiguous|_to_copy|::to$|cast|^transpose$|cat$|concat|gather|index_select|"
+    ("copies", r"copy|memcpy|clone|contiguous|_to_copy|::to$|cast|^transpose$|cat$|concat|gather|index_select|"
                r"embedding|split|quantizelinear|dequantize"),
-    ("elementwise", r"add|mul|div|sub|gelu|relu|tanh|erf|sqrt|pow|exp|where|neg|rsqrt|sigmoid|silu|mean|sum|"
+    ("elementwise", r"elementwise|vectorized|add|mul|div|sub|gelu|relu|tanh|erf|sqrt|pow|exp|where|neg|rsqrt|sigmoid|silu|mean|sum|"
                     r"clamp|bias|fill|ones|zeros|masked|eq|ne$|lt$|gt$|abs|max|min"),
 ]
 OVERHEAD_US_PER_OP = 20.0  # below this mean time per operator, dispatch/launch overhead dominates
@@ -96,6 +96,7 @@ class VariantProfile:
     all_threads_ms: float | None = None  # CPU: the largest batch's forward with every core
     peak: dict = field(default_factory=dict)  # {"flops": ..., "bytes_per_s": ..., "how": ...}
     config: dict = field(default_factory=dict)  # serving settings read from config.pbtxt
+    notes: list[str] = field(default_factory=list)
 
     def run(self, batch: int) -> Run | None:
         return next((r for r in self.runs if r.batch == batch), None)
@@ -257,6 +258,9 @@ def profile_torch(entry_dir: Path, entry: dict, config: dict, batches: list[int]
     threads = int(params.get("threads", "0") or 0)
     vp = VariantProfile(name, entry.get("model", name), "torch", entry.get("precision", "fp32"),
                         "cuda" if device == "gpu" else "cpu", threads, config["instances"], config=config)
+    if params.get("cuda_graphs") == "1" or params.get("compile", "none") != "none":
+        vp.notes.append("profiled as the exported program, eagerly: the served CUDA graphs / torch.compile are not "
+                        "applied here")
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)

@@ -76,6 +76,7 @@ def write_profile_report(out: Path, repo: Path, profiles: list[VariantProfile], 
                        "largest batch: served threads → all cores"], mem)]
     for p in profiles:
         lines += [f"## {p.variant} ({p.format} {p.precision}, {p.device})", ""]
+        lines += [f"> {note}" for note in p.notes] + ([""] if p.notes else [])
         for r in p.runs:
             shares = ", ".join(f"{c} {r.shares.get(c, 0):.0%}" for c in CATEGORIES if r.shares.get(c, 0) >= 0.005)
             lines += [f"Batch {r.batch}: {shares}. Trace: [{r.trace}]({r.trace}) (Perfetto / chrome://tracing).", ""]

@@ -52,8 +52,10 @@ def changed_spec(spec_path: Path, advice: Advice) -> dict:
 
 
 def try_advice(repo: Path, manifest: dict, tips: list[Advice], out: Path, *, concurrency=(1, 4),
-               measurement_ms: int = 2000, console=None) -> tuple[Advice, Path, int]:
-    """Try the first advice with a triable change; returns (advice, compare.md, regressions found)."""
+               measurement_ms: int = 2000, server_options: dict | None = None, console=None) -> tuple[Advice, Path, int]:
+    """Try the first advice with a triable change; returns (advice, compare.md, regressions found).
+    `server_options`: passed to builder.runtime.start_server (tritonserver, stub_python, gpus) for
+    both measurements, e.g. on the GPU machine."""
     from builder.build import build
     from builder.perf.compare import write_comparison
     from builder.perf.run import run_perf
@@ -84,10 +86,12 @@ def try_advice(repo: Path, manifest: dict, tips: list[Advice], out: Path, *, con
 
         built = read_manifest(new_repo)["models"]
         after_name = next(n for n, e in built.items() if e.get("role", "variant") == "variant")
-        run_perf(repo, models=[tip.variant], concurrency=concurrency, measurement_ms=measurement_ms,
-                 out=work / "before", console=console)
-        run_perf(new_repo, models=[after_name], concurrency=concurrency, measurement_ms=measurement_ms,
-                 out=work / "after", console=console)
+        from builder.runtime import start_server
+
+        for which, where, name in (("before", repo, tip.variant), ("after", new_repo, after_name)):
+            with start_server(where, **(server_options or {})) as server:
+                run_perf(where, server=server, models=[name], concurrency=concurrency, measurement_ms=measurement_ms,
+                         out=work / which, console=console)
     comparison, path = write_comparison(work / "before", work / "after", out=work,
                                         rename_new={after_name: tip.variant} if after_name != tip.variant else None)
     path.write_text(f"Tried: **{tip.rule}** on {tip.variant}: {tip.message}. Spec change `{tip.change.describe()}` "
