@@ -86,7 +86,8 @@ def test_profile_cli_errors_are_one_line(tiny_repo, tmp_path):
                                             ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
                                             ("Softmax", "attention"), ("SkipLayerNormalization", "normalization"),
                                             ("aten::native_layer_norm", "normalization"), ("aten::gelu", "elementwise"),
-                                            ("BiasGelu", "elementwise"), ("aten::copy_", "copies"), ("Transpose", "copies"),
+                                            ("BiasGelu", "elementwise"), ("aten::copy_", "copies"), ("Transpose", "copies"), ("DynamicQuantizeLinear", "copies"),
+                                            ("DynamicQuantizeMatMul", "matmul"),
                                             ("aten::view", "other"), ("aten::arange", "other")])
 def test_operator_categories(name, expected):
     assert category(name) == expected

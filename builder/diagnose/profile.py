@@ -38,11 +38,12 @@ from builder.signature import make_inputs
 CATEGORIES = ("matmul", "attention", "normalization", "elementwise", "copies", "other")
 _PATTERNS = [  # first match wins; names are lower-cased torch aten names or ONNX op types
     ("attention", r"attention|softmax|sdpa|flash|efficient_attention"),
+    ("copies", r"quantizelinear"),  # (Dynamic)QuantizeLinear / DequantizeLinear convert data, no matmul
     ("matmul", r"matmul|gemm|addmm|\bmm\b|::mm$|bmm|linear|conv|einsum|baddbmm"),
     ("normalization", r"norm"),
     # data movement; torch's view ops (view, permute, expand...) copy nothing and stay in "other"
     ("copies", r"copy|memcpy|clone|contiguous|_to_copy|::to$|cast|^transpose$|cat$|concat|gather|index_select|"
-               r"embedding|split|quantizelinear|dequantize"),
+               r"embedding|split"),
     ("elementwise", r"elementwise|vectorized|add|mul|div|sub|gelu|relu|tanh|erf|sqrt|pow|exp|where|neg|rsqrt|sigmoid|silu|mean|sum|"
                     r"clamp|bias|fill|ones|zeros|masked|eq|ne$|lt$|gt$|abs|max|min"),
 ]
@@ -107,17 +108,23 @@ class VariantProfile:
             d["us_per_op"], d["busy_ratio"] = r.us_per_op, r.busy_ratio
         return out
 
+    @property
+    def peak_flops(self) -> float | None:
+        """The floating-point peak this variant is held against; none for integer (int8/int4) matmuls,
+        which run above it and whose own peak is not measured here."""
+        return None if self.precision in ("int8", "int4") else self.peak.get("flops")
+
     def bound(self, run: Run) -> str:
-        """launch-bound / compute-bound / memory-bound, from the numbers (see module docstring)."""
+        """launch-bound / overhead-bound / compute-bound / memory-bound, from the numbers (module docstring)."""
         if run.busy_ratio is not None:
             if run.busy_ratio < BUSY_RATIO_LAUNCH_BOUND:
                 return "launch-bound"
         elif run.us_per_op is not None and run.us_per_op < OVERHEAD_US_PER_OP:
             return "overhead-bound"
-        if run.flops and run.bytes and self.peak.get("flops") and self.peak.get("bytes_per_s"):
-            ridge = self.peak["flops"] / self.peak["bytes_per_s"]
+        if run.flops and run.bytes and self.peak_flops and self.peak.get("bytes_per_s"):
+            ridge = self.peak_flops / self.peak["bytes_per_s"]
             return "compute-bound" if run.flops / run.bytes >= ridge else "memory-bound"
-        return "compute-bound"
+        return "– (no integer peak)" if self.precision in ("int8", "int4") else "–"
 
 
 # --------------------------------------------------------------------------- reading the repository
