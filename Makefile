@@ -8,6 +8,8 @@ SPEC ?= examples/demo.yaml
 REPO ?= model_repository
 RESULTS ?= perf/results/demo
 RESULTS_GPU ?= perf/results/gpu
+PROFILE ?= perf/results/profile
+BASE ?= perf/results/base
 CONCURRENCY ?= 1,4,16
 LLM_SPEC ?= examples/llm.yaml
 LLM_REPO ?= build/llm_repository
@@ -17,7 +19,7 @@ DEPLOY ?= deploy
 COMPOSE_SCHEMA := .tools/compose_spec.json
 
 .DEFAULT_GOAL := help
-.PHONY: help setup build validate serve perf report deploy demo demo-llm bench-llm-cpu test test-all test-reliability bench-bundle bench-gpu bench-gpu-scaling clean
+.PHONY: help setup build validate serve perf report deploy profile compare demo demo-llm bench-llm-cpu test test-all test-reliability bench-bundle bench-gpu bench-gpu-scaling clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -59,6 +61,12 @@ report: setup ## Write RESULTS/report.md and plots
 
 deploy: setup ## Write DEPLOY/ (Dockerfile, compose, Prometheus, Grafana, Kubernetes, KServe) for REPO
 	$(TB) deploy $(REPO) -o $(DEPLOY) --force
+
+profile: setup ## Profile REPO's variants in-process (operators, roofline, memory) + advice (reads RESULTS if there) into PROFILE
+	$(TB) profile $(REPO) --out $(PROFILE) $(if $(wildcard $(RESULTS)/results.csv),--results $(RESULTS))
+
+compare: setup ## Regression gate: RESULTS against BASE (a results dir); exit 1 on a regression beyond noise
+	$(TB) compare $(BASE) $(RESULTS)
 
 demo: setup ## Build the MiniLM demo, serve it, measure it, write the report (CPU, ~5 min)
 	$(TB) build $(SPEC) -o $(REPO)

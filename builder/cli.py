@@ -176,6 +176,10 @@ def perf(
     perf_analyzer: Optional[Path] = typer.Option(None, help="perf_analyzer binary (default: PATH, then the tritonclient wheel's)."),
     prompt_tokens: int = typer.Option(32, help="Text generation: tokens of the synthetic prompt."),
     output_tokens: int = typer.Option(64, help="Text generation: tokens generated per request (forced)."),
+    stability_pct: float = typer.Option(25.0, help="perf_analyzer stability threshold in % (-s); also the noise "
+                                                   "band 'compare' allows each run."),
+    repeats: int = typer.Option(1, help="Measure each variant N times; results.csv keeps the median, repeats.csv all "
+                                        "(the noise band of 'compare')."),
 ) -> None:
     """Measure every variant with perf_analyzer at each concurrency; write a tidy results table.
     Text-generation models get TTFT, inter-token latency and tokens/s (perf_analyzer --streaming)."""
@@ -195,7 +199,8 @@ def perf(
         with _interruptible("perf stopped; what was measured is kept, marked incomplete"):
             results = run_perf(repo, server=server, models=model, concurrency=levels, out=out, protocol=protocol,
                                measurement_ms=measurement_ms, batch_size=batch_size, perf_analyzer=perf_analyzer,
-                               prompt_tokens=prompt_tokens, output_tokens=output_tokens)
+                               prompt_tokens=prompt_tokens, output_tokens=output_tokens,
+                               repeats=repeats, stability_pct=stability_pct)
     except BuilderError as exc:
         _fail(exc)
     err.print(f"results: {results}")
@@ -298,6 +303,70 @@ def deploy(
         _fail(exc)
     err.print(f"[green]wrote[/] {len(files)} files to {out}; see {out / 'README.md'}")
     typer.echo(str(out))
+
+
+@app.command()
+def profile(
+    repo: Path = typer.Argument(Path("model_repository"), help="Built repository."),
+    model: Optional[list[str]] = typer.Option(None, "--model", help="Only these variants (Triton model names, repeatable)."),
+    out: Optional[Path] = typer.Option(None, help="Where profile.md, profile.json and traces go (default: REPO-profile/ beside REPO)."),
+    results: Optional[Path] = typer.Option(None, help="A perf results directory of REPO: the advice reads its served breakdown."),
+    batch: Optional[list[int]] = typer.Option(None, "--batch", help="Batch sizes to profile (default 1 and min(8, max_batch_size))."),
+    accuracy_budget: Optional[float] = typer.Option(None, help="Minimum cosine for the accuracy advice."),
+    try_: bool = typer.Option(False, "--try", help="Apply the top suggestion to a copy of the spec, rebuild, re-measure, show before/after."),
+    concurrency: str = typer.Option("1,4", help="--try: concurrency levels of the before/after measurement."),
+    tritonserver: Optional[Path] = typer.Option(None, help="--try: tritonserver binary (default: PATH, then nvidia-pytriton's)."),
+    stub_python: Optional[Path] = typer.Option(None, help="--try: python3 whose environment the python backend stub uses."),
+    gpus: bool = typer.Option(False, help="--try: start the servers with GPUs."),
+) -> None:
+    """Where each variant's time goes (operators, roofline, memory) and what to change, with the evidence."""
+    from builder.diagnose.profile import profile_repository
+    from builder.errors import UserError
+
+    try:
+        levels = [int(c) for c in concurrency.split(",") if c.strip()]
+        with _interruptible("profile stopped"):
+            path, _, tips = profile_repository(repo, models=model, out=out, batches=batch, results=results,
+                                               accuracy_budget=accuracy_budget, console=err)
+            err.print(f"profile: {path}")
+            for tip in tips:
+                err.print(f"  advice ({tip.rule}, {tip.variant}): {tip.message}", highlight=False, soft_wrap=True)
+            if try_:
+                from builder.diagnose.trial import try_advice
+                from builder.manifest import read_manifest
+
+                options = {"tritonserver": tritonserver, "stub_python": stub_python, "gpus": gpus}
+                tip, cmp_path, _ = try_advice(repo, read_manifest(repo), tips, path.parent, concurrency=levels,
+                                              server_options=options, console=err)
+                typer.echo(cmp_path.read_text())
+                err.print(f"before/after: {cmp_path}")
+    except ValueError:
+        _fail(UserError(f"--concurrency {concurrency!r}: give integers separated by commas, e.g. 1,4"))
+    except BuilderError as exc:
+        _fail(exc)
+    if not try_:
+        typer.echo(path.read_text())
+
+
+@app.command()
+def compare(
+    base: Path = typer.Argument(..., help="The baseline results directory (from 'triton-builder perf')."),
+    new: Path = typer.Argument(..., help="The results directory to check against it."),
+    threshold: float = typer.Option(10.0, help="Smallest change in percent that counts (beyond the noise band too)."),
+    out: Optional[Path] = typer.Option(None, help="Where compare.md / .csv / .png go (default: NEW)."),
+) -> None:
+    """Regression gate: change in throughput, p50 and p99 per variant and level, with noise bands; exit 1 on a regression."""
+    from builder.perf.compare import write_comparison
+
+    try:
+        result, path = write_comparison(base, new, threshold_pct=threshold, out=out)
+    except BuilderError as exc:
+        _fail(exc)
+    typer.echo(path.read_text())
+    err.print(f"comparison: {path}")
+    if not result.regressions.empty:
+        err.print(f"[red]{len(result.regressions)} regression(s)[/] beyond the noise and the {threshold:g} % threshold")
+        raise typer.Exit(1)
 
 
 def main() -> None:

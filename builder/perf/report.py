@@ -308,6 +308,29 @@ def _model_section(model: str, rows: pd.DataFrame, variants: dict[str, dict], re
     if "speedup" in plots:
         out += [f"![speedup vs {base}]({plots['speedup']})", ""]
     out += _steps_section(load_steps(results_dir), names)
+    out += _usage_section(rows, choices)
+    return out
+
+
+GPU_UTIL_BAR = 80.0  # the product's bar: GPU utilization at the operating point
+
+
+def _usage_section(rows: pd.DataFrame, choices: list[Choice]) -> list[str]:
+    """Server CPU and GPU use sampled during each level (absent from older results: no section)."""
+    used = [c for c in ("server_cpu_pct", "gpu_util_pct", "gpu_mem_mb") if c in rows and rows[c].notna().any()]
+    if not used:
+        return []
+    labels = {"server_cpu_pct": "server CPU (% of a core)", "gpu_util_pct": "GPU util (%)", "gpu_mem_mb": "GPU memory (MB)"}
+    table = [[r["variant"], str(int(r["concurrency"])), *(_num(r[c], "{:.0f}") for c in used)]
+             for _, r in rows.sort_values(["variant", "concurrency"]).iterrows()]
+    out = ["Resource use while measured (mean of samples every 0.5 s; CPU summed over the server and its "
+           "python-backend stubs):", "", _table(["variant", "concurrency", *(labels[c] for c in used)], table), ""]
+    if "gpu_util_pct" in used:
+        low = [(c.variant, c.row) for c in choices if c.row is not None and pd.notna(c.row.get("gpu_util_pct"))
+               and c.row["gpu_util_pct"] < GPU_UTIL_BAR]
+        out += [f"GPU utilization below {GPU_UTIL_BAR:g} % at the operating point: "
+                + ", ".join(f"{v} {r['gpu_util_pct']:.0f} % (concurrency {int(r['concurrency'])})" for v, r in low)
+                + ". `triton-builder profile` says why.", ""] if low else []
     return out
 
 
