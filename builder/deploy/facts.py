@@ -18,7 +18,7 @@ from builder.manifest import read_manifest
 # checked to have a cp310 manylinux wheel (`pip install --dry-run --python-version 3.10 --only-binary=:all:`).
 IMAGE_PYTHON = "3.10"
 PINS = {
-    "numpy": "1.26.4",  # < 2: under numpy 2 the stub returns empty outputs (docs/ENVIRONMENT.md)
+    "numpy": "1.26.4",  # < 2: under numpy 2 the stub returns empty outputs (see README "When things go wrong")
     "onnxruntime": "1.23.2",  # the newest with cp310 wheels
     "onnxruntime-gpu": "1.23.2",
     "torch": "2.13.0",  # the builder's torch: the ExportedPrograms load with the version that saved them
