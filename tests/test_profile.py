@@ -198,7 +198,7 @@ def test_changed_spec_applies_the_change_to_a_reduced_copy(tmp_path):
                        rules.Change("tb", None, "instances.count", 2))
     data = changed_spec(spec, tip)
     model = data["models"][0]
-    assert model["instances"] == {"kind": "cpu", "count": 2, "threads": 1}
+    assert model["instances"] == {"kind": "cpu", "count": 2, "threads": 1, "gpus": None}
     assert model["variants"] == [{"format": "onnx", "precision": "fp32"}]
     graphs = rules.Advice("launch-bound", "tb_torch_fp32", "...", {}, rules.Change("tb", "torch_fp32", "cuda_graphs", True))
     assert changed_spec(spec, graphs)["models"][0]["variants"] == [{"format": "torch", "precision": "fp32", "cuda_graphs": True}]

@@ -27,7 +27,7 @@ BAD = {
     "gpus_word": ("defaults: {instances: {kind: gpu, gpus: some}}\n", "",
                   "defaults.instances.gpus: 'some' is not a list of GPU indices; use e.g. [0, 1], or all"),
     "queue_negative": ("defaults: {queue_policy: {max_queue_size: -1}}\n", "",
-                       "defaults.queue_policy.max_queue_size: Input should be greater than or equal to 0"),
+                       "defaults.queue_policy.max_queue_size: Input should be greater than or equal to 0; got -1; write 0 or more"),
     "timeout_action": ("defaults: {queue_policy: {timeout_action: drop}}\n", "",
                        "defaults.queue_policy.timeout_action: 'drop' is not allowed; use one of 'reject' or 'delay'"),
     "priority_without_levels": ("defaults: {queue_policy: {default_priority: 2}}\n", "",

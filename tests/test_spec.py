@@ -70,7 +70,7 @@ BAD_SPECS = {
                                    "models[0](lm).generation: max_prompt_tokens (64) must be below max_total_tokens (64) "
                                    "to leave room for generated tokens"),
     "generation_zero_slots": ("models:" + LLM_MODEL + "    generation: {max_sequences: 0}\n",
-                              "models[0](lm).generation.max_sequences: Input should be greater than or equal to 1"),
+                              "models[0](lm).generation.max_sequences: Input should be greater than or equal to 1; got 0; write 1 or more"),
     "vllm_without_generation": ("models:" + LLM_MODEL.replace("format: torch", "format: vllm"),
                                 "models[0](lm): variant vllm_fp32 needs a generation: block (max_sequences, "
                                 "max_prompt_tokens, ...)"),
