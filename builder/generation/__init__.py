@@ -142,9 +142,7 @@ def check(decoder_module, tokenizer, config, weights, precision: str, prompt_ids
     from builder.generation import engine as eng
 
     dtype = getattr(torch, TORCH_DTYPES[precision])
-    cast = {k: (v if k == "inv_freq" else v.to(device=device, dtype=dtype)) for k, v in weights.items()}
-    if "inv_freq" in cast:
-        cast["inv_freq"] = cast["inv_freq"].to(device)
+    cast = {k: v.to(device=device, dtype=None if k == "inv_freq" else dtype) for k, v in weights.items()}
     dec = decoder_module.Decoder(config, cast)
     slots = max(len(prompt_ids), 1)
     longest = max(len(p) + len(t) for p, t in zip(prompt_ids, ref_tokens)) + 2

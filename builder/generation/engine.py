@@ -139,9 +139,6 @@ class Engine:
                     continue
             self.step()
 
-    def busy(self) -> int:
-        return len(self.running) + len(self.waiting) + self.inbox.qsize()
-
     # -- one scheduler step (engine thread) --
     def step(self) -> None:
         while True:
