@@ -13,7 +13,7 @@ from builder.cli import app
 from builder.generation import engine as eng
 from builder.generation import hf2decoder
 from builder.generation.decoder import Decoder
-from tests.tiny_llm import ARCHS, make_model_dir, spec_text
+from tiny_llm import ARCHS, make_model_dir, spec_text
 
 
 def _loaded(path):

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from builder.cli import app
 from builder.errors import RunError
 from builder.generation.client import generate, grpc_inputs, grpc_stream, stream
-from tests.tiny_llm import make_model_dir, spec_text
+from tiny_llm import make_model_dir, spec_text
 
 pytestmark = pytest.mark.server
 
