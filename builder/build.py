@@ -210,6 +210,8 @@ def build_model(ctx: Build, model: Model) -> dict[str, dict]:
     """Build every variant of `model` into ctx.stage; return the manifest entries of what to install."""
     from builder.sources import load_source
 
+    if model.generation is not None:
+        return build_generator(ctx, model)
     console, result = ctx.console, ctx.result
     entries: dict[str, dict] = {}
     keys, hits = {}, set()
@@ -326,6 +328,19 @@ def build_variant(job: Job) -> dict | None:
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.time() - t0, 2),
         **job.fmt.record(job, artifact),
     }
+
+
+def build_generator(ctx: Build, model: Model) -> dict[str, dict]:
+    """A text-generation model with a generation: block (builder/generation): its variants and results."""
+    from builder.generation import build_generation
+
+    entries, outcomes = build_generation(ctx.spec, ctx.spec_path, model, ctx.stage, ctx.console)
+    for o in outcomes:
+        name = o.get("name", f"{model.name}_{o['variant']}")
+        size = sum(f["bytes"] for f in entries[name]["files"] if f["path"].startswith("1/")) if name in entries else 0
+        ctx.result.results.append(VariantResult(name, model.name, o["variant"], o["status"], o.get("seconds", 0.0), size,
+                                                o.get("cosine"), None, o["message"], step=o["step"]))
+    return entries
 
 
 def cached_result(name: str, model: str, tag: str, entry: dict) -> VariantResult:

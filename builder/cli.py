@@ -113,11 +113,14 @@ def serve(
     gpus: bool = typer.Option(False, help="Request GPUs (docker runtime)."),
     check: bool = typer.Option(True, help="Send one request to every model after start-up and compare with the build."),
     once: bool = typer.Option(False, help="Stop right after the self-check (for scripts and CI)."),
+    openai_port: Optional[int] = typer.Option(None, help="Also serve an OpenAI-compatible API (/v1/completions, "
+                                                         "/v1/chat/completions) for text-generation models on this port."),
 ) -> None:
     """Start Triton on a repository, wait until every model is READY, self-check, serve until Ctrl-C."""
     import signal
     import threading
 
+    from builder.errors import UserError
     from builder.runtime import DEFAULT_IMAGE, self_check, start_server
     from builder.validate import validate_repository
 
@@ -141,9 +144,20 @@ def serve(
             if check:
                 results = self_check(server, repo)
                 err.print(f"[green]self-check passed[/]: {sum(r.ok for r in results)} models answered as built")
+            front = None
+            if openai_port is not None:
+                from builder.generation.openai_front import start_front
+
+                try:
+                    front = start_front(repo, server.http_url, openai_port, host)
+                except OSError as exc:
+                    raise UserError(f"--openai-port {openai_port}: {exc.strerror}; choose a free port") from None
+                err.print(f"  OpenAI  http://{host}:{front.server_port}/v1")
             if not once:
                 err.print("serving; Ctrl-C stops")
                 stop.wait()
+            if front is not None:
+                front.shutdown()
             err.print("stopping")
     except BuilderError as exc:
         _fail(exc)
@@ -160,8 +174,15 @@ def perf(
     measurement_ms: int = typer.Option(2000, help="perf_analyzer measurement window (-p)."),
     batch_size: int = typer.Option(1, help="Batch size of each request (-b)."),
     perf_analyzer: Optional[Path] = typer.Option(None, help="perf_analyzer binary (default: PATH, then the tritonclient wheel's)."),
+    prompt_tokens: int = typer.Option(32, help="Text generation: tokens of the synthetic prompt."),
+    output_tokens: int = typer.Option(64, help="Text generation: tokens generated per request (forced)."),
+    stability_pct: float = typer.Option(25.0, help="perf_analyzer stability threshold in % (-s); also the noise "
+                                                   "band 'compare' allows each run."),
+    repeats: int = typer.Option(1, help="Measure each variant N times; results.csv keeps the median, repeats.csv all "
+                                        "(the noise band of 'compare')."),
 ) -> None:
-    """Measure every variant with perf_analyzer at each concurrency; write a tidy results table."""
+    """Measure every variant with perf_analyzer at each concurrency; write a tidy results table.
+    Text-generation models get TTFT, inter-token latency and tokens/s (perf_analyzer --streaming)."""
     from builder.errors import UserError
     from builder.perf import run_perf
 
@@ -177,7 +198,9 @@ def perf(
     try:
         with _interruptible("perf stopped; what was measured is kept, marked incomplete"):
             results = run_perf(repo, server=server, models=model, concurrency=levels, out=out, protocol=protocol,
-                               measurement_ms=measurement_ms, batch_size=batch_size, perf_analyzer=perf_analyzer)
+                               measurement_ms=measurement_ms, batch_size=batch_size, perf_analyzer=perf_analyzer,
+                               prompt_tokens=prompt_tokens, output_tokens=output_tokens,
+                               repeats=repeats, stability_pct=stability_pct)
     except BuilderError as exc:
         _fail(exc)
     err.print(f"results: {results}")
@@ -200,6 +223,150 @@ def report(
         _fail(exc)
     err.print(f"report: {path}")
     typer.echo(str(path))
+
+
+@app.command()
+def ask(
+    repo: Path = typer.Argument(Path("model_repository"), help="Repository with a text-generation model."),
+    prompt: str = typer.Argument(..., help="What to ask; sent through the model's chat template when it has one."),
+    model: Optional[str] = typer.Option(None, help="Triton model name (default: the repository's first generation model)."),
+    max_tokens: int = typer.Option(128, help="New tokens at most."),
+    url: Optional[str] = typer.Option(None, help="host:port of a running server's gRPC endpoint; default: start one."),
+) -> None:
+    """Stream one answer from a text-generation model to the terminal (gRPC streaming)."""
+    from builder.errors import UserError
+    from builder.generation.client import grpc_stream
+    from builder.manifest import read_manifest
+
+    try:
+        entries = {n: e for n, e in read_manifest(repo)["models"].items() if "generation" in e and e.get("status") == "passed"}
+        if not entries:
+            raise UserError(f"{repo}: no text-generation model here; build one with a generation: block")
+        name = model or next(iter(entries))
+        if name not in entries:
+            raise UserError(f"--model {name}: not a text-generation model of {repo}; have: {', '.join(entries)}")
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(repo / name / "1"))
+        special = not tokenizer.chat_template
+        text = prompt if special else tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+
+        def show(piece: str) -> None:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+        with contextlib.ExitStack() as stack:
+            if url is None:
+                from builder.runtime import start_server
+
+                err.print(f"starting Triton on {repo} ...")
+                url = stack.enter_context(start_server(repo)).grpc_url
+            with _interruptible("ask stopped"):
+                answer = grpc_stream(url, name, text, on_piece=show, max_tokens=max_tokens, add_special_tokens=special)
+        sys.stdout.write("\n")
+        err.print(f"[{answer['num_output_tokens']} tokens, finish_reason {answer['finish_reason']}]")
+    except BuilderError as exc:
+        _fail(exc)
+
+
+@app.command()
+def deploy(
+    repo: Path = typer.Argument(Path("model_repository"), help="Built repository (with triton-builder.json)."),
+    out: Path = typer.Option(Path("deploy"), "-o", "--out", help="Directory to write (must not exist, or --force)."),
+    force: bool = typer.Option(False, help="Replace OUT if it exists."),
+    base_image: Optional[str] = typer.Option(None, help="NGC Triton image (default: the one serve uses)."),
+    image: Optional[str] = typer.Option(None, help="Name of the image to build (default triton-builder/<repo>:latest)."),
+    name: str = typer.Option("triton", help="Compose service / Kubernetes name."),
+    metrics_target: Optional[str] = typer.Option(None, help="host:port Prometheus scrapes (default <name>:8002)."),
+    scrape_interval: str = typer.Option("15s", help="Prometheus scrape and evaluation interval."),
+    rate_window: str = typer.Option("1m", help="rate() window of the recording rules (>= 4 scrape intervals)."),
+    latency_budget_ms: float = typer.Option(100.0, help="Alert when the average queue time per request is above it."),
+    failure_ratio: float = typer.Option(0.01, help="Alert when failed / all requests is above it."),
+    queue_target_ms: float = typer.Option(10.0, help="HPA target: average queue time per request."),
+    min_replicas: int = typer.Option(1, help="HPA minimum replicas."),
+    max_replicas: int = typer.Option(4, help="HPA maximum replicas."),
+    storage_uri: str = typer.Option("pvc://triton-models/model_repository", help="KServe: where the repository is."),
+) -> None:
+    """Write a Dockerfile, compose.yaml (Triton, Prometheus, Grafana), Prometheus rules, Kubernetes and KServe files."""
+    from builder.deploy import DeployOptions
+    from builder.deploy import deploy as run_deploy
+
+    try:
+        options = DeployOptions(base_image=base_image, image=image, name=name, metrics_target=metrics_target,
+                                scrape_interval=scrape_interval, rate_window=rate_window,
+                                latency_budget_ms=latency_budget_ms, failure_ratio=failure_ratio,
+                                queue_target_ms=queue_target_ms, min_replicas=min_replicas, max_replicas=max_replicas,
+                                storage_uri=storage_uri)
+        files = run_deploy(repo, out, options, force=force)
+    except BuilderError as exc:
+        _fail(exc)
+    err.print(f"[green]wrote[/] {len(files)} files to {out}; see {out / 'README.md'}")
+    typer.echo(str(out))
+
+
+@app.command()
+def profile(
+    repo: Path = typer.Argument(Path("model_repository"), help="Built repository."),
+    model: Optional[list[str]] = typer.Option(None, "--model", help="Only these variants (Triton model names, repeatable)."),
+    out: Optional[Path] = typer.Option(None, help="Where profile.md, profile.json and traces go (default: REPO-profile/ beside REPO)."),
+    results: Optional[Path] = typer.Option(None, help="A perf results directory of REPO: the advice reads its served breakdown."),
+    batch: Optional[list[int]] = typer.Option(None, "--batch", help="Batch sizes to profile (default 1 and min(8, max_batch_size))."),
+    accuracy_budget: Optional[float] = typer.Option(None, help="Minimum cosine for the accuracy advice."),
+    try_: bool = typer.Option(False, "--try", help="Apply the top suggestion to a copy of the spec, rebuild, re-measure, show before/after."),
+    concurrency: str = typer.Option("1,4", help="--try: concurrency levels of the before/after measurement."),
+    tritonserver: Optional[Path] = typer.Option(None, help="--try: tritonserver binary (default: PATH, then nvidia-pytriton's)."),
+    stub_python: Optional[Path] = typer.Option(None, help="--try: python3 whose environment the python backend stub uses."),
+    gpus: bool = typer.Option(False, help="--try: start the servers with GPUs."),
+) -> None:
+    """Where each variant's time goes (operators, roofline, memory) and what to change, with the evidence."""
+    from builder.diagnose.profile import profile_repository
+    from builder.errors import UserError
+
+    try:
+        levels = [int(c) for c in concurrency.split(",") if c.strip()]
+        with _interruptible("profile stopped"):
+            path, _, tips = profile_repository(repo, models=model, out=out, batches=batch, results=results,
+                                               accuracy_budget=accuracy_budget, console=err)
+            err.print(f"profile: {path}")
+            for tip in tips:
+                err.print(f"  advice ({tip.rule}, {tip.variant}): {tip.message}", highlight=False, soft_wrap=True)
+            if try_:
+                from builder.diagnose.trial import try_advice
+                from builder.manifest import read_manifest
+
+                options = {"tritonserver": tritonserver, "stub_python": stub_python, "gpus": gpus}
+                tip, cmp_path, _ = try_advice(repo, read_manifest(repo), tips, path.parent, concurrency=levels,
+                                              server_options=options, console=err)
+                typer.echo(cmp_path.read_text())
+                err.print(f"before/after: {cmp_path}")
+    except ValueError:
+        _fail(UserError(f"--concurrency {concurrency!r}: give integers separated by commas, e.g. 1,4"))
+    except BuilderError as exc:
+        _fail(exc)
+    if not try_:
+        typer.echo(path.read_text())
+
+
+@app.command()
+def compare(
+    base: Path = typer.Argument(..., help="The baseline results directory (from 'triton-builder perf')."),
+    new: Path = typer.Argument(..., help="The results directory to check against it."),
+    threshold: float = typer.Option(10.0, help="Smallest change in percent that counts (beyond the noise band too)."),
+    out: Optional[Path] = typer.Option(None, help="Where compare.md / .csv / .png go (default: NEW)."),
+) -> None:
+    """Regression gate: change in throughput, p50 and p99 per variant and level, with noise bands; exit 1 on a regression."""
+    from builder.perf.compare import write_comparison
+
+    try:
+        result, path = write_comparison(base, new, threshold_pct=threshold, out=out)
+    except BuilderError as exc:
+        _fail(exc)
+    typer.echo(path.read_text())
+    err.print(f"comparison: {path}")
+    if not result.regressions.empty:
+        err.print(f"[red]{len(result.regressions)} regression(s)[/] beyond the noise and the {threshold:g} % threshold")
+        raise typer.Exit(1)
 
 
 def main() -> None:

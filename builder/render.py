@@ -111,9 +111,13 @@ def _serialize(value: np.ndarray, t: TensorSpec) -> bytes:
 def model_config(name: str, sig: Signature, *, runtime: str, fmt: str, serving: dict, parameters: dict,
                  warmup: list[dict]) -> str:
     db = serving["dynamic_batching"] if sig.max_batch_size > 0 else None
+    instances = serving["instances"]
+    gpu = instances.kind == "gpu"
     return render_template(
         "config.pbtxt.j2", f"{name}/config.pbtxt",
         name=name, max_batch_size=sig.max_batch_size, inputs=sig.inputs, outputs=sig.outputs,
-        dynamic_batching=db or None, instance_kind="KIND_GPU" if serving["instances"].kind == "gpu" else "KIND_CPU",
-        instance_count=serving["instances"].count, warmup=warmup, parameters=parameters, **backend_of(runtime, fmt),
+        dynamic_batching=db or None, queue_policy=serving.get("queue_policy") if db else None,
+        instance_kind="KIND_GPU" if gpu else "KIND_CPU", instance_count=instances.count,
+        instance_gpus=instances.gpus if gpu and isinstance(instances.gpus, list) else None,
+        warmup=warmup, parameters=parameters, **backend_of(runtime, fmt),
     )

@@ -18,6 +18,7 @@ TRITON_DTYPES = {
     "int8": "INT8",
     "int32": "INT32",
     "int64": "INT64",
+    "uint64": "UINT64",
     "float16": "FP16",
     "float32": "FP32",
     "float64": "FP64",

@@ -18,7 +18,8 @@ TASKS = (
     "zero-shot-image-classification",
     "text-generation",
 )
-FORMATS = ("onnx", "tensorrt", "torch")
+FORMATS = ("onnx", "tensorrt", "torch", "tensorrt-llm", "vllm")
+LLM_FORMATS = ("tensorrt-llm", "vllm")  # render-only targets of text-generation models with a generation block
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 RUNTIMES = ("python", "native")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -58,10 +59,56 @@ class DynamicBatching(Strict):
 
 class Instances(Strict):
     kind: Literal["cpu", "gpu"] = "cpu"
-    count: int = Field(1, ge=1, le=64)
+    count: int = Field(1, ge=1, le=64)  # with kind gpu: instances on each GPU
     # intra-op threads of each instance; 0 lets the runtime use every core. The default of 1 keeps
     # instances (and a load generator on the same machine) from spinning against each other.
     threads: int = Field(1, ge=0, le=256)
+    # kind gpu: which GPUs get `count` instances each; "all" (Triton's default) is every visible GPU
+    gpus: list[int] | Literal["all"] | None = None
+
+    @field_validator("gpus", mode="before")
+    @classmethod
+    def _gpus_shape(cls, v: Any) -> Any:
+        if v is None or v == "all" or (isinstance(v, list) and all(isinstance(g, int) and not isinstance(g, bool) for g in v)):
+            return v
+        raise ValueError(f"{v!r} is not a list of GPU indices; use e.g. [0, 1], or all")
+
+    @model_validator(mode="after")
+    def _gpus(self) -> "Instances":
+        if self.gpus is not None and self.kind != "gpu":
+            raise ValueError("gpus applies to kind: gpu only; set kind: gpu or remove gpus")
+        if isinstance(self.gpus, list):
+            if not self.gpus or any(g < 0 for g in self.gpus) or len(set(self.gpus)) != len(self.gpus):
+                raise ValueError(f"gpus {self.gpus} must be distinct device indices >= 0 (e.g. [0, 1]), or all")
+        return self
+
+
+class LevelPolicy(Strict):
+    """The queue of one priority level (Triton's ModelQueuePolicy)."""
+
+    max_queue_size: int = Field(0, ge=0)  # requests waiting at most; beyond it new ones are rejected; 0: unbounded
+    timeout_us: int = Field(0, ge=0)  # a request waiting longer is rejected (timeout_action); 0: never
+    timeout_action: Literal["reject", "delay"] = "reject"
+    allow_timeout_override: bool = False  # a request may ask for a shorter timeout of its own
+
+
+class QueuePolicy(LevelPolicy):
+    """Admission control: bounded queues and timeouts, so overload gets fast errors instead of latency."""
+
+    priority_levels: int = Field(0, ge=0, le=16)  # 0: one queue; N: requests carry a priority 1..N (1 first)
+    default_priority: int | None = Field(None, ge=1)  # the level of a request that names none; default N
+    levels: dict[int, LevelPolicy] = {}  # per-level queues; levels not listed use the fields above
+
+    @model_validator(mode="after")
+    def _levels(self) -> "QueuePolicy":
+        if (self.default_priority is not None or self.levels) and not self.priority_levels:
+            raise ValueError("default_priority and levels need priority_levels >= 1")
+        if self.default_priority is not None and self.default_priority > self.priority_levels:
+            raise ValueError(f"default_priority {self.default_priority} is above priority_levels {self.priority_levels}")
+        bad = sorted(k for k in self.levels if not 1 <= k <= self.priority_levels)
+        if bad:
+            raise ValueError(f"levels {bad} are outside 1..{self.priority_levels} (priority_levels)")
+        return self
 
 
 class Serving(Strict):
@@ -71,19 +118,21 @@ class Serving(Strict):
     dynamic_batching: DynamicBatching | bool | None = None
     instances: Instances | None = None
     warmup: bool | None = None
+    queue_policy: QueuePolicy | None = None  # admission control of the dynamic batcher's queue
 
 
-SERVING_DEFAULTS = dict(max_batch_size=8, dynamic_batching=DynamicBatching(), instances=Instances(), warmup=True)
+SERVING_DEFAULTS = dict(max_batch_size=8, dynamic_batching=DynamicBatching(), instances=Instances(), warmup=True,
+                        queue_policy=None)
 
 
 class Source(Strict):
     """Exactly one of the fields."""
 
-    path: str | None = None  # a local Hugging Face directory (relative to the spec file)
+    path: str | None = None  # a local Hugging Face directory or a .gguf file (relative to the spec file)
     hf: str | None = None  # a hub id (needs internet)
     config: dict[str, Any] | None = None  # an inline transformers config: random init
     factory: str | None = None  # module:function returning (nn.Module, example inputs)
-    package: str | None = None  # a directory inside an installed Python package: "pkg/sub/dir"
+    package: str | None = None  # a directory or .gguf file inside an installed Python package: "pkg/sub/dir"
     revision: str | None = None  # with hf: a branch, tag or commit
 
     @model_validator(mode="after")
@@ -137,9 +186,19 @@ class Variant(Strict):
     # torch on GPU: replay captured CUDA graphs per (batch, sequence) bucket, inputs padded to the bucket
     cuda_graphs: bool = False
     compile: Literal["none", "inductor"] = "none"  # torch: torch.compile the program when the model loads
+    # tensorrt-llm: llmapi (LLM() from model.yaml, the current path) or engine (trtllm-build + the
+    # inflight_batcher_llm model set, for TensorRT-LLM <= 1.2)
+    flow: Literal["llmapi", "engine"] = "llmapi"
 
     @model_validator(mode="after")
     def _combination(self) -> "Variant":
+        if self.flow != "llmapi" and self.format != "tensorrt-llm":
+            raise ValueError("flow applies to format tensorrt-llm only; remove it")
+        if self.format in LLM_FORMATS:
+            if self.calibration != "dynamic" or self.cuda_graphs or self.compile != "none":
+                raise ValueError(f"format {self.format} takes precision (and tolerance) only; remove calibration, "
+                                 "cuda_graphs and compile")
+            return self
         if (self.cuda_graphs or self.compile != "none") and self.format != "torch":
             raise ValueError("cuda_graphs and compile apply to format torch only")
         if self.calibration == "static" and self.precision != "int8":
@@ -160,6 +219,7 @@ class Variant(Strict):
         suffix = "_static" if self.calibration == "static" else ""
         suffix += "_inductor" if self.compile == "inductor" else ""
         suffix += "_graphs" if self.cuda_graphs else ""
+        suffix += "_engine" if self.flow == "engine" else ""
         return f"{self.format}_{self.precision}{suffix}"
 
     @property
@@ -179,6 +239,28 @@ class Ensemble(Strict):
     top_k: int = Field(5, ge=1)  # classifiers: how many labels come back
 
 
+class Generation(Strict):
+    """Text generation served from a KV cache: the limits every runtime (ours, TensorRT-LLM, vLLM) is sized by."""
+
+    max_sequences: int = Field(8, ge=1, le=4096)  # sequences decoded together (KV-cache slots); more wait in a queue
+    max_prompt_tokens: int = Field(512, ge=1)  # longest prompt accepted, in tokens
+    max_total_tokens: int = Field(1024, ge=2)  # prompt + generated tokens of one sequence (the cache length)
+    max_tokens: int = Field(128, ge=1)  # new tokens when a request gives no max_tokens
+    prefill_chunk: int = Field(128, ge=1)  # prompt tokens run per step, so a long prompt does not stall the others
+    gpu_memory_fraction: float = Field(0.9, gt=0, le=1)  # TensorRT-LLM / vLLM: share of free GPU memory for the cache
+    tensor_parallel: int = Field(1, ge=1)  # TensorRT-LLM / vLLM: GPUs one model is split over
+    pipeline_parallel: int = Field(1, ge=1)  # TensorRT-LLM: pipeline stages
+
+    @model_validator(mode="after")
+    def _limits(self) -> "Generation":
+        if self.max_prompt_tokens >= self.max_total_tokens:
+            raise ValueError(f"max_prompt_tokens ({self.max_prompt_tokens}) must be below max_total_tokens "
+                             f"({self.max_total_tokens}) to leave room for generated tokens")
+        if self.max_tokens > self.max_total_tokens - 1:
+            raise ValueError(f"max_tokens ({self.max_tokens}) must be below max_total_tokens ({self.max_total_tokens})")
+        return self
+
+
 class Model(Serving):
     name: str
     task: Literal[TASKS]  # type: ignore[valid-type]
@@ -188,6 +270,7 @@ class Model(Serving):
     labels: list[str] | None = None  # class names; default: the model config's id2label
     outputs: list[str] | None = None  # serve only these of the task's outputs (e.g. [sentence_embedding])
     ensemble: Ensemble | bool | None = None  # true: the model's fp32 variant (or its only one)
+    generation: Generation | None = None  # text-generation: serve text in / text out from a KV cache
 
     @field_validator("name")
     @classmethod
@@ -213,7 +296,18 @@ class Model(Serving):
             raise ValueError(f"ensemble.variant {self.ensemble.variant!r} is not one of this model's variants "
                              f"({', '.join(tags)})")
         if self.ensemble and self.task == "text-generation":
-            raise ValueError("ensemble for text-generation is not supported yet (it comes with LLM serving)")
+            raise ValueError("ensemble does not apply to text-generation; a generation: block serves text in / "
+                             "text out (tokenizer included) as one model")
+        if self.generation is not None and self.task != "text-generation":
+            raise ValueError(f"generation applies to task text-generation only (this model's task is {self.task})")
+        llm = [v.tag for v in self.variants if v.format in LLM_FORMATS]
+        if llm and self.generation is None:
+            raise ValueError(f"variant {llm[0]} needs a generation: block (max_sequences, max_prompt_tokens, ...)")
+        if self.generation is not None:
+            other = [v.tag for v in self.variants if v.format not in ("torch", *LLM_FORMATS)]
+            if other:
+                raise ValueError(f"variant {other[0]}: a generation model is served as format torch, tensorrt-llm "
+                                 "or vllm; remove it or drop the generation: block for logits-only exports")
         return self
 
 
@@ -246,6 +340,11 @@ class Spec(Strict):
         if db and mbs == 0:
             raise UserError(f"models[{model.name}]: dynamic_batching needs max_batch_size > 0; "
                             "set max_batch_size or dynamic_batching: false")
+        if out["queue_policy"] is not None and not db:
+            if model.queue_policy is not None:
+                raise UserError(f"models[{model.name}].queue_policy: the queue belongs to the dynamic batcher; "
+                                "set max_batch_size > 0 and dynamic_batching, or remove queue_policy")
+            out["queue_policy"] = None  # inherited from defaults: no queue to bound here
         if db and any(b > mbs for b in db.preferred_batch_sizes):
             raise UserError(f"models[{model.name}].dynamic_batching.preferred_batch_sizes: "
                             f"{db.preferred_batch_sizes} has sizes above max_batch_size {mbs}; lower them or raise max_batch_size")
@@ -345,9 +444,9 @@ def load_spec(path: Path | str) -> Spec:
             raise UserError(f"{path}: {exc}") from None
         if model.source.path is not None:
             local = (path.parent / model.source.path).resolve()
-            if not local.is_dir():
-                raise UserError(f"{path}: models[{model.name}].source.path: {local} is not a directory; "
-                                "give a local Hugging Face model directory (relative to the spec file)")
+            if not (local.is_dir() or (local.is_file() and local.suffix == ".gguf")):
+                raise UserError(f"{path}: models[{model.name}].source.path: {local} is not a directory or a .gguf "
+                                "file; give a local Hugging Face model directory or a GGUF file (relative to the spec file)")
     return spec
 
 
@@ -364,7 +463,7 @@ def resolve_source_path(spec_path: Path, source: Source) -> Path | None:
             raise UserError(f"source.package: Python package {pkg!r} is not installed; pip install it "
                             f"(e.g. pip install {pkg.replace('_', '-')})")
         root = Path(list(found.submodule_search_locations)[0]) / sub
-        if not root.is_dir():
-            raise UserError(f"source.package: {root} is not a directory inside {pkg}")
+        if not (root.is_dir() or (root.is_file() and root.suffix == ".gguf")):
+            raise UserError(f"source.package: {root} is not a directory or a .gguf file inside {pkg}")
         return root
     return None

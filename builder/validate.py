@@ -20,7 +20,11 @@ def validate_repository(repo: Path) -> int:
     model_dirs = sorted(p for p in repo.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not model_dirs:
         raise UserError(f"{repo}: holds no models; build one with 'triton-builder build SPEC -o {repo}'")
+    targets = llm_targets(repo)  # TensorRT-LLM / vLLM models: their own checks (builder/targets)
     for d in model_dirs:
+        if d.name in targets:
+            problems += targets[d.name]()
+            continue
         cfg_path = d / "config.pbtxt"
         if not cfg_path.is_file():
             problems.append(f"{d.name}: no config.pbtxt")
@@ -38,6 +42,7 @@ def validate_repository(repo: Path) -> int:
             problems.append(f"{d.name}/config.pbtxt: name {cfg.name!r} differs from its directory {d.name!r}")
         configs[d.name] = cfg
         problems += check_artifacts(d, cfg)
+    configs.update({name: None for name in targets})
     manifest_path = repo / "triton-builder.json"
     if manifest_path.is_file():
         from builder.manifest import read_manifest
@@ -52,13 +57,38 @@ def validate_repository(repo: Path) -> int:
                 elif f["path"].split("/")[0].isdigit() and "sha256" in f and changed(path, f):
                     problems.append(f"{name}: file {f['path']} differs from the one built (size or sha256 in "
                                     "triton-builder.json); rebuild the repository")
-    if any(c.platform == "ensemble" for c in configs.values()):
+    if any(c is not None and c.platform == "ensemble" for c in configs.values()):
         from builder.ensembles import check_ensembles
 
         problems += check_ensembles(repo, configs)
     if problems:
         raise UserError(f"{repo}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
     return len(configs)
+
+
+def llm_targets(repo: Path) -> dict:
+    """{model name: a check returning problems} for the manifest's rendered TensorRT-LLM / vLLM models. Their
+    runtime files (TensorRT-LLM's model.py, an engine) come from the serving image or its build step."""
+    from builder.manifest import MANIFEST, read_manifest
+
+    if not (repo / MANIFEST).is_file():
+        return {}
+    from builder.targets import TARGETS
+
+    def checker(name: str, entry: dict):
+        def run() -> list[str]:
+            options = {"runtime_files": False} if entry["target"] == "tensorrt-llm" else {}
+            try:
+                TARGETS[entry["target"]].check(repo / name, entry, **options)
+            except UserError as exc:
+                return [str(exc)]
+            return []
+
+        return run
+
+    models = read_manifest(repo)["models"].items()
+    return {n: (lambda: []) if e.get("role") == "llm-part" else checker(n, e)  # parts: checked with their ensemble
+            for n, e in models if e.get("target") in TARGETS}
 
 
 def changed(path: Path, record: dict) -> bool:

@@ -344,7 +344,7 @@ def test_tensorrt_int4_is_refused_before_any_work(tmp_path):
     ("warmup", "maybe", "warmup: Input should be a valid boolean, unable to interpret input; got 'maybe'; "
                         "write true or false"),
     ("instances", "3", "instances: Input should be a valid dictionary; got 3; write a mapping of its fields "
-                       "(kind, count, threads)"),
+                       "(kind, count, threads, gpus)"),
     ("labels", "x", "labels: Input should be a valid list; got 'x'; write a list, e.g. [a, b]"),
 ])
 def test_pydantic_messages_say_what_to_write_instead(tmp_path, field, value, expected):

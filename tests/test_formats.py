@@ -14,7 +14,7 @@ def test_every_format_the_spec_offers_has_a_record():
 def test_a_name_is_registered_once_and_an_unknown_one_lists_the_known():
     with pytest.raises(ValueError, match="registered twice"):
         formats.register(formats.get("onnx"))
-    with pytest.raises(UserError, match="format 'onnx2' is not known; known: onnx, tensorrt, torch"):
+    with pytest.raises(UserError, match="format 'onnx2' is not known; known: onnx, tensorrt, tensorrt-llm, torch, vllm"):
         formats.get("onnx2")
 
 

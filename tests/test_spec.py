@@ -16,6 +16,12 @@ GOOD_MODEL = """
     source: {config: {model_type: bert, vocab_size: 100, hidden_size: 16, num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 32}}
     variants: [{format: onnx, precision: fp32}]
 """
+LLM_MODEL = """
+  - name: lm
+    task: text-generation
+    source: {config: {model_type: llama, vocab_size: 100, hidden_size: 16, num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 32}}
+    variants: [{format: torch, precision: fp32}]
+"""
 
 # (spec text, the exact message after "<file>: ")
 BAD_SPECS = {
@@ -28,7 +34,7 @@ BAD_SPECS = {
                  "models[0](enc).task: 'translation' is not allowed; use one of 'feature-extraction', 'text-classification', "
                  "'image-classification', 'zero-shot-image-classification' or 'text-generation'"),
     "bad_format": ("models:" + GOOD_MODEL.replace("format: onnx", "format: tflite"),
-                   "models[0](enc).variants[0].format: 'tflite' is not allowed; use one of 'onnx', 'tensorrt' or 'torch'"),
+                   "models[0](enc).variants[0].format: 'tflite' is not allowed; use one of 'onnx', 'tensorrt', 'torch', 'tensorrt-llm' or 'vllm'"),
     "duplicate_names": ("models:" + GOOD_MODEL + GOOD_MODEL,
                         "(top level): model name 'enc' is used twice; names must be unique"),
     "bad_name": ("models:" + GOOD_MODEL.replace("name: enc", "name: 'my model/1'"),
@@ -43,7 +49,8 @@ BAD_SPECS = {
     "missing_path": ("models:" + GOOD_MODEL.replace("source: {config: {model_type: bert, vocab_size: 100, hidden_size: 16, "
                                                       "num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 32}}",
                                                       "source: {path: ./nowhere}"),
-                     "models[enc].source.path: {dir}/nowhere is not a directory; give a local Hugging Face model directory (relative to the spec file)"),
+                     "models[enc].source.path: {dir}/nowhere is not a directory or a .gguf file; give a local Hugging Face model "
+                     "directory or a GGUF file (relative to the spec file)"),
     "preferred_above_max": ("defaults: {max_batch_size: 4, dynamic_batching: {preferred_batch_sizes: [2, 8]}}\nmodels:" + GOOD_MODEL,
                             "models[enc].dynamic_batching.preferred_batch_sizes: [2, 8] has sizes above max_batch_size 4; "
                             "lower them or raise max_batch_size"),
@@ -56,6 +63,22 @@ BAD_SPECS = {
                     "models[0](enc).variants: List should have at least 1 item after validation, not 0"),
     "not_yaml": ("models: [\n", "not valid YAML at line 2, column 1: expected the node content, but found '<stream end>'"),
     "not_mapping": ("- just a list\n", "the spec must be a mapping with a 'models' list (see examples/demo.yaml)"),
+    "generation_on_encoder": ("models:" + GOOD_MODEL + "    generation: {max_sequences: 4}\n",
+                              "models[0](enc): generation applies to task text-generation only (this model's task is "
+                              "feature-extraction)"),
+    "generation_prompt_too_long": ("models:" + LLM_MODEL + "    generation: {max_prompt_tokens: 64, max_total_tokens: 64}\n",
+                                   "models[0](lm).generation: max_prompt_tokens (64) must be below max_total_tokens (64) "
+                                   "to leave room for generated tokens"),
+    "generation_zero_slots": ("models:" + LLM_MODEL + "    generation: {max_sequences: 0}\n",
+                              "models[0](lm).generation.max_sequences: Input should be greater than or equal to 1; got 0; write 1 or more"),
+    "vllm_without_generation": ("models:" + LLM_MODEL.replace("format: torch", "format: vllm"),
+                                "models[0](lm): variant vllm_fp32 needs a generation: block (max_sequences, "
+                                "max_prompt_tokens, ...)"),
+    "generation_with_onnx": ("models:" + LLM_MODEL.replace("format: torch", "format: onnx") + "    generation: {}\n",
+                             "models[0](lm): variant onnx_fp32: a generation model is served as format torch, "
+                             "tensorrt-llm or vllm; remove it or drop the generation: block for logits-only exports"),
+    "flow_on_vllm": ("models:" + LLM_MODEL.replace("format: torch", "format: vllm, flow: engine") + "    generation: {}\n",
+                     "models[0](lm).variants[0]: flow applies to format tensorrt-llm only; remove it"),
     "config_without_type": ("models:" + GOOD_MODEL.replace("model_type: bert, ", ""),
                             "models[0](enc).source: config needs model_type (e.g. bert, clip, llama, vit)"),
 }

@@ -90,4 +90,4 @@ def for_artifact(filename: str) -> Format | None:
 
 
 def _load() -> None:
-    from builder.formats import onnx, tensorrt, torch  # noqa: F401  (registration)
+    from builder.formats import llm, onnx, tensorrt, torch  # noqa: F401  (registration)

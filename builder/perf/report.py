@@ -308,6 +308,29 @@ def _model_section(model: str, rows: pd.DataFrame, variants: dict[str, dict], re
     if "speedup" in plots:
         out += [f"![speedup vs {base}]({plots['speedup']})", ""]
     out += _steps_section(load_steps(results_dir), names)
+    out += _usage_section(rows, choices)
+    return out
+
+
+GPU_UTIL_BAR = 80.0  # the product's bar: GPU utilization at the operating point
+
+
+def _usage_section(rows: pd.DataFrame, choices: list[Choice]) -> list[str]:
+    """Server CPU and GPU use sampled during each level (absent from older results: no section)."""
+    used = [c for c in ("server_cpu_pct", "gpu_util_pct", "gpu_mem_mb") if c in rows and rows[c].notna().any()]
+    if not used:
+        return []
+    labels = {"server_cpu_pct": "server CPU (% of a core)", "gpu_util_pct": "GPU util (%)", "gpu_mem_mb": "GPU memory (MB)"}
+    table = [[r["variant"], str(int(r["concurrency"])), *(_num(r[c], "{:.0f}") for c in used)]
+             for _, r in rows.sort_values(["variant", "concurrency"]).iterrows()]
+    out = ["Resource use while measured (mean of samples every 0.5 s; CPU summed over the server and its "
+           "python-backend stubs):", "", _table(["variant", "concurrency", *(labels[c] for c in used)], table), ""]
+    if "gpu_util_pct" in used:
+        low = [(c.variant, c.row) for c in choices if c.row is not None and pd.notna(c.row.get("gpu_util_pct"))
+               and c.row["gpu_util_pct"] < GPU_UTIL_BAR]
+        out += [f"GPU utilization below {GPU_UTIL_BAR:g} % at the operating point: "
+                + ", ".join(f"{v} {r['gpu_util_pct']:.0f} % (concurrency {int(r['concurrency'])})" for v, r in low)
+                + ". `triton-builder profile` says why.", ""] if low else []
     return out
 
 
@@ -336,6 +359,8 @@ def write_report(results_dir: Path, *, latency_budget_ms: float | None = None, a
     variant is the baseline (default: onnx fp32, else torch fp32).
     """
     results_dir = Path(results_dir)
+    if (results_dir / "llm.csv").is_file() and not (results_dir / "results.csv").is_file():
+        return write_generation_report(results_dir)
     if latency_budget_ms is not None and latency_budget_ms <= 0:
         raise UserError(f"latency budget {latency_budget_ms} ms must be positive")
     if accuracy_budget is not None and not -1 <= accuracy_budget <= 1:
@@ -389,4 +414,23 @@ def write_report(results_dir: Path, *, latency_budget_ms: float | None = None, a
                                 baseline=baseline, breakdown_concurrency=breakdown_concurrency)
     path = results_dir / REPORT
     path.write_text("\n".join(lines).rstrip() + "\n")
+    return path
+
+
+def write_generation_report(results_dir: Path) -> Path:
+    """report.md for a text-generation run (llm.csv): TTFT / ITL / tokens/s table and plots."""
+    import json
+
+    from builder.perf.llm import write_llm_report
+
+    frame = pd.read_csv(results_dir / "llm.csv")
+    if frame.empty:
+        raise UserError(f"{results_dir}: llm.csv has no rows")
+    manifest = json.loads((results_dir / "manifest.json").read_text()) if (results_dir / "manifest.json").is_file() else {}
+    machine = manifest.get("machine", {})
+    lines = [f"# Performance report: run {manifest.get('run', results_dir.name)}", "",
+             f"Machine: {machine.get('cpu', machine) if machine else 'unknown'}.", ""]
+    lines += write_llm_report(results_dir, frame)
+    path = results_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
     return path

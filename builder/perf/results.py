@@ -7,6 +7,7 @@ A results directory holds:
                   report needs nothing but this directory
   inputs/         the --input-data JSON given to perf_analyzer, per variant
   raw/            every perf_analyzer invocation: command.txt, its CSV, stdout and stderr
+  repeats.csv     with --repeats N only: every repeat's rows (results.csv keeps the median one)
   steps.csv       ensembles only: per measured level, each composing model's average queue and
                   compute time per request (from Triton's statistics) and its share of their sum
 """
@@ -31,6 +32,7 @@ RESULTS_CSV = "results.csv"
 RESULTS_PARQUET = "results.parquet"
 RUN_MANIFEST = "manifest.json"
 STEPS_CSV = "steps.csv"
+REPEATS_CSV = "repeats.csv"  # perf --repeats N: every repeat's rows, column `repeat` added
 STEP_COLUMNS = ["run", "variant", "concurrency", "step", "requests", "avg_queue_ms", "avg_compute_ms", "share"]
 
 COLUMNS = [
@@ -39,7 +41,9 @@ COLUMNS = [
     "client_send_ms", "network_ms", "server_queue_ms", "server_compute_input_ms",
     "server_compute_infer_ms", "server_compute_output_ms", "client_recv_ms",
     "stable", "attempts", "status",
+    "server_cpu_pct", "gpu_util_pct", "gpu_mem_mb",  # sampled during the level (builder.diagnose.usage)
 ]
+OPTIONAL_COLUMNS = ("server_cpu_pct", "gpu_util_pct", "gpu_mem_mb")  # absent from older results: read as empty
 # status: ok (stable) | unstable (numbers from a relaxed try) | missing (no numbers) |
 #         failed (perf_analyzer or the server failed) | not_run (the run stopped before it)
 STATUSES = ("ok", "unstable", "missing", "failed", "not_run")
@@ -47,7 +51,7 @@ LATENCY_FIELDS = [c for c in COLUMNS if c.endswith("_ms")]
 
 
 def level_row(level: LevelResult, *, run: str, model: str, variant: str, format: str, precision: str,
-              batch_size: int) -> dict:
+              batch_size: int, usage: dict | None = None) -> dict:
     """One table row from one measured level: microseconds become milliseconds."""
     values = level.values
     row = {"run": run, "model": model, "variant": variant, "format": format, "precision": precision,
@@ -57,6 +61,7 @@ def level_row(level: LevelResult, *, run: str, model: str, variant: str, format:
         us = values.get(name[: -len("_ms")] + "_us")
         row[name] = us / 1000.0 if us is not None else float("nan")
     row.update(stable=bool(level.stable), attempts=int(level.attempts), status=level.status)
+    row.update({name: float((usage or {}).get(name, float("nan"))) for name in OPTIONAL_COLUMNS})
     return row
 
 
@@ -117,7 +122,7 @@ def to_frame(rows: list[dict]) -> pd.DataFrame:
     if frame.empty:
         return frame
     frame = frame.astype({"concurrency": int, "batch_size": int, "attempts": int, "stable": bool})
-    for name in ["throughput", *LATENCY_FIELDS]:
+    for name in ["throughput", *LATENCY_FIELDS, *OPTIONAL_COLUMNS]:
         frame[name] = frame[name].astype(float)
     return frame.sort_values(["model", "variant", "concurrency"], kind="stable").reset_index(drop=True)
 
@@ -151,6 +156,9 @@ def load_results(results_dir: Path) -> tuple[pd.DataFrame, dict]:
         if not path.is_file():
             raise UserError(f"{results_dir}: no {path.name} here; run 'triton-builder perf' to make a results directory")
     table = pd.read_csv(csv_path)
+    for name in OPTIONAL_COLUMNS:
+        if name not in table.columns:
+            table[name] = float("nan")
     missing = [c for c in COLUMNS if c not in table.columns]
     if missing:
         raise UserError(f"{csv_path}: not a triton-builder results table (missing {', '.join(missing)})")

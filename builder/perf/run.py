@@ -13,9 +13,11 @@ import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pandas as pd
 from rich.console import Console
 from rich.markup import escape
 
+from builder.diagnose.usage import UsageSampler
 from builder.errors import RunError, UserError
 from builder.manifest import read_manifest, signature_of
 from builder.perf.analyzer import (
@@ -29,7 +31,7 @@ from builder.perf.analyzer import (
     perf_env,
 )
 from builder.perf.inputs import describe_inputs, ensemble_tokenizer, write_input_data
-from builder.perf.results import (level_row, machine_info, not_run_rows, save_results, save_steps, step_rows, step_stats,
+from builder.perf.results import (COLUMNS, REPEATS_CSV, level_row, machine_info, not_run_rows, save_results, save_steps, step_rows, step_stats,
                                   to_frame, tool_versions)
 
 MEASURED_ROLES = ("variant", "ensemble")  # preprocess/postprocess steps only when named
@@ -99,6 +101,17 @@ def _stats_reader(server):
     return read
 
 
+def median_repeat(repeated: list):
+    """One Measurement from several of the same levels: per level, the repeat with the median throughput."""
+    if len(repeated) == 1:
+        return repeated[0]
+    levels = []
+    for i, first in enumerate(repeated[0].levels):
+        candidates = sorted((m.levels[i] for m in repeated if m.levels[i].values), key=lambda lv: lv.values["throughput"])
+        levels.append(candidates[(len(candidates) - 1) // 2] if candidates else first)
+    return type(repeated[0])(repeated[0].model, levels, [a for m in repeated for a in m.attempts])
+
+
 def _new_results_dir(out: Path | None, started: datetime) -> Path:
     if out is not None:
         out = Path(out)
@@ -151,7 +164,8 @@ def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concur
              stability_pct: float = 25.0, max_trials: int = 10, batch_size: int = 1, max_attempts: int = 3,
              percentile: int | None = None,
              relaxed_stability_pct: float | None = 100.0, input_entries: int = 4,
-             perf_analyzer: Path | None = None, runtime: str = "local", console: Console | None = None) -> Path:
+             perf_analyzer: Path | None = None, runtime: str = "local", console: Console | None = None,
+             prompt_tokens: int = 32, output_tokens: int = 64, repeats: int = 1) -> Path:
     """Measure the repository's variants at each concurrency level and return the results directory.
 
     `server`: a running server (anything with `grpc_url` / `http_url`); when None one is started on
@@ -159,11 +173,15 @@ def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concur
     (default perf/results/<UTC timestamp>/) gets results.csv, manifest.json, inputs/ and raw/.
     If perf_analyzer or the server fails, what was measured is still written, the manifest says
     complete: false, and RunError is raised naming the directory.
+    `repeats` > 1 measures every variant that many times: results.csv keeps, per level, the repeat
+    with the median throughput, and repeats.csv every repeat (what `compare` takes its noise from).
     """
     repo = Path(repo)
     console = console or Console(highlight=False)
     if protocol not in PROTOCOLS:
         raise UserError(f"protocol {protocol!r} must be one of {', '.join(PROTOCOLS)}")
+    if repeats < 1:
+        raise UserError(f"repeats {repeats} must be >= 1")
     levels = sorted(set(int(c) for c in concurrency))
     if not levels or levels[0] < 1:
         raise UserError(f"concurrency levels {list(concurrency)} must be integers >= 1")
@@ -173,6 +191,16 @@ def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concur
 
         validate_repository(repo)
     variants = select_variants(build, models)
+    generators = {n: e for n, e in variants.items() if "generation" in e}
+    if generators:  # text generation is measured as LLM servers are: TTFT, ITL, tokens/s (builder/perf/llm.py)
+        if len(generators) != len(variants):
+            raise UserError(f"text-generation models ({', '.join(generators)}) are measured apart from the others; "
+                            "pick them, or the others, with --model")
+        from builder.perf.llm import measure_generators
+
+        return measure_generators(repo, generators, server=server, concurrency=levels, out=out,
+                                  prompt_tokens=prompt_tokens, output_tokens=output_tokens,
+                                  perf_analyzer=perf_analyzer, console=console)
     signatures = {}
     for name, entry in variants.items():
         if "signature" not in entry:
@@ -198,7 +226,7 @@ def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concur
         "settings": {"concurrency": levels, "protocol": protocol, "measurement_ms": measurement_ms,
                      "stability_pct": stability_pct, "max_trials": max_trials, "batch_size": batch_size,
                      "max_attempts": max_attempts, "relaxed_stability_pct": relaxed_stability_pct,
-                     "percentile": percentile,
+                     "percentile": percentile, "repeats": repeats,
                      "input_entries": input_entries},
         "perf_analyzer": {"path": str(binary), "version": perf_analyzer_version(binary)},
         "server": None, "versions": tool_versions(), "build_versions": build.get("tool_versions", {}),
@@ -208,6 +236,7 @@ def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concur
         "commands": [], "errors": [],
     }
     rows: list[dict] = []
+    repeat_rows: list[dict] = []  # repeats > 1: every repeat's rows, with its number
     steps_rows: list[dict] = []  # ensembles: time per composing model, from Triton's statistics
     env = perf_env()
 
@@ -222,13 +251,16 @@ def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concur
             for a in attempts)
 
     def show(name: str, level: LevelResult) -> None:
-        v = level.values
+        v, used = level.values, usage.get((name, level.concurrency), {})
         numbers = f"{v['throughput']:.1f} infer/s, p99 {v['p99_us'] / 1000:.2f} ms" if v else "no numbers"
+        numbers += "".join(f", {label} {used[key]:.0f} %" for key, label in
+                           (("server_cpu_pct", "server CPU"), ("gpu_util_pct", "GPU")) if key in used)
         style = {"ok": "green", "unstable": "yellow"}.get(level.status, "red")
         tries = f", {level.attempts} attempts" if level.attempts > 1 else ""
         console.print(f"  {name} c={level.concurrency}: {numbers} [{style}]{level.status}[/{style}]{tries}",
                       soft_wrap=True)
 
+    usage: dict[tuple[str, int], dict] = {}  # (variant, concurrency) -> server CPU / GPU use during that level
     failure: PerfAnalyzerError | None = None
     lost = ""  # set when the server stopped answering during the run
     pending = list(variants)
@@ -243,6 +275,8 @@ def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concur
             url = getattr(server, f"{protocol}_url", None)
             if not url:
                 raise UserError(f"the server given has no {protocol} URL; pass protocol='grpc' or 'http' to match it")
+            sampler = stack.enter_context(UsageSampler(pid=getattr(server, "pid", None),
+                                                       metrics_url=getattr(server, "metrics_url", None)))
             read_stats = _stats_reader(server) if any(v.get("steps") for v in manifest["variants"].values()) \
                 else None
             while pending:
@@ -250,8 +284,10 @@ def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concur
                 entry = manifest["variants"][name]
                 steps = entry.get("steps") if read_stats else None
                 snapshot = {"stats": read_stats() if steps else None}
+                sampler.take()  # start this variant's first level afresh
 
                 def on_level(level: LevelResult, name=name, steps=steps, snapshot=snapshot) -> None:
+                    usage[(name, level.concurrency)] = sampler.take()
                     show(name, level)
                     if not steps:
                         return
@@ -267,12 +303,19 @@ def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concur
                                   stability_pct=stability_pct, max_trials=max_trials, batch_size=batch_size,
                                   percentile=percentile, input_data=str(inputs[name].resolve()))
                 try:
-                    result = measure(flags, levels, results_dir / "raw" / name, max_attempts=max_attempts,
-                                     relaxed_stability_pct=relaxed_stability_pct, binary=binary, env=env,
-                                     on_level=on_level)
+                    repeated = []
+                    for r in range(repeats):
+                        repeated.append(measure(flags, levels, results_dir / "raw" / name / (f"r{r + 1}" if repeats > 1 else ""),
+                                                max_attempts=max_attempts, relaxed_stability_pct=relaxed_stability_pct,
+                                                binary=binary, env=env, on_level=on_level))
+                        if repeats > 1:
+                            repeat_rows.extend({**level_row(level, **row_args(name), usage=usage.get((name, level.concurrency))),
+                                                "repeat": r + 1} for level in repeated[-1].levels)
+                    result = median_repeat(repeated)
                 except PerfAnalyzerError as exc:
                     record_attempts(name, exc.attempts)
-                    rows.extend(level_row(level, **row_args(name)) for level in exc.levels)
+                    rows.extend(level_row(level, **row_args(name), usage=usage.get((name, level.concurrency)))
+                                for level in exc.levels)
                     pending.pop(0)
                     failure = exc
                     if not _answers(url):
@@ -280,7 +323,8 @@ def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concur
                         manifest["errors"].append(lost)
                     break
                 record_attempts(name, result.attempts)
-                rows.extend(level_row(level, **row_args(name)) for level in result.levels)
+                rows.extend(level_row(level, **row_args(name), usage=usage.get((name, level.concurrency)))
+                            for level in result.levels)
                 pending.pop(0)
     except BaseException as exc:  # the server failed to start, Ctrl-C, ...: keep what was measured, then re-raise
         manifest["errors"].append(f"{type(exc).__name__}: {exc}")
@@ -294,6 +338,8 @@ def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concur
             r["status"] in ("ok", "unstable") for r in rows)
         manifest["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         save_results(results_dir, to_frame(rows), manifest)
+        if repeat_rows:
+            pd.DataFrame(repeat_rows, columns=[*COLUMNS, "repeat"]).to_csv(results_dir / REPEATS_CSV, index=False)
         save_steps(results_dir, steps_rows)
     if failure is not None:
         head = f"{lost}\n" if lost else ""

@@ -39,7 +39,7 @@ def self_check(server: ServerHandle, repo: Path, protocol: str = "http") -> list
     """
     repo = Path(repo)
     entries = {name: entry for name, entry in read_manifest(repo)["models"].items()
-               if entry.get("status") != "failed"}
+               if entry.get("status") not in ("failed", "rendered")}  # rendered: TensorRT-LLM / vLLM, not served here
     if protocol == "grpc":
         from tritonclient.grpc import InferenceServerClient as GrpcClient
 
@@ -49,7 +49,8 @@ def self_check(server: ServerHandle, repo: Path, protocol: str = "http") -> list
 
         client = InferenceServerClient(server.http_url, connection_timeout=TIMEOUT_S, network_timeout=TIMEOUT_S)
     try:
-        results = [check_model(client, repo, name, entry, server.models) for name, entry in entries.items()]
+        results = [check_generator(server.http_url, repo, name, entry, server.models) if "generation" in entry
+                   else check_model(client, repo, name, entry, server.models) for name, entry in entries.items()]
     finally:
         client.close()
     failed = [r for r in results if not r.ok]
@@ -109,6 +110,30 @@ def check_model(client, repo: Path, name: str, entry: dict, loaded: tuple[str, .
             problems.append(f"- {spec.name}: {problem}")
     return CheckResult(name, not problems, max(diffs) if diffs else None, min(cosines) if cosines else None,
                        "\n".join(problems) or "ok")
+
+
+def check_generator(http_url: str, repo: Path, name: str, entry: dict, loaded: tuple[str, ...] = ()) -> CheckResult:
+    """A text-generation endpoint: greedy answers to the build's prompts through the HTTP generate
+    extension; fp32 must give the build's text exactly, other precisions a non-empty answer."""
+    import json
+
+    from builder.generation.client import generate
+
+    if loaded and name not in loaded:
+        return CheckResult(name, False, message=f"- not loaded by the server (loaded: {', '.join(loaded)})")
+    reference = json.loads((repo / name / entry["reference"]).read_text())
+    problems = []
+    for i, (prompt, want) in enumerate(zip(reference["prompts"][:2], reference["texts"][:2])):
+        try:
+            got = generate(http_url, name, prompt["text"], max_tokens=reference["max_tokens"],
+                           add_special_tokens=prompt["add_special_tokens"])
+        except Exception as exc:  # noqa: BLE001 - the model fails the check with the server's words
+            return CheckResult(name, False, message=f"- request failed: {' '.join(str(exc).split())}")
+        if entry["precision"] == "fp32" and got.get("text_output") != want:
+            problems.append(f"- prompt {i}: {got.get('text_output')!r} differs from the build's {want!r}")
+        elif not got.get("text_output") and got.get("finish_reason") != "stop":
+            problems.append(f"- prompt {i}: empty answer ({got})")
+    return CheckResult(name, not problems, message="\n".join(problems) or "ok")
 
 
 def infer(client, name: str, sig: Signature, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray | None]:

@@ -32,7 +32,7 @@ class OnnxArtifact:
             opts.intra_op_num_threads = threads
         providers = ["CPUExecutionProvider"]
         if params.get("device") == "gpu" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(params.get("device_id", "0"))}))
         self.session = ort.InferenceSession(path, opts, providers=providers)
 
     def __call__(self, names, arrays, output_names):
@@ -52,6 +52,8 @@ class TorchArtifact:
         if threads:
             torch.set_num_threads(threads)
         gpu = params.get("device") == "gpu" and torch.cuda.is_available()
+        if gpu and "device_id" in params:  # the GPU Triton placed this instance on (instance_group gpus)
+            torch.cuda.set_device(int(params["device_id"]))
         # an explicit index: the program's device constants and the inputs must compare equal
         self.device = f"cuda:{torch.cuda.current_device()}" if gpu else "cpu"
         self.dtype = getattr(torch, TORCH_DTYPES[params.get("precision", "fp32")])
@@ -205,6 +207,8 @@ class TritonPythonModel:
         self.outputs = [o["name"] for o in config["output"]]
         self.out_dtypes = [pb_utils.triton_string_to_numpy(o["data_type"]) for o in config["output"]]
         self.batched = int(config.get("max_batch_size", 0)) > 0
+        if args.get("model_instance_kind") == "GPU":
+            params["device_id"] = args.get("model_instance_device_id", "0")
         path = os.path.join(args["model_repository"], args["model_version"], params["artifact"])
         kind = params.get("runner", "onnx")
         if kind not in RUNNERS:

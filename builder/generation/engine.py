@@ -1,0 +1,255 @@
+"""Continuous batching over a Decoder: requests join the running batch at the next step and leave at once.
+
+This file is copied unchanged next to the served model (`<model>/1/engine.py`): it needs torch and
+`tokenizers` only. The Triton model (templates/python/generator.py) turns requests into `Request`s and
+`Output`s into responses; the build runs the same engine in-process to verify it.
+
+Each step: finished and cancelled sequences free their cache slot; waiting requests take free slots
+(first come, first served; none is dropped); every decoding sequence feeds its last token, and prompts
+are fed in chunks of at most `prefill_chunk` tokens per step in all, so a long prompt delays the others
+by one chunk's time per step, not by its whole prefill.
+"""
+
+from __future__ import annotations
+
+import queue
+import random
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+HOLDBACK_PROMPT_TOKENS = 5  # prompt tokens decoded with the output so the first piece gets its leading space
+
+
+@dataclass
+class Output:
+    text: str  # streaming: the new piece; otherwise the whole generated text
+    finished: bool = False
+    finish_reason: str = ""  # "stop" (end token or stop string) | "length" | "" while running
+    num_input_tokens: int = 0
+    num_output_tokens: int = 0
+    error: str | None = None  # the request failed while running: the server stays up, the request gets this
+    token_ids: list[int] | None = None  # the generated ids, on the final output
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    max_tokens: int
+    emit: Callable[[Output], None]  # called on the engine thread
+    stream: bool = False
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no limit
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    cancelled: Callable[[], bool] = lambda: False
+    # engine state
+    slot: int = -1
+    fed: int = 0  # prompt tokens already in the cache
+    output: list[int] = field(default_factory=list)
+    text: str = ""
+    sent: int = 0  # characters of `text` already streamed
+    detok: "Detokenizer | None" = None
+    generator: torch.Generator | None = None
+
+    @property
+    def prefilling(self) -> bool:
+        return self.fed < len(self.prompt)
+
+
+class Detokenizer:
+    """Incremental decoding that never splits a multi-byte character: a piece is released only when the
+    decoded text grew and does not end in U+FFFD (an incomplete UTF-8 sequence)."""
+
+    def __init__(self, tokenizer, prompt: list[int]):
+        self.tokenizer = tokenizer
+        self.ids = list(prompt[-HOLDBACK_PROMPT_TOKENS:])
+        self.prefix = 0
+        self.read = len(self.ids)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        return self._release(final=False)
+
+    def flush(self) -> str:
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        if self.read == len(self.ids):
+            return ""
+        before = self._decode(self.ids[self.prefix:self.read])
+        after = self._decode(self.ids[self.prefix:])
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before):]
+        return ""
+
+
+def sample(logits: torch.Tensor, req: Request) -> int:
+    """Greedy when temperature is 0; else temperature, top-k, top-p, then a draw from the request's generator."""
+    if req.temperature <= 0:
+        return int(torch.argmax(logits))
+    logits = logits / req.temperature
+    if 0 < req.top_k < logits.numel():
+        kth = torch.topk(logits, req.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if req.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        outside = sorted_probs.cumsum(0) - sorted_probs > req.top_p  # keeps the token that crosses top_p
+        sorted_probs[outside] = 0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    if req.generator is None:
+        req.generator = torch.Generator().manual_seed(req.seed if req.seed is not None else random.getrandbits(63))
+    return int(torch.multinomial(probs.cpu(), 1, generator=req.generator))
+
+
+class Engine:
+    def __init__(self, decoder, tokenizer, *, max_sequences: int, max_total_tokens: int, prefill_chunk: int):
+        self.decoder = decoder
+        self.tokenizer = tokenizer
+        self.max_total = max_total_tokens
+        self.prefill_chunk = prefill_chunk
+        self.eos = set(decoder.config.eos_token_ids)
+        decoder.allocate(max_sequences, max_total_tokens)
+        self.free = list(range(max_sequences))[::-1]
+        self.running: list[Request] = []
+        self.waiting: list[Request] = []
+        self.inbox: queue.Queue = queue.Queue()
+        self.steps = 0
+
+    # -- the API the server uses (any thread) --
+    def submit(self, req: Request) -> None:
+        self.inbox.put(req)
+
+    def run(self, stop: threading.Event) -> None:
+        """Step until `stop` is set; sleeps on the inbox while idle."""
+        while not stop.is_set():
+            if not self.running and not self.waiting:
+                try:
+                    self.waiting.append(self.inbox.get(timeout=0.1))
+                except queue.Empty:
+                    continue
+            self.step()
+
+    # -- one scheduler step (engine thread) --
+    def step(self) -> None:
+        while True:
+            try:
+                self.waiting.append(self.inbox.get_nowait())
+            except queue.Empty:
+                break
+        self._drop_cancelled()
+        while self.free and self.waiting:
+            req = self.waiting.pop(0)
+            req.slot = self.free.pop()
+            req.detok = Detokenizer(self.tokenizer, req.prompt)
+            self.running.append(req)
+        if not self.running:
+            return
+        tokens, seqs, rows, sampled = [], [], [], []
+        budget = self.prefill_chunk
+        for req in self.running:
+            if not req.prefilling:
+                tokens.append(req.output[-1])
+                seqs.append((req.slot, len(req.prompt) + len(req.output) - 1, 1))
+            elif budget > 0:
+                n = min(budget, len(req.prompt) - req.fed)
+                tokens.extend(req.prompt[req.fed:req.fed + n])
+                seqs.append((req.slot, req.fed, n))
+                budget -= n
+            else:
+                continue
+            rows.append(len(tokens) - 1)
+            sampled.append(req)
+        try:
+            logits = self.decoder(torch.tensor(tokens, dtype=torch.long, device=self.decoder.device), seqs, rows)
+        except Exception as exc:  # noqa: BLE001 - the requests get the error; the engine keeps serving
+            for req in list(self.running):
+                self._finish(req, "", error=f"generation failed: {type(exc).__name__}: {exc}", flush=False)
+            return
+        self.steps += 1
+        for i, (req, (_, _, n)) in enumerate(zip(sampled, seqs)):
+            if req.prefilling:
+                req.fed += n
+                if req.prefilling:
+                    continue  # more prompt chunks to come; no token yet
+            self._advance(req, sample(logits[i], req))
+
+    def _advance(self, req: Request, token: int) -> None:
+        if token in self.eos and not req.ignore_eos:
+            self._finish(req, "stop")
+            return
+        req.output.append(token)
+        piece = req.detok.add(token)
+        req.text += piece
+        if req.stop and self._cut_at_stop(req, len(piece)):
+            self._finish(req, "stop", flush=False)
+        elif len(req.output) >= req.max_tokens or len(req.prompt) + len(req.output) >= self.max_total:
+            self._finish(req, "length")
+        elif req.stream:
+            hold = max((len(s) for s in req.stop), default=1) - 1  # text that may still become a stop string
+            upto = len(req.text) - hold
+            if upto > req.sent:
+                self._emit(req, Output(req.text[req.sent:upto], num_input_tokens=len(req.prompt),
+                                       num_output_tokens=len(req.output)))
+                req.sent = upto
+
+    @staticmethod
+    def _cut_at_stop(req: Request, new_chars: int) -> bool:
+        """Cut the text at the first stop string that the last `new_chars` characters completed."""
+        longest = max(len(s) for s in req.stop)
+        start = max(0, len(req.text) - new_chars - longest + 1)
+        found = [at for at in (req.text.find(s, start) for s in req.stop) if at >= 0]
+        if found:
+            req.text = req.text[:min(found)]
+        return bool(found)
+
+    def _finish(self, req: Request, reason: str, error: str | None = None, flush: bool = True) -> None:
+        if flush and req.detok is not None:
+            tail = req.detok.flush()
+            req.text += tail
+            if req.stop and tail and self._cut_at_stop(req, len(tail)):
+                reason = "stop"
+        piece = req.text[req.sent:] if req.stream else req.text
+        req.sent = len(req.text)
+        self._release(req)
+        self._emit(req, Output(piece, True, reason, len(req.prompt), len(req.output), error, list(req.output)))
+
+    def _emit(self, req: Request, out: Output) -> None:
+        try:
+            req.emit(out)
+        except Exception:  # noqa: BLE001 - a client that went away: stop generating for it
+            self._release(req)
+
+    def _release(self, req: Request) -> None:
+        if req in self.running:
+            self.running.remove(req)
+            self.free.append(req.slot)
+
+    def _drop_cancelled(self) -> None:
+        for req in [r for r in self.running + self.waiting if r.cancelled()]:
+            if req in self.waiting:
+                self.waiting.remove(req)
+            self._release(req)
+
+
+def generate(engine: Engine, prompts: list[list[int]], max_tokens: int, **options) -> list[Output]:
+    """Run prompts to completion in-process, all submitted at once, as the server would; for checks."""
+    finals: dict[int, Output] = {}
+
+    def keeper(i: int) -> Callable[[Output], None]:
+        return lambda out: finals.__setitem__(i, out) if out.finished else None
+
+    for i, prompt in enumerate(prompts):
+        engine.submit(Request(prompt, max_tokens, emit=keeper(i), **options))
+    while len(finals) < len(prompts):
+        engine.step()
+    return [finals[i] for i in range(len(prompts))]

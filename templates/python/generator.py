@@ -1,0 +1,170 @@
+"""Triton python-backend model: text in, text out, from a KV cache with continuous batching (decoupled).
+
+Copied unchanged into `<model>/1/model.py` beside `decoder.py`, `engine.py`, `decoder.json`,
+`weights.safetensors` and `tokenizer.json`; settings come from the config's `parameters`. It needs torch
+and `tokenizers` only. The tensor names are those of Triton's TensorRT-LLM and vLLM backends, so the same
+clients and load generators work on all three:
+
+  inputs   text_input (BYTES), optional max_tokens (INT32), stream (BOOL), temperature, top_p (FP32),
+           top_k (INT32), seed (UINT64), stop (BYTES, any number of strings), ignore_eos (BOOL),
+           add_special_tokens (BOOL: default true, as a tokenizer does; false for text with them already)
+  outputs  text_output (BYTES: generated text only), finish_reason (BYTES: "stop" | "length"),
+           num_input_tokens, num_output_tokens (INT32)
+
+`execute` checks each request, hands it to the engine thread and returns; the engine sends the responses:
+one per step with the new text when `stream` is true, else one with the whole text; the last one carries
+the FINAL flag. A cancelled request (client gone, or cancelled) frees its cache slot at the next step.
+"""
+
+import json
+import os
+import sys
+import threading
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import decoder as decoder_module  # noqa: E402 - beside this file in the repository
+import engine as engine_module  # noqa: E402
+
+TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+# optional one-value inputs (besides text_input and stop)
+SCALARS = ("max_tokens", "stream", "temperature", "top_p", "top_k", "seed", "ignore_eos", "add_special_tokens")
+
+
+class RequestError(ValueError):
+    """A request outside the model's limits: answered with INVALID_ARG naming the input and the limit."""
+
+
+def _params(config):
+    return {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+
+
+def _scalar(request, name):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return None
+    value = tensor.as_numpy()
+    if value.size != 1:
+        raise RequestError(f"{name}: give one value (got shape {list(value.shape)})")
+    return value.reshape(-1)[0].item()
+
+
+def _texts(request, name):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return []
+    out = []
+    for item in tensor.as_numpy().reshape(-1):
+        if isinstance(item, bytes):
+            try:
+                item = item.decode("utf-8")
+            except UnicodeDecodeError:
+                raise RequestError(f"{name}: not valid UTF-8 text") from None
+        out.append(str(item))
+    return out
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        import torch
+        from tokenizers import Tokenizer
+
+        self.config = json.loads(args["model_config"])
+        p = _params(self.config)
+        self.limits = {k: int(p[k]) for k in ("max_prompt_tokens", "max_total_tokens", "max_tokens")}
+        threads = int(p.get("threads", "0"))
+        if threads:
+            torch.set_num_threads(threads)
+        gpu = p.get("device") == "gpu" and torch.cuda.is_available()
+        device = f"cuda:{args.get('model_instance_device_id', '0')}" if gpu else "cpu"
+        dtype = getattr(torch, TORCH_DTYPES[p.get("precision", "fp32")])
+        model = decoder_module.load(HERE, device=device, dtype=dtype)
+        self.tokenizer = Tokenizer.from_file(os.path.join(HERE, "tokenizer.json"))
+        self.add_special = p.get("add_special_tokens", "1") == "1"
+        self.engine = engine_module.Engine(model, self.tokenizer, max_sequences=int(p["max_sequences"]),
+                                           max_total_tokens=self.limits["max_total_tokens"],
+                                           prefill_chunk=int(p["prefill_chunk"]))
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="generation-engine", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            self.engine.run(self.stop)
+        except Exception as exc:  # noqa: BLE001 - log, and let waiting requests fail rather than hang
+            pb_utils.Logger.log_error(f"generation engine stopped: {type(exc).__name__}: {exc}")
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                req = self._parse(request, sender)
+            except RequestError as exc:
+                sender.send(pb_utils.InferenceResponse(
+                    output_tensors=[], error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)),
+                    flags=FINAL)
+                continue
+            self.engine.submit(req)
+        return None
+
+    def _parse(self, request, sender):
+        texts = _texts(request, "text_input")
+        if len(texts) != 1:
+            raise RequestError(f"text_input: give exactly one text (got {len(texts)})")
+        if not texts[0].strip():
+            raise RequestError("text_input: the text is empty")
+        values = {name: _scalar(request, name) for name in SCALARS}
+        special = self.add_special if values["add_special_tokens"] is None else bool(values["add_special_tokens"])
+        prompt = self.tokenizer.encode(texts[0], add_special_tokens=special).ids
+        limit, total = self.limits["max_prompt_tokens"], self.limits["max_total_tokens"]
+        if len(prompt) > limit:
+            raise RequestError(f"text_input: the prompt has {len(prompt)} tokens; this model takes at most {limit} "
+                               "(generation.max_prompt_tokens)")
+        room = total - len(prompt)
+        max_tokens = values["max_tokens"]
+        if max_tokens is None:
+            max_tokens = min(self.limits["max_tokens"], room)
+        elif max_tokens < 1:
+            raise RequestError(f"max_tokens: {max_tokens} is below 1")
+        elif max_tokens > room:
+            raise RequestError(f"max_tokens: {max_tokens} new tokens after a {len(prompt)}-token prompt exceed the "
+                               f"cache of {total} tokens per sequence (generation.max_total_tokens); ask for at most {room}")
+        temperature = values["temperature"] or 0.0
+        top_p = 1.0 if values["top_p"] is None else values["top_p"]
+        top_k = values["top_k"] or 0
+        if temperature < 0:
+            raise RequestError(f"temperature: {temperature} is below 0 (0 means greedy)")
+        if not 0 < top_p <= 1:
+            raise RequestError(f"top_p: {top_p} is outside (0, 1]")
+        if top_k < 0:
+            raise RequestError(f"top_k: {top_k} is below 0 (0 means no limit)")
+        stop = tuple(s for s in _texts(request, "stop") if s)
+        return engine_module.Request(
+            prompt, int(max_tokens), emit=self._emitter(sender), stream=bool(values["stream"]),
+            temperature=float(temperature), top_p=float(top_p), top_k=int(top_k), seed=values["seed"],
+            stop=stop, ignore_eos=bool(values["ignore_eos"]), cancelled=sender.is_cancelled)
+
+    @staticmethod
+    def _emitter(sender):
+        def emit(out):
+            if out.error is not None:
+                response = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(out.error))
+            else:
+                response = pb_utils.InferenceResponse(output_tensors=[
+                    pb_utils.Tensor("text_output", np.array([out.text.encode("utf-8")], dtype=np.object_)),
+                    pb_utils.Tensor("finish_reason", np.array([out.finish_reason.encode()], dtype=np.object_)),
+                    pb_utils.Tensor("num_input_tokens", np.array([out.num_input_tokens], dtype=np.int32)),
+                    pb_utils.Tensor("num_output_tokens", np.array([out.num_output_tokens], dtype=np.int32)),
+                ])
+            sender.send(response, flags=FINAL if out.finished else 0)
+
+        return emit
+
+    def finalize(self):
+        self.stop.set()
+        self.thread.join(timeout=10)

@@ -1,0 +1,197 @@
+"""Generation (issue 9), in-process: the decoder against HF `generate`, the engine's continuous batching,
+streaming, stop strings, queueing and cancellation, and the build's refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from builder.cli import app
+from builder.generation import engine as eng
+from builder.generation import hf2decoder
+from builder.generation.decoder import Decoder
+from tiny_llm import ARCHS, make_model_dir, spec_text
+
+
+def _loaded(path):
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return tok, model
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    path = make_model_dir(tmp_path_factory.mktemp("llama"), "llama")
+    return _loaded(path)
+
+
+def _engine(tok, model, slots=3, total=96, chunk=5):
+    config, weights = hf2decoder.convert(model, (tok.eos_token_id,))
+    return eng.Engine(Decoder(config, weights), tok, max_sequences=slots, max_total_tokens=total, prefill_chunk=chunk)
+
+
+PROMPTS = ["Triton serves models", "The quick brown fox jumps over the lazy dog.", "Ünïcödé 🚀", "Continuous"]
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_greedy_tokens_equal_hf_generate(arch, tmp_path):
+    tok, model = _loaded(make_model_dir(tmp_path, arch))
+    engine = _engine(tok, model)
+    for text in PROMPTS:
+        ids = tok(text)["input_ids"]
+        x = torch.tensor([ids])
+        want = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False,
+                              eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)[0, len(ids):].tolist()
+        want = want[:want.index(tok.eos_token_id)] if tok.eos_token_id in want else want
+        got = eng.generate(engine, [ids], 12)[0]
+        assert got.token_ids == want, (arch, text)
+
+
+def test_requests_decoded_together_equal_their_solo_answers(llama):
+    tok, model = llama
+    engine = _engine(tok, model, slots=3)  # 4 prompts, 3 slots: one waits in the queue, none is dropped
+    prompts = [tok(t)["input_ids"] for t in PROMPTS]
+    solo = [eng.generate(engine, [p], 20)[0] for p in prompts]
+    together = eng.generate(engine, prompts, 20)
+    assert [o.token_ids for o in together] == [o.token_ids for o in solo]
+    assert all(o.finished and o.finish_reason in ("stop", "length") for o in together)
+    assert engine.free and len(engine.free) == 3 and not engine.running  # every slot back
+
+
+def test_streamed_pieces_add_up_to_the_text_and_never_split_a_character(llama):
+    tok, model = llama
+    engine = _engine(tok, model)
+    for text in PROMPTS:
+        ids = tok(text)["input_ids"]
+        whole = eng.generate(engine, [ids], 40, ignore_eos=True)[0]
+        pieces: list[eng.Output] = []
+        engine.submit(eng.Request(ids, 40, emit=pieces.append, stream=True, ignore_eos=True))
+        while not (pieces and pieces[-1].finished):
+            engine.step()
+        assert "".join(p.text for p in pieces) == whole.text == tok.decode(whole.token_ids, skip_special_tokens=True)
+        if "\ufffd" not in whole.text:  # an incomplete UTF-8 sequence is never released as a piece
+            assert all("\ufffd" not in p.text for p in pieces)
+        assert [p.finished for p in pieces].count(True) == 1 and pieces[-1].finish_reason == "length"
+
+
+def test_stop_string_cuts_the_text_and_finishes_with_stop(llama):
+    tok, model = llama
+    engine = _engine(tok, model)
+    ids = tok(PROMPTS[1])["input_ids"]
+    free = eng.generate(engine, [ids], 30, ignore_eos=True)[0].text
+    stop = free[10:13]
+    assert stop and stop in free
+    for stream in (False, True):
+        pieces: list[eng.Output] = []
+        engine.submit(eng.Request(ids, 30, emit=pieces.append, stream=stream, stop=(stop,), ignore_eos=True))
+        while not (pieces and pieces[-1].finished):
+            engine.step()
+        text = "".join(p.text for p in pieces)
+        assert text == free[:free.index(stop)]
+        assert pieces[-1].finish_reason == "stop"
+
+
+def test_cancelled_request_frees_its_slot_for_a_waiting_one(llama):
+    tok, model = llama
+    engine = _engine(tok, model, slots=2, total=200)
+    ids = tok(PROMPTS[0])["input_ids"]
+    cancelled = {"a": False}
+    done: dict[str, eng.Output] = {}
+    engine.submit(eng.Request(ids, 150, emit=lambda o: done.__setitem__("a", o), ignore_eos=True,
+                              cancelled=lambda: cancelled["a"]))
+    engine.submit(eng.Request(ids, 150, emit=lambda o: done.__setitem__("b", o) if o.finished else None, ignore_eos=True))
+    engine.submit(eng.Request(ids, 5, emit=lambda o: done.__setitem__("c", o) if o.finished else None, ignore_eos=True))
+    for _ in range(4):
+        engine.step()
+    assert len(engine.running) == 2 and len(engine.waiting) == 1 and not engine.free  # all slots used; c waits
+    cancelled["a"] = True
+    for _ in range(8):
+        engine.step()
+    assert "c" in done and done["c"].num_output_tokens == 5  # served in the slot a gave back
+    assert "a" not in done and "b" not in done  # a was dropped silently; b still decodes
+
+
+def test_sampling_is_reproducible_with_a_seed(llama):
+    tok, model = llama
+    engine = _engine(tok, model)
+    ids = tok(PROMPTS[2])["input_ids"]
+    first = eng.generate(engine, [ids], 12, temperature=1.5, top_p=0.9, top_k=50, seed=7, ignore_eos=True)[0]
+    again = eng.generate(engine, [ids], 12, temperature=1.5, top_p=0.9, top_k=50, seed=7, ignore_eos=True)[0]
+    greedy = eng.generate(engine, [ids], 12, ignore_eos=True)[0]
+    assert first.token_ids == again.token_ids
+    assert first.token_ids != greedy.token_ids
+
+
+def test_build_writes_a_verified_generator(tmp_path):
+    model_dir = make_model_dir(tmp_path / "m", "llama")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(spec_text(model_dir, variants="[{format: torch, precision: fp32}, {format: torch, precision: bf16}]"))
+    out = tmp_path / "repo"
+    result = CliRunner().invoke(app, ["build", str(spec), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "triton-builder.json").read_text())["models"]
+    assert set(manifest) == {"tiny", "tiny_torch_bf16"}
+    fp32 = manifest["tiny"]["verification"]
+    assert fp32["greedy_equal_to_hf"] == fp32["prompts"] == 4 and fp32["continuous_batching_equal"] == 4
+    assert manifest["tiny_torch_bf16"]["verification"]["min_cosine"] > 0.99
+    files = {f.name for f in (out / "tiny" / "1").iterdir()}
+    assert {"model.py", "decoder.py", "engine.py", "decoder.json", "weights.safetensors", "tokenizer.json"} <= files
+    assert CliRunner().invoke(app, ["validate", str(out)]).exit_code == 0
+
+
+@pytest.mark.parametrize("case,edit,expected", [
+    ("config_source", lambda t, d: t.replace(f"{{path: {d}}}", "{config: {model_type: llama, vocab_size: 100}}"),
+     "models[tiny]: source: generation needs a tokenizer; give path, hf or package (a model directory or a .gguf "
+     "file with its tokenizer), or drop the generation: block to export logits only"),
+    ("too_long", lambda t, d: t.replace("max_total_tokens: 128", "max_total_tokens: 1000"),
+     "models[tiny]: generation.max_total_tokens: 1000 is above the model's max_position_embeddings (512); lower it"),
+])
+def test_build_refuses_with_one_line(case, edit, expected, tmp_path):
+    model_dir = make_model_dir(tmp_path / "m", "llama")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(edit(spec_text(model_dir), model_dir))
+    result = CliRunner().invoke(app, ["build", str(spec), "-o", str(tmp_path / "repo")])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1] == f"error: {expected}"
+    assert "Traceback" not in result.output and not (tmp_path / "repo").exists()
+
+
+def test_unsupported_architecture_is_refused_before_work(tmp_path):
+    import transformers
+
+    path = tmp_path / "gpt2"
+    make_model_dir(tmp_path / "tok", "llama")
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "tok")
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=1, n_head=2))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(spec_text(path))
+    result = CliRunner().invoke(app, ["build", str(spec), "-o", str(tmp_path / "repo")])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1] == (
+        "error: models[tiny]: model_type 'gpt2' is not supported for generation yet; supported: "
+        f"{hf2decoder.supported()} (or drop the generation: block to export logits only)")
+
+
+def test_one_spec_renders_our_endpoint_tensorrt_llm_and_vllm(tmp_path):
+    model_dir = make_model_dir(tmp_path / "m", "qwen2")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(spec_text(model_dir, variants="[{format: torch, precision: fp32}, {format: vllm, precision: bf16}, "
+                                                  "{format: tensorrt-llm, precision: bf16}]"))
+    out = tmp_path / "repo"
+    result = CliRunner().invoke(app, ["build", str(spec), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "triton-builder.json").read_text())["models"]
+    assert manifest["tiny"]["status"] == "passed"
+    assert {n: e["status"] for n, e in manifest.items() if n != "tiny"} == {
+        "tiny_vllm_bf16": "rendered", "tiny_tensorrt-llm_bf16": "rendered"}
+    engine_args = json.loads((out / "tiny_vllm_bf16" / "1" / "model.json").read_text())
+    assert engine_args["max_num_seqs"] == 2 and engine_args["max_model_len"] == 128 and engine_args["dtype"] == "bfloat16"
+    assert (out / "tiny_vllm_bf16" / "hf" / "config.json").is_file()  # the weights travel with the repository
+    assert CliRunner().invoke(app, ["validate", str(out)]).exit_code == 0
