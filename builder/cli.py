@@ -219,6 +219,8 @@ def profile(
     gpus: bool = typer.Option(False, help="--try: start the servers with GPUs."),
 ) -> None:
     """Where each variant's time goes (operators, roofline, memory) and what to change, with the evidence."""
+    from rich.markup import escape
+
     from builder.diagnose.profile import profile_repository
     from builder.errors import UserError
 
@@ -229,7 +231,9 @@ def profile(
                                                accuracy_budget=accuracy_budget, console=err)
             err.print(f"profile: {path}")
             for tip in tips:
-                err.print(f"  advice ({tip.rule}, {tip.variant}): {tip.message}", highlight=False, soft_wrap=True)
+                change = f" -> {tip.change.describe()}" if tip.change else ""
+                err.print(escape(f"  advice ({tip.rule}, {tip.variant}): {tip.message}{change}"), highlight=False,
+                          soft_wrap=True)
             if try_:
                 from builder.diagnose.trial import try_advice
                 from builder.manifest import read_manifest
@@ -274,3 +278,7 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
+
+
+if __name__ == "__main__":  # python -m builder.cli (where the console script is not installed, e.g. the GPU machine)
+    main()
