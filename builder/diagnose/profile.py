@@ -371,7 +371,6 @@ def profile_onnx(entry_dir: Path, entry: dict, config: dict, batches: list[int],
     vp.weights_bytes = float(sum(len(t.raw_data) or 0 for t in model.graph.initializer)) or None
     del model
     providers = (["CUDAExecutionProvider"] if device == "gpu" else []) + ["CPUExecutionProvider"]
-    input_names = [t.name for t in sig.inputs]
 
     def session(profiling: bool, n_threads: int):
         opts = ort.SessionOptions()
