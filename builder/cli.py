@@ -208,7 +208,7 @@ def report(
 def profile(
     repo: Path = typer.Argument(Path("model_repository"), help="Built repository."),
     model: Optional[list[str]] = typer.Option(None, "--model", help="Only these variants (Triton model names, repeatable)."),
-    out: Optional[Path] = typer.Option(None, help="Where profile.md, profile.json and traces go (default: REPO-profile/ beside REPO)."),
+    out: Optional[Path] = typer.Option(None, help="Where profile.md, profile.json and traces go (default: perf/results/profile-<UTC time>/)."),
     results: Optional[Path] = typer.Option(None, help="A perf results directory of REPO: the advice reads its served breakdown."),
     batch: Optional[list[int]] = typer.Option(None, "--batch", help="Batch sizes to profile (default 1 and min(8, max_batch_size))."),
     accuracy_budget: Optional[float] = typer.Option(None, help="Minimum cosine for the accuracy advice."),

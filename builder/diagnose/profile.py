@@ -455,7 +455,9 @@ def profile_repository(repo: Path, *, models: list[str] | None = None, out: Path
     variants = profiled_variants(manifest, models)
     if iters < 1:
         raise UserError(f"--iters {iters} must be >= 1")
-    out = Path(out) if out is not None else repo.parent / f"{repo.name}-profile"
+    if out is None:
+        out = Path("perf/results") / time.strftime("profile-%Y%m%dT%H%M%SZ", time.gmtime())
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     table = None
     if results is not None:
