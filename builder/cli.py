@@ -309,7 +309,7 @@ def deploy(
 def profile(
     repo: Path = typer.Argument(Path("model_repository"), help="Built repository."),
     model: Optional[list[str]] = typer.Option(None, "--model", help="Only these variants (Triton model names, repeatable)."),
-    out: Optional[Path] = typer.Option(None, help="Where profile.md, profile.json and traces go (default: REPO-profile/ beside REPO)."),
+    out: Optional[Path] = typer.Option(None, help="Where profile.md, profile.json and traces go (default: perf/results/profile-<UTC time>/)."),
     results: Optional[Path] = typer.Option(None, help="A perf results directory of REPO: the advice reads its served breakdown."),
     batch: Optional[list[int]] = typer.Option(None, "--batch", help="Batch sizes to profile (default 1 and min(8, max_batch_size))."),
     accuracy_budget: Optional[float] = typer.Option(None, help="Minimum cosine for the accuracy advice."),
@@ -320,6 +320,8 @@ def profile(
     gpus: bool = typer.Option(False, help="--try: start the servers with GPUs."),
 ) -> None:
     """Where each variant's time goes (operators, roofline, memory) and what to change, with the evidence."""
+    from rich.markup import escape
+
     from builder.diagnose.profile import profile_repository
     from builder.errors import UserError
 
@@ -330,7 +332,9 @@ def profile(
                                                accuracy_budget=accuracy_budget, console=err)
             err.print(f"profile: {path}")
             for tip in tips:
-                err.print(f"  advice ({tip.rule}, {tip.variant}): {tip.message}", highlight=False, soft_wrap=True)
+                change = f" -> {tip.change.describe()}" if tip.change else ""
+                err.print(escape(f"  advice ({tip.rule}, {tip.variant}): {tip.message}{change}"), highlight=False,
+                          soft_wrap=True)
             if try_:
                 from builder.diagnose.trial import try_advice
                 from builder.manifest import read_manifest
@@ -384,3 +388,7 @@ def main() -> None:
         err.print(f"[red]error:[/] {escape(command)}: {escape(str(unexpected(exc, command)))}", highlight=False,
                   soft_wrap=True)
         sys.exit(1)
+
+
+if __name__ == "__main__":  # python -m builder.cli (where the console script is not installed, e.g. the GPU machine)
+    main()

@@ -142,3 +142,28 @@ def test_real_runs_same_repository_pass_and_a_planted_regression_fails(tmp_path)
     regressed = run_compare(first, planted, tmp_path / "cmp_planted")
     assert regressed.exit_code == 1, regressed.output
     assert verdicts(tmp_path / "cmp_planted")[("toy_a", 1)] == "regressed"
+
+
+def test_differing_settings_are_noted(tmp_path):
+    # hand-edited copy of `same`: batch size 4 instead of 1
+    new = _copy(RECORDED / "same", tmp_path / "new", edit_settings={"batch_size": 4})
+    result = run_compare(RECORDED / "base", new, tmp_path / "out")
+    assert "> Note: batch size differs: base 1, new 4; the numbers may not be comparable." in result.output
+
+
+def test_repeats_keep_the_median_level_and_need_one_or_more():
+    from builder.perf.analyzer import LevelResult, Measurement
+    from builder.perf.run import median_repeat, run_perf
+
+    def measurement(*throughputs):
+        return Measurement("m", [LevelResult(1, {"throughput": t}, True, 1, "ok") if t else LevelResult(1)
+                                 for t in throughputs], [])
+
+    picked = median_repeat([measurement(300.0), measurement(100.0), measurement(200.0)])
+    assert [lv.values["throughput"] for lv in picked.levels] == [200.0]
+    picked = median_repeat([measurement(None), measurement(150.0)])  # a repeat without numbers is skipped
+    assert picked.levels[0].values["throughput"] == 150.0
+    from builder.errors import UserError
+
+    with pytest.raises(UserError, match="repeats 0 must be >= 1"):
+        run_perf(RECORDED, repeats=0)

@@ -202,7 +202,7 @@ def measure_peak(device: str, dtype: str = "float32", threads: int = 0) -> dict:
             return min(times)
 
         best(lambda: a @ b, 1)
-        flops = 2 * n**3 / best(lambda: a @ b, 3)
+        flops = 2 * n**3 / best(lambda: a @ b, 5)  # the best of 5: the device when nothing else interrupts it
         best(lambda: dst.copy_(src), 1)
         bandwidth = 2 * src.numel() * src.element_size() / best(lambda: dst.copy_(src), 5)
     finally:
@@ -371,7 +371,6 @@ def profile_onnx(entry_dir: Path, entry: dict, config: dict, batches: list[int],
     vp.weights_bytes = float(sum(len(t.raw_data) or 0 for t in model.graph.initializer)) or None
     del model
     providers = (["CUDAExecutionProvider"] if device == "gpu" else []) + ["CPUExecutionProvider"]
-    input_names = [t.name for t in sig.inputs]
 
     def session(profiling: bool, n_threads: int):
         opts = ort.SessionOptions()
@@ -456,7 +455,9 @@ def profile_repository(repo: Path, *, models: list[str] | None = None, out: Path
     variants = profiled_variants(manifest, models)
     if iters < 1:
         raise UserError(f"--iters {iters} must be >= 1")
-    out = Path(out) if out is not None else repo.parent / f"{repo.name}-profile"
+    if out is None:
+        out = Path("perf/results") / time.strftime("profile-%Y%m%dT%H%M%SZ", time.gmtime())
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     table = None
     if results is not None:
@@ -479,8 +480,14 @@ def profile_repository(repo: Path, *, models: list[str] | None = None, out: Path
             console.print(f"  measuring the {vp.device} peak ({key[2] or 'default'} thread(s))")
             peaks[key] = measure_peak("cuda" if vp.device == "cuda" else "cpu",
                                       {"fp16": "float16", "bf16": "bfloat16"}.get(key[1], "float32"), vp.threads)
-        vp.peak = peaks[key]
         profiles.append(vp)
+    for key in peaks:  # measured again after the variants; the higher stands (other load on a shared machine)
+        again = measure_peak("cuda" if key[0] == "cuda" else "cpu",
+                             {"fp16": "float16", "bf16": "bfloat16"}.get(key[1], "float32"), key[2])
+        peaks[key] = {**peaks[key], **{k: max(peaks[key][k], again[k]) for k in ("flops", "bytes_per_s")},
+                      "how": peaks[key]["how"] + ", best of before and after the variants"}
+    for vp in profiles:
+        vp.peak = peaks[(vp.device, vp.precision if vp.device != "cpu" else "fp32", vp.threads)]
     tips = advise(profiles, manifest, table, accuracy_budget=accuracy_budget)
     (out / "profile.json").write_text(json.dumps({"repo": str(repo.resolve()), "profiles": [p.to_dict() for p in profiles],
                                                   "advice": [t.to_dict() for t in tips]}, indent=2, default=str) + "\n")

@@ -76,7 +76,9 @@ def try_advice(repo: Path, manifest: dict, tips: list[Advice], out: Path, *, con
     spec_copy = work / "spec.yaml"
     spec_copy.write_text(yaml.safe_dump(changed_spec(Path(spec_path), tip), sort_keys=False))
     if console:
-        console.print(f"trying {tip.rule} on {tip.variant}: {tip.change.describe()} (spec copy {spec_copy})")
+        from rich.markup import escape
+
+        console.print(escape(f"trying {tip.rule} on {tip.variant}: {tip.change.describe()} (spec copy {spec_copy})"))
     with tempfile.TemporaryDirectory(prefix="triton-builder-try-") as tmp:
         new_repo = Path(tmp) / "repo"
         result = build(spec_copy, new_repo, console=console)
@@ -110,4 +112,8 @@ def outcome(comparison) -> str:
         return f"Outcome: **worse**: a regression beyond the noise; best level {at}. Do not apply it."
     if (table["verdict"] == "improved").any():
         return f"Outcome: **confirmed**: {at}."
-    return f"Outcome: **not confirmed** here: no change beyond the noise and the threshold; best level {at}."
+    if abs(best["throughput_change_pct"]) > comparison.threshold_pct:
+        return (f"Outcome: **not confirmed**: best level {at}: above the {comparison.threshold_pct:g} % threshold but within "
+                "the noise band of these two runs; measure again with `perf --repeats` and a tighter `--stability-pct` "
+                "on a quieter machine.")
+    return f"Outcome: **no gain**: no level changed beyond the {comparison.threshold_pct:g} % threshold; best level {at}."

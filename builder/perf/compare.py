@@ -196,7 +196,8 @@ def plot(c: Comparison, path: Path) -> Path | None:
         ax.set_xticks(list(x), labels, fontsize=7, rotation=30)
         ax.set_title(f"{label}: change % ({'higher' if better > 0 else 'lower'} is better)", fontsize=9)
         ax.grid(alpha=0.3, axis="y")
-    fig.suptitle(f"new vs base: bars = change, whiskers = noise band, dashed = ±{c.threshold_pct:g} % threshold; red = regressed",
+    fig.suptitle(f"new vs base: bars = change, whiskers = noise band, dashed = ±{c.threshold_pct:g} % threshold; red = regressed, green = improved, "
+                 "light grey = not judged",
                  fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
