@@ -301,8 +301,12 @@ class Model(Serving):
         if self.generation is not None and self.task != "text-generation":
             raise ValueError(f"generation applies to task text-generation only (this model's task is {self.task})")
         llm = [v.tag for v in self.variants if v.format in LLM_FORMATS]
+        if llm and self.task != "text-generation":
+            raise ValueError(f"variant {llm[0]}: format {llm[0].rsplit('_', 1)[0]} serves text-generation models only; "
+                             "use onnx or torch for this task")
         if llm and self.generation is None:
-            raise ValueError(f"variant {llm[0]} needs a generation: block (max_sequences, max_prompt_tokens, ...)")
+            raise ValueError(f"variant {llm[0]} needs a generation: block (max_sequences, max_prompt_tokens, ...); "
+                             "add one, or use onnx or torch for a logits-only model")
         if self.generation is not None:
             other = [v.tag for v in self.variants if v.format not in ("torch", *LLM_FORMATS)]
             if other:

@@ -73,7 +73,7 @@ BAD_SPECS = {
                               "models[0](lm).generation.max_sequences: Input should be greater than or equal to 1; got 0; write 1 or more"),
     "vllm_without_generation": ("models:" + LLM_MODEL.replace("format: torch", "format: vllm"),
                                 "models[0](lm): variant vllm_fp32 needs a generation: block (max_sequences, "
-                                "max_prompt_tokens, ...)"),
+                                "max_prompt_tokens, ...); add one, or use onnx or torch for a logits-only model"),
     "generation_with_onnx": ("models:" + LLM_MODEL.replace("format: torch", "format: onnx") + "    generation: {}\n",
                              "models[0](lm): variant onnx_fp32: a generation model is served as format torch, "
                              "tensorrt-llm or vllm; remove it or drop the generation: block for logits-only exports"),
