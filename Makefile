@@ -19,7 +19,7 @@ DEPLOY ?= deploy
 COMPOSE_SCHEMA := .tools/compose_spec.json
 
 .DEFAULT_GOAL := help
-.PHONY: help setup build validate serve perf report deploy profile compare demo demo-llm bench-llm-cpu test test-all test-reliability test-matrix bench-bundle bench-gpu bench-gpu-scaling clean
+.PHONY: help setup build validate serve perf report deploy profile compare demo demo-llm bench-llm-cpu test test-all test-reliability test-matrix bench-bundle bench-gpu bench-gpu-llm bench-gpu-scaling clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -85,7 +85,7 @@ demo-llm: setup ## Build SmolLM2 (GGUF), stream an answer from Triton, measure T
 	@echo "report: $(LLM_RESULTS)/report.md"
 
 bench-llm-cpu: setup ## SmolLM2 served (c=1, 8) side by side with HF generate in-process (batch 1, 8): the CPU targets
-	$(BIN)/python perf/llm_cpu_bench.py --repo $(LLM_REPO) --spec $(LLM_SPEC) --out perf/results/llm-cpu
+	$(BIN)/python perf/llm_cpu_bench.py --repo build/llm_bench --spec perf/llm_cpu.yaml --out perf/results/llm-cpu
 
 test: setup ## The default suite: unit + real-server tests (CPU, < 15 min)
 	$(BIN)/pytest -q -m "not slow and not gpu and not docker and not matrix" $(PYTEST_ARGS)
@@ -107,6 +107,9 @@ bench-bundle: setup ## Prepare .bundle/ (server + wheels, < 64 MiB) for the GPU 
 
 bench-gpu: ## On a GPU machine (no registry needed): build, serve, measure, report into RESULTS_GPU
 	perf/gpu/bench.sh $(RESULTS_GPU)
+
+bench-gpu-llm: ## On a GPU machine: Llama-3.2-1B shape, our torch endpoint (bf16, graphs, inductor, int8, int4) vs HF generate, into RESULTS_GPU-llm
+	DRIVER=perf/gpu/llm_bench.py perf/gpu/bench.sh $(RESULTS_GPU)-llm
 
 bench-gpu-scaling: ## On the 2-GPU machine: BERT-base bf16 graphs on 1 GPU vs 2 GPUs, one run, into RESULTS_GPU-scaling
 	perf/gpu/bench.sh $(RESULTS_GPU)-scaling --spec perf/gpu/scaling.yaml --concurrency 16,64,128,256,512 \

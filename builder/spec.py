@@ -210,8 +210,6 @@ class Variant(Strict):
             raise ValueError("tensorrt int4 is not supported: trtexec makes int4 engines only from ONNX graphs with "
                              "int4 quantize nodes, which this builder does not write; use format onnx with int4, "
                              "or tensorrt with fp16 or int8")
-        if self.format == "torch" and self.precision in ("int8", "int4"):
-            raise ValueError(f"torch {self.precision} is not supported yet; use format onnx for {self.precision}")
         return self
 
     @property
@@ -307,6 +305,11 @@ class Model(Serving):
         if llm and self.generation is None:
             raise ValueError(f"variant {llm[0]} needs a generation: block (max_sequences, max_prompt_tokens, ...); "
                              "add one, or use onnx or torch for a logits-only model")
+        quantized = [v for v in self.variants if v.format == "torch" and v.precision in ("int8", "int4")]
+        if quantized and self.generation is None:  # weight-only through torchao: the generation runtime's
+            p = quantized[0].precision
+            raise ValueError(f"variant {quantized[0].tag}: torch {p} is supported for text generation (a generation: "
+                             f"block) only; use format onnx for {p}")
         if self.generation is not None:
             other = [v.tag for v in self.variants if v.format not in ("torch", *LLM_FORMATS)]
             if other:

@@ -130,15 +130,19 @@ def test_sampling_is_reproducible_with_a_seed(llama):
 def test_build_writes_a_verified_generator(tmp_path):
     model_dir = make_model_dir(tmp_path / "m", "llama")
     spec = tmp_path / "spec.yaml"
-    spec.write_text(spec_text(model_dir, variants="[{format: torch, precision: fp32}, {format: torch, precision: bf16}]"))
+    spec.write_text(spec_text(model_dir, variants="[{format: torch, precision: fp32}, {format: torch, precision: bf16}, "
+                                                  "{format: torch, precision: int8}]"))
     out = tmp_path / "repo"
     result = CliRunner().invoke(app, ["build", str(spec), "-o", str(out)])
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "triton-builder.json").read_text())["models"]
-    assert set(manifest) == {"tiny", "tiny_torch_bf16"}
+    assert set(manifest) == {"tiny", "tiny_torch_bf16", "tiny_torch_int8"}
     fp32 = manifest["tiny"]["verification"]
     assert fp32["greedy_equal_to_hf"] == fp32["prompts"] == 4 and fp32["continuous_batching_equal"] == 4
     assert manifest["tiny_torch_bf16"]["verification"]["min_cosine"] > 0.99
+    int8 = manifest["tiny_torch_int8"]["verification"]  # weight-only int8 (torchao) over bf16 activations
+    assert int8["min_cosine"] > 0.98 and abs(int8["perplexity"] / fp32["perplexity"] - 1) < 0.05
+    assert 'string_value: "int8"' in (out / "tiny_torch_int8" / "config.pbtxt").read_text()
     files = {f.name for f in (out / "tiny" / "1").iterdir()}
     assert {"model.py", "decoder.py", "engine.py", "decoder.json", "weights.safetensors", "tokenizer.json"} <= files
     assert CliRunner().invoke(app, ["validate", str(out)]).exit_code == 0
@@ -195,3 +199,75 @@ def test_one_spec_renders_our_endpoint_tensorrt_llm_and_vllm(tmp_path):
     assert engine_args["max_num_seqs"] == 2 and engine_args["max_model_len"] == 128 and engine_args["dtype"] == "bfloat16"
     assert (out / "tiny_vllm_bf16" / "hf" / "config.json").is_file()  # the weights travel with the repository
     assert CliRunner().invoke(app, ["validate", str(out)]).exit_code == 0
+
+
+def test_batched_decode_and_its_padding_give_the_rows_of_the_ragged_step(llama):
+    """The tensor-only decode step (what CUDA graphs replay) equals the ragged step row for row, also with rows
+    padded into the scratch slot as a graph bucket pads them; buckets cover every batch and length."""
+    from builder.generation.decoder import Graphs
+
+    tok, model = llama
+    config, weights = hf2decoder.convert(model, (tok.eos_token_id,))
+    dec = Decoder(config, weights)
+    dec.allocate(3, 64)
+    lengths = [5, 11, 8]
+    for slot, n in enumerate(lengths):
+        dec(torch.randint(3, 200, (n,)), [(slot, 0, n)])
+    snapshot = [c.clone() for c in dec.k_cache + dec.v_cache]
+    tokens, slots, positions = torch.tensor([7, 9, 11]), torch.tensor([2, 0, 1]), torch.tensor([8, 5, 11])
+
+    def restore():
+        for c, saved in zip(dec.k_cache + dec.v_cache, snapshot):
+            c.copy_(saved)
+
+    ragged = dec(tokens, [(2, 8, 1), (0, 5, 1), (1, 11, 1)])
+    restore()
+    batched = dec.decode(tokens, slots, positions, 12)
+    restore()
+    pad = lambda t, value: torch.nn.functional.pad(t, (0, 1), value=value)  # noqa: E731
+    padded = dec.decode(pad(tokens, 0), pad(slots, dec.scratch), pad(positions, 0), 32)
+    torch.testing.assert_close(batched, ragged, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(padded[:3], batched, rtol=1e-5, atol=1e-5)
+    graphs = Graphs.__new__(Graphs)
+    graphs.dec, graphs.length_bucket = dec, 16
+    graphs.batches = sorted({b for b in Graphs.BATCHES if b < dec.scratch} | {dec.scratch})
+    assert [graphs.bucket(b, n) for b, n in [(1, 1), (2, 17), (3, 64)]] == [(1, 16), (2, 32), (3, 64)]
+
+
+def test_the_gpu_bench_spec_is_valid_for_every_variant(tmp_path):
+    """perf/gpu/llm_bench.py builds this exact spec on the GPU machine: it must load (graphs, inductor, int8, int4)."""
+    import sys
+    from pathlib import Path
+
+    from builder.spec import load_spec
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "perf" / "gpu"))
+    import llm_bench
+
+    spec = tmp_path / "llm.yaml"
+    (tmp_path / "model").mkdir()
+    spec.write_text(llm_bench.spec_text(tmp_path / "model", "gpu", 32, 128, 128, llm_bench.VARIANTS))
+    model = load_spec(spec).models[0]
+    assert [v.tag for v in model.variants] == ["torch_bf16", "torch_bf16_graphs", "torch_bf16_inductor_graphs",
+                                              "torch_int8_inductor_graphs", "torch_int4_inductor_graphs"]
+    assert model.generation.max_sequences == 32 and model.generation.max_total_tokens >= 256 + 64
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replays_equal_the_eager_decode_step(llama):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from builder.generation.decoder import Graphs
+
+    tok, model = llama
+    config, weights = hf2decoder.convert(model, (tok.eos_token_id,))
+    dec = Decoder(config, {k: v.cuda() for k, v in weights.items()})
+    dec.allocate(4, 64)
+    for slot in range(4):
+        dec(torch.randint(3, 200, (9,), device="cuda"), [(slot, 0, 9)])
+    graphs = Graphs(dec, length_bucket=16)
+    for rows in (1, 3, 4):
+        tokens = torch.randint(3, 200, (rows,), device="cuda")
+        slots, positions = torch.arange(rows, device="cuda"), torch.full((rows,), 9, device="cuda")
+        eager = dec.decode(tokens, slots, positions, 10).clone()
+        torch.testing.assert_close(graphs(tokens, slots, positions, 10), eager, rtol=1e-4, atol=1e-4)

@@ -6,8 +6,14 @@ only. The build converts a Hugging Face causal LM into `DecoderConfig` + a safet
 
 One `forward` runs a ragged step: any mix of sequences, each with its own new tokens (a prompt chunk
 or one decoded token) at its own position, packed along one axis. Projections and the MLP run once
-over the packed tokens; attention runs per sequence over that sequence's filled cache prefix only.
-The cache holds `slots` sequences of up to `max_len` tokens; new keys and values are written in place.
+over the packed tokens; the sequences that decode one token (packed first) attend together in one call
+over their cache rows up to the longest of them, masked per row; a prompt chunk attends over its own
+sequence's filled prefix. The cache holds `slots` sequences of up to `max_len` tokens (plus one scratch
+slot for padding rows); new keys and values are written in place.
+
+`decode` is the step where every sequence decodes one token: tensors in, logits out, no Python lists, so
+it can be captured as a CUDA graph (`Graphs`: one per batch bucket and cache-length bucket, padded rows
+write into the scratch slot) and compiled by inductor.
 """
 
 from __future__ import annotations
@@ -93,30 +99,25 @@ class Decoder(torch.nn.Module):
         return self.w["embed"].dtype
 
     def allocate(self, slots: int, max_len: int) -> None:
-        """The KV cache: per layer [slots, kv_heads, max_len, head_dim] for keys and for values."""
+        """The KV cache: per layer [slots + 1, kv_heads, max_len, head_dim] for keys and for values (the last
+        slot is scratch, for padding rows); and the rotary tables for positions 0..max_len-1."""
         c = self.config
-        shape = (slots, c.num_kv_heads, max_len, c.head_dim)
+        shape = (slots + 1, c.num_kv_heads, max_len, c.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
+        self.scratch, self.max_len = slots, max_len
+        freqs = torch.arange(max_len, device=self.device)[:, None].float() * self.w["inv_freq"][None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos = (emb.cos() * c.attention_scaling).to(self.dtype)
+        self.sin = (emb.sin() * c.attention_scaling).to(self.dtype)
 
     def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return F.linear(x, self.w[name + ".weight"], self.w.get(name + ".bias"))
 
-    @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, seqs: list[tuple[int, int, int]], logits_rows: list[int] | None = None):
-        """One ragged step.
-
-        tokens: [n] int64, the new tokens of every sequence, packed in the order of `seqs`.
-        seqs: (slot, start position, count) per sequence; its tokens go to cache positions start..start+count-1.
-        logits_rows: which packed rows get logits (default: the last row of each sequence).
-        Returns logits [len(logits_rows), vocab] in fp32.
-        """
+    def _layers(self, tokens: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
+        """Embeddings and every layer over packed tokens; attend(layer, q, k, v) -> [tokens, heads * head_dim]."""
         c = self.config
-        positions = torch.cat([torch.arange(start, start + n, device=self.device) for _, start, n in seqs])
-        freqs = positions[:, None].float() * self.w["inv_freq"][None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * c.attention_scaling).to(self.dtype)[:, None, :]
-        sin = (emb.sin() * c.attention_scaling).to(self.dtype)[:, None, :]
+        cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]
         x = F.embedding(tokens, self.w["embed"])
         if c.embed_scale != 1.0:
             x = x * torch.tensor(c.embed_scale, dtype=x.dtype)
@@ -132,25 +133,75 @@ class Decoder(torch.nn.Module):
                 q = rms_norm(q, self.w[p + "q_norm"], c.rms_norm_eps)
                 k = rms_norm(k, self.w[p + "k_norm"], c.rms_norm_eps)
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-            x = x + self._linear(self._attend(i, q, k, v, seqs), p + "o")
+            x = x + self._linear(attend(i, q, k, v), p + "o")
             h = rms_norm(x, self.w[p + "post_norm"], c.rms_norm_eps)
             gate, up = self._linear(h, p + "gate_up").chunk(2, dim=-1)
             x = x + self._linear(self.act(gate) * up, p + "down")
-        if logits_rows is None:
-            ends, total = [], 0
-            for _, _, n in seqs:
-                total += n
-                ends.append(total - 1)
-            logits_rows = ends
-        x = rms_norm(x[logits_rows], self.w["norm"], c.rms_norm_eps)
+        return x
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        x = rms_norm(x, self.w["norm"], c.rms_norm_eps)
         head = self.w["embed"] if c.tied_embeddings else self.w["lm_head"]
         return F.linear(x, head).float()
 
-    def _attend(self, layer: int, q, k, v, seqs) -> torch.Tensor:
-        """Write k/v into the cache, then attend each sequence's queries over its filled prefix."""
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, seqs: list[tuple[int, int, int]], logits_rows: list[int] | None = None):
+        """One ragged step.
+
+        tokens: [n] int64, the new tokens of every sequence, packed in the order of `seqs`.
+        seqs: (slot, start position, count) per sequence; its tokens go to cache positions start..start+count-1.
+            Sequences with count 1 that come first attend together in one call.
+        logits_rows: which packed rows get logits (default: the last row of each sequence).
+        Returns logits [len(logits_rows), vocab] in fp32.
+        """
+        positions = torch.cat([torch.arange(start, start + n) for _, start, n in seqs]).to(self.device)
+        ones = next((i for i, (_, _, n) in enumerate(seqs) if n != 1), len(seqs))
+        decoding = None
+        if ones:
+            slots = torch.tensor([slot for slot, _, _ in seqs[:ones]], device=self.device)
+            decoding = (slots, positions[:ones], max(start for _, start, _ in seqs[:ones]) + 1)
+
+        def attend(layer, q, k, v):
+            out = [self._attend_decoding(layer, q[:ones], k[:ones], v[:ones], *decoding)] if ones else []
+            return torch.cat(out + self._attend_prompts(layer, q, k, v, seqs, ones))
+
+        x = self._layers(tokens, positions, attend)
+        if logits_rows is None:
+            logits_rows, total = [], 0
+            for _, _, n in seqs:
+                total += n
+                logits_rows.append(total - 1)
+        return self._logits(x[logits_rows])
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
+        """Every row decodes one token: tokens, slots, positions [B]; keys up to `length` (> every position).
+        Returns logits [B, vocab] in fp32. Shapes depend on B and `length` only (CUDA graphs, inductor)."""
+        x = self._layers(tokens, positions,
+                         lambda layer, q, k, v: self._attend_decoding(layer, q, k, v, slots, positions, length))
+        return self._logits(x)
+
+    def _attend_decoding(self, layer: int, q, k, v, slots, positions, length: int) -> torch.Tensor:
+        """Rows with one new token each: write k/v at (slot, position), then attend every row at once over its
+        slot's first `length` cache entries, masked to the row's own prefix. Grouped-query attention by
+        folding each kv head's query heads into the query axis."""
+        c = self.config
         kc, vc = self.k_cache[layer], self.v_cache[layer]
-        out, offset = [], 0
-        for slot, start, n in seqs:
+        kc[slots, :, positions] = k
+        vc[slots, :, positions] = v
+        keys, values = kc[slots, :, :length], vc[slots, :, :length]  # [B, kv_heads, length, d]
+        group = c.num_heads // c.num_kv_heads
+        qs = q.view(-1, c.num_kv_heads, group, c.head_dim)
+        mask = (torch.arange(length, device=q.device)[None, :] <= positions[:, None])[:, None, None, :]
+        o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask)
+        return o.reshape(q.shape[0], -1)
+
+    def _attend_prompts(self, layer: int, q, k, v, seqs, first: int) -> list[torch.Tensor]:
+        """Sequences from index `first` on, one at a time: write k/v into the cache, attend over the filled prefix."""
+        kc, vc = self.k_cache[layer], self.v_cache[layer]
+        out, offset = [], first
+        for slot, start, n in seqs[first:]:
             end = start + n
             kc[slot, :, start:end] = k[offset:offset + n].transpose(0, 1)
             vc[slot, :, start:end] = v[offset:offset + n].transpose(0, 1)
@@ -163,11 +214,88 @@ class Decoder(torch.nn.Module):
                 o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, enable_gqa=True)
             out.append(o[0].transpose(0, 1).reshape(n, -1))
             offset += n
-        return torch.cat(out) if len(out) > 1 else out[0]
+        return out
 
 
-def load(directory, device: str = "cpu", dtype: torch.dtype | None = None) -> Decoder:
-    """A Decoder from `decoder.json` + `weights.safetensors` in `directory`."""
+class Graphs:
+    """Decode steps replayed as CUDA graphs, one per (batch bucket, cache-length bucket), captured on first use
+    into one shared memory pool. Rows are padded to the bucket with the scratch slot at position 0; keys are
+    read up to the length bucket, so a step reads the filled cache and not all of it. The logits returned
+    are valid until the next call (the engine reads them before its next step).
+
+    `step` is the function captured: the decoder's `decode`, or that function compiled by inductor (without
+    inductor's own CUDA graphs: the capture is done here)."""
+
+    BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+    def __init__(self, decoder: Decoder, step=None, length_bucket: int = 256):
+        self.dec, self.step = decoder, step or decoder.decode
+        self.batches = sorted({b for b in self.BATCHES if b < decoder.scratch} | {decoder.scratch})
+        self.length_bucket = length_bucket
+        self.pool = None  # one memory pool for every graph, made at the first capture
+        self.graphs: dict[tuple[int, int], tuple] = {}
+
+    def bucket(self, rows: int, length: int) -> tuple[int, int]:
+        b = next(x for x in self.batches if x >= rows)
+        return b, min(-(-length // self.length_bucket) * self.length_bucket, self.dec.max_len)
+
+    def capture(self, batch: int, length: int) -> tuple:
+        dev = self.dec.device
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        tokens = torch.zeros(batch, dtype=torch.long, device=dev)
+        slots = torch.full((batch,), self.dec.scratch, dtype=torch.long, device=dev)
+        positions = torch.zeros(batch, dtype=torch.long, device=dev)
+        side = torch.cuda.Stream(device=dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up outside the capture: kernel selection, inductor's autotuning, allocations
+                self.step(tokens, slots, positions, length)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self.step(tokens, slots, positions, length)
+        return graph, tokens, slots, positions, logits
+
+    def __call__(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, length: int):
+        rows = tokens.shape[0]
+        key = self.bucket(rows, length)
+        if key not in self.graphs:
+            self.graphs[key] = self.capture(*key)
+        graph, t, s, p, logits = self.graphs[key]
+        pad = key[0] - rows
+        t.copy_(F.pad(tokens, (0, pad)), non_blocking=True)
+        s.copy_(F.pad(slots, (0, pad), value=self.dec.scratch), non_blocking=True)
+        p.copy_(F.pad(positions, (0, pad)), non_blocking=True)
+        graph.replay()
+        return logits[:rows]
+
+
+QUANTIZED = (".qkv.weight", ".o.weight", ".gate_up.weight", ".down.weight")  # the projections; not embeddings
+
+
+def quantize(decoder: Decoder, mode: str) -> None:
+    """Weight-only quantization of the projections through torchao, in place: int8 (per-row scales) or int4
+    (groups of 128, packed for torch's own int4 matmul kernel, CUDA only). Activations stay in the decoder's
+    dtype; F.linear dispatches to the quantized tensor's kernel."""
+    import warnings
+
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+    config = Int8WeightOnlyConfig(version=2) if mode == "int8" else \
+        Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in [n for n in decoder.w if n.endswith(QUANTIZED)]:
+            w = decoder.w[name]
+            linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+            linear.weight = torch.nn.Parameter(w, requires_grad=False)
+            quantize_(linear, config)
+            decoder.w[name] = linear.weight
+
+
+def load(directory, device: str = "cpu", dtype: torch.dtype | None = None, quantization: str = "none") -> Decoder:
+    """A Decoder from `decoder.json` + `weights.safetensors` in `directory`; weight-only int8/int4 if asked."""
     from pathlib import Path
 
     from safetensors.torch import load_file
@@ -177,4 +305,7 @@ def load(directory, device: str = "cpu", dtype: torch.dtype | None = None) -> De
     weights = load_file(str(directory / "weights.safetensors"), device=str(device))
     if dtype is not None:
         weights = {k: (v if k == "inv_freq" else v.to(dtype)) for k, v in weights.items()}
-    return Decoder(config, weights)
+    decoder = Decoder(config, weights)
+    if quantization != "none":
+        quantize(decoder, quantization)
+    return decoder

@@ -119,6 +119,7 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.eos = set(decoder.config.eos_token_ids)
         decoder.allocate(max_sequences, max_total_tokens)
+        self.decode_step = decoder.decode  # the server may swap in decoder.Graphs(decoder) on a GPU
         self.free = list(range(max_sequences))[::-1]
         self.running: list[Request] = []
         self.waiting: list[Request] = []
@@ -154,34 +155,52 @@ class Engine:
             self.running.append(req)
         if not self.running:
             return
-        tokens, seqs, rows, sampled = [], [], [], []
-        budget = self.prefill_chunk
-        for req in self.running:
-            if not req.prefilling:
-                tokens.append(req.output[-1])
-                seqs.append((req.slot, len(req.prompt) + len(req.output) - 1, 1))
-            elif budget > 0:
-                n = min(budget, len(req.prompt) - req.fed)
-                tokens.extend(req.prompt[req.fed:req.fed + n])
-                seqs.append((req.slot, req.fed, n))
-                budget -= n
-            else:
-                continue
-            rows.append(len(tokens) - 1)
-            sampled.append(req)
+        decoding = [r for r in self.running if not r.prefilling]
+        prompting = [r for r in self.running if r.prefilling]
+        dev = self.decoder.device
         try:
-            logits = self.decoder(torch.tensor(tokens, dtype=torch.long, device=self.decoder.device), seqs, rows)
+            if not prompting:  # every sequence decodes one token: the tensor-only step (CUDA graphs where set)
+                positions = [len(r.prompt) + len(r.output) - 1 for r in decoding]
+                logits = self.decode_step(torch.tensor([r.output[-1] for r in decoding], device=dev),
+                                          torch.tensor([r.slot for r in decoding], device=dev),
+                                          torch.tensor(positions, device=dev), max(positions) + 1)
+                sampled, counts = decoding, [1] * len(decoding)
+            else:
+                logits, sampled, counts = self._mixed_step(decoding, prompting)
         except Exception as exc:  # noqa: BLE001 - the requests get the error; the engine keeps serving
             for req in list(self.running):
                 self._finish(req, "", error=f"generation failed: {type(exc).__name__}: {exc}", flush=False)
             return
         self.steps += 1
-        for i, (req, (_, _, n)) in enumerate(zip(sampled, seqs)):
+        rows = [i for i, (req, n) in enumerate(zip(sampled, counts)) if req.fed + n >= len(req.prompt)]
+        for req, n in zip(sampled, counts):
             if req.prefilling:
                 req.fed += n
-                if req.prefilling:
-                    continue  # more prompt chunks to come; no token yet
-            self._advance(req, sample(logits[i], req))
+        greedy = [i for i in rows if sampled[i].temperature <= 0]
+        picked = dict(zip(greedy, logits[greedy].argmax(-1).tolist())) if greedy else {}  # one sync for all greedy rows
+        for i in rows:
+            self._advance(sampled[i], picked[i] if i in picked else sample(logits[i], sampled[i]))
+
+    def _mixed_step(self, decoding: list[Request], prompting: list[Request]):
+        """Decoding sequences first (they attend together), then prompt chunks within the step's budget."""
+        tokens, seqs, rows, sampled = [], [], [], []
+        for req in decoding:
+            tokens.append(req.output[-1])
+            seqs.append((req.slot, len(req.prompt) + len(req.output) - 1, 1))
+            rows.append(len(tokens) - 1)
+            sampled.append(req)
+        budget = self.prefill_chunk
+        for req in prompting:
+            if budget <= 0:
+                break
+            n = min(budget, len(req.prompt) - req.fed)
+            tokens.extend(req.prompt[req.fed:req.fed + n])
+            seqs.append((req.slot, req.fed, n))
+            budget -= n
+            rows.append(len(tokens) - 1)
+            sampled.append(req)
+        logits = self.decoder(torch.tensor(tokens, dtype=torch.long, device=self.decoder.device), seqs, rows)
+        return logits, sampled, [n for _, _, n in seqs]
 
     def _advance(self, req: Request, token: int) -> None:
         if token in self.eos and not req.ignore_eos:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU measurement in one go, on a GPU machine with no registry access (see docs/PERFORMANCE.md).
-# Usage: perf/gpu/bench.sh RESULTS_DIR   (after `make bench-bundle` on a connected machine)
+# Usage: perf/gpu/bench.sh RESULTS_DIR [driver args]   (after `make bench-bundle` on a connected machine)
+# DRIVER=perf/gpu/llm_bench.py runs the LLM bench instead of the encoder one (make bench-gpu-llm).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${1:?usage: bench.sh RESULTS_DIR}
@@ -11,12 +12,12 @@ W=${BENCH_WORK:-/tmp/triton-builder-bench}
 rm -rf "$W" && mkdir -p "$W" "$OUT"
 tar -xJf "$B/tritonserver.tar.xz" -C "$W"
 $PY -m pip install -q --no-index --no-deps --no-compile --target "$W/extra" \
-  "$B"/wheels/{pydantic,pydantic_core,annotated_types,typing_inspection,tritonclient,perf_analyzer,python_rapidjson}-*.whl
+  "$B"/wheels/{pydantic,pydantic_core,annotated_types,typing_inspection,tritonclient,perf_analyzer,python_rapidjson,torchao}-*.whl
 # the stub's environment: numpy<2 (python backend), torch seen through a .pth file
 $PY -m venv "$W/stub"
 "$W/stub/bin/pip" install -q --no-index --no-deps "$B"/wheels/numpy-1.26.4-*.whl
 STUB_SITE=$("$W/stub/bin/python3" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 $PY -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > "$STUB_SITE/host-packages.pth"
 export PYTHONPATH="$PWD:$W/extra" PATH="$W/extra/bin:$PATH" PYTHONUNBUFFERED=1
-exec $PY perf/gpu/bench.py --out "$OUT" --work "$W" \
+exec $PY "${DRIVER:-perf/gpu/bench.py}" --out "$OUT" --work "$W" \
   --tritonserver "$W/site/pytriton/tritonserver/bin/tritonserver" --stub-python "$W/stub/bin/python3" "${@:2}"

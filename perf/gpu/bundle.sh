@@ -21,6 +21,9 @@ PLAT="--only-binary=:all: --python-version 3.12 --implementation cp --platform m
 $VENV/bin/python -m pip download -q --no-deps $PLAT -d "$OUT/wheels" \
   numpy==1.26.4 perf-analyzer==2.60.0 pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 \
   typing-inspection==0.4.5 python-rapidjson==1.20 2>&1 | grep -v "^WARNING: Location" || true
+# torchao: weight-only int8/int4 of the LLM runtime (0.17 is built for torch 2.11, the GPU machine's)
+$VENV/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+  -d "$OUT/wheels" torchao==0.17.0 2>&1 | grep -v "^WARNING: Location" || true
 $VENV/bin/python -m pip download -q --no-deps --only-binary=:all: --platform any --python-version 3.12 \
   -d "$OUT/wheels" tritonclient==2.50.0 2>&1 | grep -v "^WARNING: Location" || true
 du -sh "$OUT"/* | sed 's/^/  /'

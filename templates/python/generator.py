@@ -30,7 +30,7 @@ sys.path.insert(0, HERE)
 import decoder as decoder_module  # noqa: E402 - beside this file in the repository
 import engine as engine_module  # noqa: E402
 
-TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "bfloat16", "int4": "bfloat16"}
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # optional one-value inputs (besides text_input and stop)
 SCALARS = ("max_tokens", "stream", "temperature", "top_p", "top_k", "seed", "ignore_eos", "add_special_tokens")
@@ -82,16 +82,39 @@ class TritonPythonModel:
             torch.set_num_threads(threads)
         gpu = p.get("device") == "gpu" and torch.cuda.is_available()
         device = f"cuda:{args.get('model_instance_device_id', '0')}" if gpu else "cpu"
-        dtype = getattr(torch, TORCH_DTYPES[p.get("precision", "fp32")])
-        model = decoder_module.load(HERE, device=device, dtype=dtype)
+        if gpu:
+            torch.cuda.set_device(device)
+        precision = p.get("precision", "fp32")
+        quantization = precision if precision in ("int8", "int4") else "none"  # weight-only, through torchao
+        model = decoder_module.load(HERE, device=device, dtype=getattr(torch, TORCH_DTYPES[precision]),
+                                    quantization=quantization)
         self.tokenizer = Tokenizer.from_file(os.path.join(HERE, "tokenizer.json"))
         self.add_special = p.get("add_special_tokens", "1") == "1"
         self.engine = engine_module.Engine(model, self.tokenizer, max_sequences=int(p["max_sequences"]),
                                            max_total_tokens=self.limits["max_total_tokens"],
                                            prefill_chunk=int(p["prefill_chunk"]))
+        if gpu and p.get("cuda_graphs", "0") == "1":
+            self._graphs(torch, model, p.get("compile", "none"))
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="generation-engine", daemon=True)
         self.thread.start()
+
+    def _graphs(self, torch, model, compile_mode):
+        """Decode steps as CUDA graphs (optionally inductor-compiled first), captured now for every batch bucket
+        at the first length bucket, so the first requests do not pay for it; longer ones are captured on use."""
+        import time
+
+        t0 = time.time()
+        step = None
+        if compile_mode == "inductor":
+            # inductor fuses the elementwise work (norms, rotary, activation); its own CUDA graphs stay off
+            step = torch.compile(model.decode, dynamic=True)  # the default mode: no CUDA graphs of its own
+        graphs = decoder_module.Graphs(model, step)
+        for batch in graphs.batches:
+            graphs.graphs[graphs.bucket(batch, 1)] = graphs.capture(*graphs.bucket(batch, 1))
+        self.engine.decode_step = graphs
+        pb_utils.Logger.log_info(f"captured {len(graphs.graphs)} decode graphs (compile: {compile_mode}) in "
+                                 f"{time.time() - t0:.1f} s")
 
     def _run(self):
         try:

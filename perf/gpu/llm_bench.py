@@ -1,0 +1,259 @@
+"""GPU LLM bench (issue 11), one run: a Llama-3.2-1B-shaped model (perf/gpu/llm_model.py, random weights) built
+as our torch endpoint in several variants, HF `generate` (static cache) in-process as the baseline, the decode
+step in-process (eager / CUDA graphs / inductor + graphs, per batch), and every variant served by Triton and
+measured with perf_analyzer --streaming (TTFT, ITL, tokens/s) at concurrency 1 and 32, against the targets.
+
+Run through perf/gpu/bench.sh (DRIVER=perf/gpu/llm_bench.py; `make bench-gpu-llm`). Results go to --out as at
+most 8 files: summary.md, summary.json, llm.csv, build.json, env.json, results.tar.gz (everything) and the log.
+`--smoke` runs the same pipeline on the CPU with 2 layers and short lengths (what the tests run here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+TARGETS = {"c1_tokens_per_s": 450.0, "c1_itl_p50_ms": 2.2, "c1_ttft_p50_ms": 15.0, "c32_tokens_per_s": 10000.0,
+           "c32_itl_p99_ms": 10.0}
+VARIANTS = ["{format: torch, precision: bf16}",
+            "{format: torch, precision: bf16, cuda_graphs: true}",
+            "{format: torch, precision: bf16, cuda_graphs: true, compile: inductor}",
+            "{format: torch, precision: int8, cuda_graphs: true, compile: inductor}",
+            "{format: torch, precision: int4, cuda_graphs: true, compile: inductor}"]
+
+
+def spec_text(model_dir: Path, kind: str, slots: int, prompt: int, output: int, variants: list[str]) -> str:
+    total = max(512, 2 * (prompt + output))
+    return (f"models:\n  - name: llama1b\n    task: text-generation\n    source: {{path: {model_dir}}}\n"
+            f"    instances: {{kind: {kind}, count: 1}}\n"
+            f"    generation: {{max_sequences: {slots}, max_prompt_tokens: {total // 2}, max_total_tokens: {total}, "
+            f"max_tokens: {output}, prefill_chunk: {4 * prompt}}}\n"
+            f"    variants:\n" + "".join(f"      - {v}\n" for v in variants))
+
+
+def hf_baseline(model_dir: Path, device: str, prompt: int, output: int, batches: list[int]) -> dict:
+    """HF generate with a static cache (the issue's reference), bf16, ms per decode step and tokens/s."""
+    import torch
+    import transformers
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    out = {}
+    for batch in batches:
+        x = torch.randint(1000, 20000, (batch, prompt), device=device)
+        kw = dict(attention_mask=torch.ones_like(x), do_sample=False, pad_token_id=0, cache_implementation="static")
+        with torch.inference_mode():
+            model.generate(x, max_new_tokens=4, min_new_tokens=4, **kw)
+            times = {}
+            for n in (1, output):  # the difference removes the prefill
+                _sync(device)
+                t0 = time.perf_counter()
+                model.generate(x, max_new_tokens=n, min_new_tokens=n, **kw)
+                _sync(device)
+                times[n] = time.perf_counter() - t0
+        step = (times[output] - times[1]) / (output - 1)
+        out[batch] = {"ms_per_step": round(step * 1e3, 3), "tokens_per_s": round(batch / step, 1)}
+    del model
+    return out
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def step_times(repo: Path, names: list[str], device: str, batches: list[int], position: int, slots: int) -> dict:
+    """Our decode step in-process, per variant and batch: eager, CUDA graphs, inductor + graphs (GPU)."""
+    import torch
+
+    out = {}
+    for name in names:
+        folder = repo / name / "1"
+        params = _params(repo / name / "config.pbtxt")
+        sys.path.insert(0, str(folder))
+        import decoder
+
+        precision = params.get("precision", "bf16")
+        quant = precision if precision in ("int8", "int4") else "none"
+        dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(precision, torch.bfloat16)
+        dec = decoder.load(folder, device=device, dtype=dtype, quantization=quant)
+        dec.allocate(slots, position + 64)
+        modes = {"eager": dec.decode}
+        if device == "cuda":
+            modes["graphs"] = decoder.Graphs(dec)
+            if params.get("compile") == "inductor":
+                modes["inductor+graphs"] = decoder.Graphs(dec, torch.compile(dec.decode, dynamic=True))
+        row = {}
+        for mode, fn in modes.items():
+            for batch in batches:
+                tokens = torch.randint(1000, 20000, (batch,), device=device)
+                slot_ids = torch.arange(batch, device=device) % slots
+                positions = torch.full((batch,), position, device=device)
+                for _ in range(3):
+                    fn(tokens, slot_ids, positions, position + 1)
+                samples = []
+                for _ in range(5):
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    for _ in range(10):
+                        fn(tokens, slot_ids, positions, position + 1)
+                    _sync(device)
+                    samples.append((time.perf_counter() - t0) / 10 * 1e3)
+                row[f"{mode} b{batch}"] = round(statistics.median(samples), 3)
+        out[name] = row
+        sys.path.remove(str(folder))
+        sys.modules.pop("decoder", None)
+        del dec, modes
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+def _params(config: Path) -> dict:
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    cfg = text_format.Parse(config.read_text(), model_config_pb2.ModelConfig())
+    return {k: v.string_value for k, v in cfg.parameters.items()}
+
+
+def verdict(rows: list[dict]) -> list[str]:
+    """The targets against one served variant's rows (c=1 and c=32)."""
+    by = {r["concurrency"]: r for r in rows if r.get("status") == "ok"}
+    lines = []
+    if 1 in by:
+        r = by[1]
+        lines += [f"c=1 tokens/s per stream {r['tokens_per_s_per_stream']:.0f} (target >= {TARGETS['c1_tokens_per_s']:.0f})",
+                  f"c=1 ITL p50 {r['itl_p50_ms']:.2f} ms (target <= {TARGETS['c1_itl_p50_ms']})",
+                  f"c=1 TTFT p50 {r['ttft_p50_ms']:.1f} ms (target <= {TARGETS['c1_ttft_p50_ms']:.0f})"]
+    high = max((c for c in by if c > 1), default=None)
+    if high:
+        r = by[high]
+        lines += [f"c={high} tokens/s in all {r['tokens_per_s']:.0f} (target >= {TARGETS['c32_tokens_per_s']:.0f})",
+                  f"c={high} ITL p99 {r['itl_p99_ms']:.2f} ms (target <= {TARGETS['c32_itl_p99_ms']:.0f})"]
+    return lines
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--tritonserver", type=Path, default=None)
+    p.add_argument("--stub-python", type=Path, default=None)
+    p.add_argument("--smoke", action="store_true", help="CPU, 2 layers, short lengths: the pipeline, not the numbers")
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--output-tokens", type=int, default=128)
+    p.add_argument("--concurrency", default="1,32")
+    p.add_argument("--variants", default="", help="indexes into VARIANTS, e.g. 0,2 (default: all)")
+    args = p.parse_args()
+    if args.smoke:
+        args.layers, args.prompt_tokens, args.output_tokens, args.concurrency = 2, 16, 8, "1,4"
+    device = "cpu" if args.smoke else "cuda"
+    kind = "cpu" if args.smoke else "gpu"
+    variants = [VARIANTS[int(i)] for i in args.variants.split(",") if i] or \
+        (VARIANTS[:1] + ["{format: torch, precision: int8}"] if args.smoke else VARIANTS)
+    concurrency = [int(c) for c in args.concurrency.split(",")]
+
+    import llm_model
+
+    from builder.build import build
+    from builder.perf.llm import run_llm_perf
+    from builder.manifest import read_manifest
+    from builder.runtime import self_check, start_server
+
+    t0 = time.time()
+    out, work = args.out, args.work
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    env = {"python": platform.python_version(), "argv": sys.argv, "device": device}
+    try:
+        import torch
+
+        env["torch"], env["cuda"] = torch.__version__, torch.version.cuda
+        if device == "cuda":
+            env["nvidia_smi"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                                                "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+    except Exception as exc:  # noqa: BLE001 - record what could not be read, keep measuring
+        env["env_error"] = repr(exc)
+    print(f"model: {args.layers} layers, Llama-3.2-1B shape", flush=True)
+    model_dir = llm_model.make(work / "llama1b", args.layers)
+    slots = max(concurrency)
+    spec = work / "llm.yaml"
+    spec.write_text(spec_text(model_dir, kind, slots, args.prompt_tokens, args.output_tokens, variants))
+    repo = work / "repo"
+    shutil.rmtree(repo, ignore_errors=True)
+    result = build(spec, repo, keep_going=True, cache=False)
+    build_rows = [{"model": r.triton_name, "status": r.status, "cosine": r.worst_cosine, "message": r.message,
+                   "seconds": round(r.seconds, 1)} for r in result.results]
+    manifest = read_manifest(repo)["models"] if (repo / "triton-builder.json").is_file() else {}
+    for row in build_rows:
+        ver = manifest.get(row["model"], {}).get("verification", {})
+        row.update({k: ver.get(k) for k in ("greedy_agreement", "nll_per_token", "perplexity", "continuous_batching_equal")})
+    (out / "build.json").write_text(json.dumps(build_rows, indent=1))
+    env["build_seconds"] = round(time.time() - t0, 1)
+    print(json.dumps(build_rows, indent=1), flush=True)
+    names = sorted(manifest)
+    env["hf_generate"] = hf_baseline(model_dir, device, args.prompt_tokens, args.output_tokens, [1, slots])
+    print(f"HF generate (static cache): {env['hf_generate']}", flush=True)
+    env["decode_step_ms"] = step_times(repo, names, device, sorted({1, 8, slots}), args.prompt_tokens + 64, slots)
+    print(f"decode step in-process (ms): {json.dumps(env['decode_step_ms'], indent=1)}", flush=True)
+    results = work / "results"
+    shutil.rmtree(results, ignore_errors=True)
+    results.mkdir(parents=True)
+    with start_server(repo, tritonserver=args.tritonserver, stub_python=args.stub_python, gpus=device == "cuda",
+                      ready_timeout=600, log_path=work / "tritonserver.log") as server:
+        env["server_ready_seconds"] = round(time.time() - t0, 1)
+        try:
+            env["selfcheck"] = [c.__dict__ for c in self_check(server, repo, protocol="grpc")]
+        except Exception as exc:  # noqa: BLE001 - recorded; measuring goes on
+            env["selfcheck"] = {"error": str(exc)}
+        run_llm_perf(repo, {n: manifest[n] for n in names}, server, concurrency, results,
+                     prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens)
+    import pandas as pd
+
+    frame = pd.read_csv(results / "llm.csv")
+    lines = [f"# GPU LLM bench ({env.get('nvidia_smi') or device})", "",
+             f"Llama-3.2-1B shape, {args.layers} layers, random weights; prompt {args.prompt_tokens} tokens, "
+             f"output {args.output_tokens} tokens (forced); {time.strftime('%Y-%m-%d')}", "",
+             "| variant | c | TTFT p50 ms | ITL p50 ms | ITL p99 ms | tok/s per stream | tok/s in all |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in frame.to_dict("records"):
+        if r["status"] == "ok":
+            lines.append(f"| {r['variant']} | {r['concurrency']} | {r['ttft_p50_ms']:.1f} | {r['itl_p50_ms']:.2f} | "
+                         f"{r['itl_p99_ms']:.2f} | {r['tokens_per_s_per_stream']:.0f} | {r['tokens_per_s']:.0f} |")
+        else:
+            lines.append(f"| {r['variant']} | {r['concurrency']} | failed | | | | |")
+    lines += ["", "HF generate, static cache, in-process: " + ", ".join(
+        f"batch {b}: {v['ms_per_step']} ms/step ({v['tokens_per_s']} tok/s)" for b, v in env["hf_generate"].items()), ""]
+    for name in names:
+        lines.append(f"- {name}: " + "; ".join(verdict(frame[frame["variant"] == name].to_dict("records"))))
+    lines += ["", "Decode step in-process (ms): " + json.dumps(env["decode_step_ms"])]
+    env["total_seconds"] = round(time.time() - t0, 1)
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    (out / "env.json").write_text(json.dumps(env, indent=1, default=str))
+    shutil.copy2(results / "llm.csv", out / "llm.csv")
+    with tarfile.open(out / "results.tar.gz", "w:gz") as tar:
+        tar.add(results, arcname="results")
+        if (work / "tritonserver.log").exists():
+            tar.add(work / "tritonserver.log", arcname="tritonserver.log")
+    print("\n".join(lines))
+    print(f"bench done in {env['total_seconds']} s: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
