@@ -271,3 +271,20 @@ def test_cuda_graph_replays_equal_the_eager_decode_step(llama):
         slots, positions = torch.arange(rows, device="cuda"), torch.full((rows,), 9, device="cuda")
         eager = dec.decode(tokens, slots, positions, 10).clone()
         torch.testing.assert_close(graphs(tokens, slots, positions, 10), eager, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_inductor_compiled_decode_step_equals_eager(llama):
+    """compile: inductor compiles decode() with dynamic shapes (what the GPU graphs then capture); on the CPU
+    here the same tracing runs, so a graph break or a wrong result shows up before any GPU run (~1 min)."""
+    tok, model = llama
+    config, weights = hf2decoder.convert(model, (tok.eos_token_id,))
+    dec = Decoder(config, weights)
+    dec.allocate(4, 64)
+    for slot in range(4):
+        dec(torch.randint(3, 200, (9,)), [(slot, 0, 9)])
+    compiled = torch.compile(dec.decode, dynamic=True, fullgraph=True)
+    for rows, length in [(2, 16), (4, 32)]:
+        tokens, slots, positions = torch.randint(3, 200, (rows,)), torch.arange(rows), torch.full((rows,), 9)
+        eager = dec.decode(tokens, slots, positions, length)
+        torch.testing.assert_close(compiled(tokens, slots, positions, length), eager, rtol=1e-4, atol=1e-4)

@@ -316,3 +316,49 @@ def test_image_versions_and_registry():
     assert trtllm.image_version("nvcr.io/nvidia/tritonserver:25.08-trtllm-python-py3") == "0.21.0"
     assert trtllm.image_version("my/trtllm:latest") is None
     assert TARGETS == {"vllm": vllm, "tensorrt-llm": trtllm}
+
+
+def test_perf_writes_each_endpoint_its_own_request():
+    """perf runs unchanged against our endpoint, vLLM and TensorRT-LLM: the same prompt and length, each in the
+    backend's own tensors (the vLLM backend refuses streaming unless exclude_input_in_output is set)."""
+    from builder.perf.llm import request_entry
+
+    assert request_entry("hi", 8) == {"text_input": ["hi"], "max_tokens": [8], "stream": [True], "ignore_eos": [True]}
+    vllm = request_entry("hi", 8, "vllm")
+    assert json.loads(vllm.pop("sampling_parameters")[0]) == {"max_tokens": 8, "min_tokens": 8, "ignore_eos": True}
+    assert vllm == {"text_input": ["hi"], "stream": [True], "exclude_input_in_output": [True],
+                    "return_num_output_tokens": [True]}
+    assert request_entry("hi", 8, "tensorrt-llm") == {
+        "text_input": ["hi"], "streaming": [True], "sampling_param_max_tokens": [8],
+        "sampling_param_exclude_input_from_output": [True]}
+    assert request_entry("hi", 8, "tensorrt-llm", "engine") == {"text_input": ["hi"], "max_tokens": [8], "stream": [True]}
+
+
+def test_perf_counts_tokens_from_responses_when_the_backend_sends_no_counts():
+    """A profile export as perf_analyzer writes it for a TensorRT-LLM llmapi stream (no num_output_tokens):
+    one token per response; with counts (ours, vLLM) a response may carry several."""
+    from builder.perf.llm import summarize
+
+    ms = 1_000_000
+    plain = {"experiments": [{"experiment": {"mode": "concurrency", "value": 1}, "requests": [
+        {"timestamp": 0, "response_timestamps": [10 * ms, 12 * ms, 14 * ms, 16 * ms],
+         "response_outputs": [{"text_output": "a"}, {"text_output": "b"}, {"text_output": "c"}, {"text_output": "d"}]}]}]}
+    got = summarize(plain, 1)
+    assert got["ttft_p50_ms"] == 10 and got["itl_p50_ms"] == 2 and got["tokens_per_s"] == 4 / 0.016
+    counted = {"experiments": [{"experiment": {"mode": "concurrency", "value": 1}, "requests": [
+        {"timestamp": 0, "response_timestamps": [10 * ms, 16 * ms],
+         "response_outputs": [{"num_output_tokens": 1}, {"num_output_tokens": 4}]}]}]}
+    got = summarize(counted, 1)
+    assert got["itl_p50_ms"] == 2 and got["tokens_per_s"] == 4 / 0.016
+
+
+def test_a_rendered_target_is_measured_when_named():
+    from builder.errors import UserError
+    from builder.perf.run import select_variants
+
+    manifest = {"models": {"m": {"status": "passed"}, "m_vllm_bf16": {"status": "rendered", "generation": {}},
+                           "m_bad": {"status": "failed"}}}
+    assert list(select_variants(manifest, None)) == ["m"]
+    assert list(select_variants(manifest, ["m_vllm_bf16"])) == ["m_vllm_bf16"]
+    with pytest.raises(UserError, match="did not pass verification"):
+        select_variants(manifest, ["m_bad"])

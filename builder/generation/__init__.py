@@ -328,7 +328,7 @@ def render_target(spec_path: Path, model, variant, src: Source, stage: Path, ser
     from builder.repository import file_records
 
     return {n: {**e, "model": model.name, "part": "", "task": model.task, "format": variant.format,
-                "status": "rendered", "source": src.description, "files": file_records(stage / n),
+                "flow": variant.flow, "generation": model.generation.model_dump(), "status": "rendered", "source": src.description, "files": file_records(stage / n),
                 "command": f"triton-builder build {spec_path} --model {model.name}"} for n, e in made.items()}
 
 

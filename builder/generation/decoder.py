@@ -174,13 +174,14 @@ class Decoder(torch.nn.Module):
                 logits_rows.append(total - 1)
         return self._logits(x[logits_rows])
 
-    @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
         """Every row decodes one token: tokens, slots, positions [B]; keys up to `length` (> every position).
-        Returns logits [B, vocab] in fp32. Shapes depend on B and `length` only (CUDA graphs, inductor)."""
-        x = self._layers(tokens, positions,
-                         lambda layer, q, k, v: self._attend_decoding(layer, q, k, v, slots, positions, length))
-        return self._logits(x)
+        Returns logits [B, vocab] in fp32. Shapes depend on B and `length` only (CUDA graphs, inductor).
+        no_grad rather than inference_mode: torch.compile cannot trace inference tensors."""
+        with torch.no_grad():
+            x = self._layers(tokens, positions,
+                             lambda layer, q, k, v: self._attend_decoding(layer, q, k, v, slots, positions, length))
+            return self._logits(x)
 
     def _attend_decoding(self, layer: int, q, k, v, slots, positions, length: int) -> torch.Tensor:
         """Rows with one new token each: write k/v at (slot, position), then attend every row at once over its

@@ -5,7 +5,7 @@ For each model and concurrency: perf_analyzer over gRPC with `--streaming`, a fi
 (`max_tokens` = M, `ignore_eos`), and `--profile-export-file` for every response's timestamp. From those:
 time to first token (request sent -> first response), inter-token latency (gap between responses / tokens
 in the later one), output tokens/s per stream and in total, requests/s. Works against any endpoint with
-the TensorRT-LLM / vLLM tensor names (ignore_eos is ours: other backends get max_tokens only).
+the TensorRT-LLM / vLLM tensor names: each request is written in the endpoint's own inputs (`request_entry`).
 """
 
 from __future__ import annotations
@@ -40,12 +40,26 @@ def synthetic_prompt(tokenizer_file: Path, tokens: int) -> tuple[str, int]:
     return text, len(tok.encode(text, add_special_tokens=True).ids)
 
 
-def input_data(path: Path, text: str, output_tokens: int, ours: bool) -> Path:
+def request_entry(text: str, output_tokens: int, fmt: str = "torch", flow: str = "llmapi") -> dict:
+    """One streaming request in each endpoint's own tensor names, the output length forced where the backend can:
+    ours and vLLM ignore the end token; TensorRT-LLM gets max_tokens only (its output may stop earlier; tokens are
+    then counted from the responses)."""
+    if fmt == "vllm":  # sampling settings travel as one JSON string; streaming needs exclude_input_in_output
+        params = {"max_tokens": output_tokens, "min_tokens": output_tokens, "ignore_eos": True}
+        return {"text_input": [text], "stream": [True], "sampling_parameters": [json.dumps(params)],
+                "exclude_input_in_output": [True], "return_num_output_tokens": [True]}
+    if fmt == "tensorrt-llm" and flow == "llmapi":
+        return {"text_input": [text], "streaming": [True], "sampling_param_max_tokens": [output_tokens],
+                "sampling_param_exclude_input_from_output": [True]}
     entry = {"text_input": [text], "max_tokens": [output_tokens], "stream": [True]}
-    if ours:
+    if fmt == "torch":
         entry["ignore_eos"] = [True]
+    return entry
+
+
+def input_data(path: Path, text: str, output_tokens: int, fmt: str = "torch", flow: str = "llmapi") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"data": [entry]}, ensure_ascii=False))
+    path.write_text(json.dumps({"data": [request_entry(text, output_tokens, fmt, flow)]}, ensure_ascii=False))
     return path
 
 
@@ -65,6 +79,8 @@ def summarize(export: dict, concurrency: int) -> dict:
         if not stamps:
             continue
         counts = [int(o.get("num_output_tokens", 0) or 0) for o in outs] if outs else []
+        if not any(counts):  # an endpoint that does not return num_output_tokens: one token per response
+            counts = []
         # a response may carry several tokens (text held back until a character is whole)
         n_tokens = max(counts) if counts else len(stamps)
         start, first, last = req["timestamp"], stamps[0], stamps[-1]
@@ -90,10 +106,12 @@ def summarize(export: dict, concurrency: int) -> dict:
 
 
 def _tokenizer_file(repo: Path, name: str) -> Path:
-    path = repo / name / "1" / "tokenizer.json"
-    if not path.is_file():
-        raise UserError(f"{name}: no 1/tokenizer.json in {repo}; rebuild the repository")
-    return path
+    """Our endpoint's tokenizer, or a rendered target's local Hugging Face folder's."""
+    for path in (repo / name / "1" / "tokenizer.json", repo / name / "hf" / "tokenizer.json"):
+        if path.is_file():
+            return path
+    raise UserError(f"{name}: no tokenizer.json in {repo / name} (1/ or hf/) to make prompts of N tokens; rebuild the "
+                    "repository from a local source, or measure the torch variant")
 
 
 def run_llm_perf(repo: Path, variants: dict[str, dict], server, concurrency: list[int], out: Path,
@@ -112,7 +130,8 @@ def run_llm_perf(repo: Path, variants: dict[str, dict], server, concurrency: lis
                             f"limits (max_prompt_tokens {gen.get('max_prompt_tokens')}, max_total_tokens "
                             f"{gen.get('max_total_tokens')})")
         text, actual = synthetic_prompt(_tokenizer_file(repo, name), prompt_tokens)
-        data = input_data(out / "inputs" / f"{name}.json", text, output_tokens, ours=True)
+        data = input_data(out / "inputs" / f"{name}.json", text, output_tokens, entry.get("format", "torch"),
+                          entry.get("flow", "llmapi"))
         console.print(f"[bold]{name}[/bold] ({entry.get('precision')}): prompt {actual} tokens, output {output_tokens} "
                       f"tokens, concurrency {', '.join(map(str, concurrency))}")
         for level in concurrency:
