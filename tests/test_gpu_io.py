@@ -6,6 +6,7 @@ settings (FORCE_CPU_ONLY_INPUT_TENSORS "no") are checked as rendered, and served
 import io
 import json
 import shutil
+import sys
 import threading
 from types import SimpleNamespace
 
@@ -179,3 +180,61 @@ def test_shape_checks_read_numpy_and_torch_alike():
         assert runner.check_request(names, bad, limits, True, values=False) is None  # values are checked per batch
         assert runner.check_values(names, bad, limits) == ("input_ids: values must be in [0, 300) (the vocabulary); "
                                                            "got 300 to 300")
+
+
+# --- make bench-gpu: issue 14's targets (perf/gpu/targets.py, perf/gpu/bench.yaml) -------------------------
+
+def bench_targets():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "perf" / "gpu" / "targets.py"
+    spec = importlib.util.spec_from_file_location("bench_targets", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks itself up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_targets_take_the_best_point_within_the_latency_budget():
+    import pandas as pd
+
+    rows = [("bert_torch_fp32", 1, 70, 13.0, 20.0), ("bert_torch_fp32", 256, 1500, 150.0, 290.0),
+            ("bert_torch_bf16_inductor_graphs", 1, 450, 1.7, 3.0), ("bert_torch_bf16_graphs", 1, 420, 1.9, 3.0),
+            ("bert_torch_bf16_inductor_graphs", 128, 11000, 11.0, 45.0),
+            ("bert_torch_bf16_inductor_graphs", 256, 12500, 20.0, 60.0),  # more, but beyond the 50 ms budget
+            ("clip_image_torch_fp32", 64, 1000, 60.0, 120.0),
+            ("clip_u8_image_torch_fp16_graphs", 64, 5200, 11.0, 40.0),
+            ("clip_u8_image_torch_fp16_graphs", 256, 8100, 30.0, 70.0),
+            ("clip_text_torch_fp16_graphs", 64, 8000, 7.0, 18.0)]
+    table = pd.DataFrame([dict(variant=v, concurrency=c, throughput=t, p50_ms=p50, p99_ms=p99, status="ok")
+                          for v, c, t, p50, p99 in rows])
+    previous = table[table["variant"] == "clip_text_torch_fp16_graphs"].assign(throughput=9098.0)
+    targets = bench_targets()
+    got = [(v.value, v.met) for v in targets.evaluate(table, previous)]
+    assert got == [(11000.0, False), (1.7, True), (5.2, True), (5200.0, False), (pytest.approx(8000 / 9098), False)]
+    text = targets.markdown(targets.evaluate(table, previous))
+    assert "| BERT-base seq 128: infer/s within p99 <= 50 ms | 11,000 | >= 12,000 | **missed** | " \
+           "bert_torch_bf16_inductor_graphs at c=128 (p99 45.0 ms) | fp32 eager 70/s (bert_torch_fp32 at c=1 " \
+           "(p99 20.0 ms)) |" in text
+    assert text.endswith("2 of 5 targets met.\n")
+    empty = targets.evaluate(table.iloc[:0])
+    assert [v.value for v in empty] == [None] * 4 and not any(v.met for v in empty)
+
+
+def test_bench_spec_builds_every_model_the_targets_read():
+    from pathlib import Path
+
+    from builder.spec import load_spec
+
+    spec = load_spec(Path(__file__).resolve().parent.parent / "perf" / "gpu" / "bench.yaml")
+    built = set()
+    for m in spec.models:
+        parts = ("image", "text") if m.task == "zero-shot-image-classification" else ("",)
+        built |= {f"{m.name}_{p}_{v.tag}" if p else f"{m.name}_{v.tag}" for p in parts for v in m.variants}
+    targets = bench_targets()
+    wanted = {*targets.BERT, *targets.CLIP_IMAGE_U8, targets.CLIP_TEXT, "bert_torch_fp32", "clip_image_torch_fp32"}
+    assert wanted <= built
+    models = {m.name: m for m in spec.models}
+    assert (models["clip_u8"].image_input, models["clip"].image_input) == ("uint8", "float32")
+    assert all(spec.serving(m)["instances"].kind == "gpu" for m in spec.models)

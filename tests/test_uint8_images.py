@@ -151,11 +151,3 @@ def test_factory_source_refuses_uint8(tmp_path):
     loaded = type("Loaded", (), {"config": None})()
     with pytest.raises(UserError, match=r"models\[f\].image_input: uint8 needs a Hugging Face image model"):
         parts_for(model.task, loaded, model)
-
-
-def test_bench_spec_serves_the_clip_image_tower_with_uint8(tmp_path):
-    from builder.spec import load_spec
-
-    spec = load_spec(Path(__file__).resolve().parent.parent / "perf" / "gpu" / "bench.yaml")
-    models = {m.name: m for m in spec.models}
-    assert models["clip_u8"].image_input == "uint8" and models["clip"].image_input == "float32"
