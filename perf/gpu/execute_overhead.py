@@ -91,7 +91,7 @@ def load_runner(source: bytes, where: Path, tag: str):
     return module
 
 
-def timed(module, where: Path, requests: list, device: str, repeats: int) -> float:
+def model_of(module, where: Path, device: str):
     config = {"max_batch_size": 128,
               "input": [{"name": n, "data_type": "TYPE_INT64"} for n in NAMES],
               "output": [{"name": "embedding", "data_type": "TYPE_FP32"}],
@@ -102,6 +102,10 @@ def timed(module, where: Path, requests: list, device: str, repeats: int) -> flo
     model = module.TritonPythonModel()
     model.initialize({"model_config": json.dumps(config), "model_repository": str(where), "model_version": "1",
                       "model_instance_kind": "GPU" if device == "gpu" else "CPU", "model_instance_device_id": "0"})
+    return model
+
+
+def timed(model, requests: list, repeats: int) -> float:
     for _ in range(5):
         answers = model.execute(requests)
     assert all(a.error is None for a in answers), [a.error for a in answers]
@@ -120,6 +124,7 @@ def main() -> int:
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--base", default="3799413", help="git revision of the runner to compare with")
     p.add_argument("--repeats", type=int, default=200)
+    p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args()
     import torch
 
@@ -132,13 +137,17 @@ def main() -> int:
         where = Path(tmp)
         (where / "1").mkdir()
         artifact(where / "1" / "model.pt2")
-        print(f"runner execute() per batch, median of {args.repeats}, device {args.device}, seq {args.seq}")
+        print(f"runner execute() per batch, median of {args.rounds} rounds of {args.repeats}, device {args.device}, seq {args.seq}")
         for n in sorted({1, args.requests}):
             requests = [{name: pb.Tensor(name, rng.integers(1, 30522, (1, args.seq)).astype(np.int64)) for name in NAMES}
                         for _ in range(n)]
-            row = {}
-            for tag, source in (("base", base), ("new", (ROOT / "templates/python/runner.py").read_bytes())):
-                row[tag] = timed(load_runner(source, where, tag), where, requests, args.device, args.repeats)
+            models = {tag: model_of(load_runner(source, where, tag), where, args.device)
+                      for tag, source in (("base", base), ("new", (ROOT / "templates/python/runner.py").read_bytes()))}
+            rounds = {tag: [] for tag in models}
+            for _ in range(args.rounds):  # alternating, so that a change of load hits both alike
+                for tag, model in models.items():
+                    rounds[tag].append(timed(model, requests, args.repeats))
+            row = {tag: statistics.median(times) for tag, times in rounds.items()}
             print(f"  {n:4d} requests: base {row['base']:.3f} ms ({row['base'] / n * 1e3:.1f} us/request), "
                   f"new {row['new']:.3f} ms ({row['new'] / n * 1e3:.1f} us/request), {row['base'] / row['new']:.2f}x")
     return 0

@@ -286,16 +286,19 @@ class TritonPythonModel:
     def execute(self, requests):
         run, names = self.run, self.inputs
         responses = [None] * len(requests)
-        valid = {}
+        valid, checked = {}, {}  # checked: the shape check's verdict per distinct set of shapes (usually one)
         for i, r in enumerate(requests):
             arrays = [run.fetch(pb_utils.get_input_tensor_by_name(r, n)) for n in names]
-            problem = check_request(names, arrays, self.limits, self.batched, values=False)
-            if problem:
-                responses[i] = self._invalid(problem)
+            shapes = tuple(tuple(a.shape) for a in arrays)
+            if shapes not in checked:
+                checked[shapes] = check_request(names, arrays, self.limits, self.batched, values=False)
+            if checked[shapes]:
+                responses[i] = self._invalid(checked[shapes])
             else:
                 valid[i] = arrays
         groups = []  # (request indices, their joined inputs): each runs once
-        if self.batched and len(valid) > 1 and len({tuple(tuple(a.shape[1:]) for a in b) for b in valid.values()}) == 1:
+        rows_apart = {tuple(s[1:] for s in shapes) for shapes, problem in checked.items() if not problem}
+        if self.batched and len(valid) > 1 and len(rows_apart) == 1:
             joined = [run.join(n, cols) for n, cols in zip(names, zip(*valid.values()))]
             if check_values(names, joined, self.limits) is not None:  # rare: find who, run the others
                 for i in list(valid):
