@@ -3,7 +3,8 @@ Triton from nvidia-pytriton): fetching an input, reading it as numpy or through 
 tensor from numpy or from DLPack, making a response. One probe model times each call 2,000 times in
 its `execute` and answers with the microseconds per call.
 
-    python perf/gpu/stub_calls.py        (PYTHONPATH at the checkout; starts and stops its own server)
+    python perf/gpu/stub_calls.py [--tritonserver BIN --stub-python PY]   (PYTHONPATH at the checkout;
+    starts and stops its own server; on the GPU machine give the two paths perf/gpu/bench.sh gives bench.py)
 """
 
 from __future__ import annotations
@@ -58,16 +59,22 @@ CALLS = ("get_input_tensor_by_name", "as_numpy", "to_dlpack + torch from_dlpack"
 
 
 def main() -> int:
+    import argparse
+
     import tritonclient.http as httpclient
 
     from builder.runtime import start_server
 
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tritonserver", type=Path)
+    p.add_argument("--stub-python", type=Path)
+    args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp)
         (repo / "probe" / "1").mkdir(parents=True)
         (repo / "probe" / "config.pbtxt").write_text(CONFIG)
         (repo / "probe" / "1" / "model.py").write_text(PROBE)
-        with start_server(repo) as server:
+        with start_server(repo, tritonserver=args.tritonserver, stub_python=args.stub_python) as server:
             client = httpclient.InferenceServerClient(server.http_url)
             x = httpclient.InferInput("X", [1, 128], "INT64")
             x.set_data_from_numpy(np.ones((1, 128), np.int64))
