@@ -109,7 +109,7 @@ def make_inputs(sig: Signature, batch: int, rng: np.random.Generator | None = No
     """Valid, non-trivial inputs for every input of `sig`.
 
     Token ids lie in [1, vocab), masks are ones, token types zeros, pixels standard-normal,
-    text is real sentences. `batch` is prepended when the model batches (max_batch_size > 0).
+    text is real sentences, uint8 pixels uniform in 0-255. `batch` is prepended when the model batches (max_batch_size > 0).
     """
     rng = rng or np.random.default_rng(0)
     shapes = shapes or {}
@@ -124,6 +124,8 @@ def make_inputs(sig: Signature, batch: int, rng: np.random.Generator | None = No
             value = np.ones(shape)
         elif t.kind in ("token_type_ids",):
             value = np.zeros(shape)
+        elif t.kind == "pixels" and t.dtype == "uint8":  # image_input: uint8, pixels as decoded
+            value = rng.integers(0, 256, size=shape)
         elif t.kind == "position_ids":
             value = np.broadcast_to(np.arange(shape[-1]), shape)
         elif t.kind == "text":

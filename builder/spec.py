@@ -18,6 +18,7 @@ TASKS = (
     "zero-shot-image-classification",
     "text-generation",
 )
+IMAGE_TASKS = ("image-classification", "zero-shot-image-classification")
 FORMATS = ("onnx", "tensorrt", "torch", "tensorrt-llm", "vllm")
 LLM_FORMATS = ("tensorrt-llm", "vllm")  # render-only targets of text-generation models with a generation block
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
@@ -269,6 +270,9 @@ class Model(Serving):
     outputs: list[str] | None = None  # serve only these of the task's outputs (e.g. [sentence_embedding])
     ensemble: Ensemble | bool | None = None  # true: the model's fp32 variant (or its only one)
     generation: Generation | None = None  # text-generation: serve text in / text out from a KV cache
+    # image models: uint8 pixels [3, H, W] (0-255, resized and cropped) in, the image processor's rescale
+    # and normalization moved into the exported model: 4x fewer bytes per request than float32
+    image_input: Literal["float32", "uint8"] = "float32"
 
     @field_validator("name")
     @classmethod
@@ -298,6 +302,9 @@ class Model(Serving):
                              "text out (tokenizer included) as one model")
         if self.generation is not None and self.task != "text-generation":
             raise ValueError(f"generation applies to task text-generation only (this model's task is {self.task})")
+        if self.image_input != "float32" and self.task not in IMAGE_TASKS:
+            raise ValueError(f"image_input applies to image models ({', '.join(IMAGE_TASKS)}); this model's task is "
+                             f"{self.task}: remove image_input")
         llm = [v.tag for v in self.variants if v.format in LLM_FORMATS]
         if llm and self.task != "text-generation":
             raise ValueError(f"variant {llm[0]}: format {llm[0].rsplit('_', 1)[0]} serves text-generation models only; "

@@ -31,6 +31,8 @@ def image_processing(loaded, pixels: TensorSpec) -> dict:
 
     From the model's preprocessor_config.json when there is one, else CLIP's defaults (CLIP models) or
     ViT's (others) at the signature's size. A size that differs from the signature's is scaled to it.
+    For uint8 pixels (`image_input: uint8`) the settings stop after resize and crop (`output: uint8`): the
+    exported model rescales and normalizes (builder.families.vision.pixels_in).
     """
     channels, height, width = pixels.dims[-3:]
     if channels != 3 or height != width or height < 1:
@@ -89,4 +91,6 @@ def image_processing(loaded, pixels: TensorSpec) -> dict:
     }
     if overrides:
         settings["adjusted"] = f"scaled to the model's {height}x{width} input"
+    if pixels.dtype == "uint8":  # image_input: uint8: rescale and normalization run inside the model
+        settings.update(rescale_factor=None, mean=None, std=None, output="uint8")
     return {"settings": settings, "processor": processor, "overrides": overrides}

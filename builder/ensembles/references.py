@@ -144,10 +144,11 @@ def pre_check(plan: Plan, tokenizer, tensors: dict[str, np.ndarray], inputs: dic
             from PIL import Image
 
             images = [Image.open(io.BytesIO(bytes(b))) for b in inputs[source.name].reshape(-1).tolist()]
-            want = plan.image["processor"](images=images, do_convert_rgb=True, return_tensors="np",
-                                           **plan.image["overrides"])["pixel_values"]
             got = tensors[next(name for name, kind in kinds.items() if kind == "pixels")]
-            diff = float(np.abs(got - want).max()) if got.shape == want.shape else float("inf")
+            raw = {"do_rescale": False, "do_normalize": False} if got.dtype == np.uint8 else {}  # image_input: uint8
+            want = plan.image["processor"](images=images, do_convert_rgb=True, return_tensors="np",
+                                           **plan.image["overrides"], **raw)["pixel_values"]
+            diff = float(np.abs(got.astype(np.float64) - want).max()) if got.shape == want.shape else float("inf")
             check.update(pixels_max_abs=diff, images=len(images))
             if diff > 1e-4:
                 reasons.append(f"pixel_values differ from transformers' image processor by {diff:.3g}")

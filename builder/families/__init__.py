@@ -63,6 +63,9 @@ def parts_for(task: str, loaded, model_spec) -> list[Part]:
     from builder.families import clip, text, vision  # noqa: F401  (registration)
 
     if loaded.config is None:
+        if getattr(model_spec, "image_input", "float32") != "float32":
+            raise UserError(f"models[{model_spec.name}].image_input: {model_spec.image_input} needs a Hugging Face "
+                            "image model (its image processor settings); a factory source has none: remove image_input")
         return factory_part(loaded)
     if task not in FAMILIES:
         raise UserError(f"task {task!r} has no family; known: {', '.join(sorted(FAMILIES))}")

@@ -7,7 +7,7 @@ own and label embeddings can be reused; the similarity (logit scale x cosine) is
 from __future__ import annotations
 
 from builder.families import Part, Wrapped, register, token_inputs
-from builder.families.vision import pixel_input
+from builder.families.vision import pixel_input, pixels_in
 
 
 @register("zero-shot-image-classification")
@@ -37,5 +37,6 @@ def clip(loaded, spec) -> list[Part]:
     pixels = pixel_input(vcfg, spec)
     return [
         Part("text", Wrapped(text, model), text_inputs, ("text_embeds",), extra),
-        Part("image", Wrapped(image, model), (pixels,), ("image_embeds",), {**extra, "image_size": pixels.dims[-1]}),
+        pixels_in(Part("image", Wrapped(image, model), (pixels,), ("image_embeds",),
+                       {**extra, "image_size": pixels.dims[-1]}), loaded),
     ]

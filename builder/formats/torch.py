@@ -32,6 +32,8 @@ def parameters(job, path: Path) -> dict:
     seq_outputs = [t.name for t in sig.outputs if seq_inputs and sig.max_batch_size > 0 and t.dims[:1] == (-1,)]
     params = {"seq_inputs": ",".join(seq_inputs), "seq_outputs": ",".join(seq_outputs), "compile": variant.compile,
               "cuda_graphs": "1" if variant.cuda_graphs else "0"}
+    if serving["instances"].kind == "gpu":  # an input already on the GPU stays there (the runner takes it by DLPack)
+        params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
     if variant.cuda_graphs:
         mbs = max(sig.max_batch_size, 1)
         db = serving["dynamic_batching"]

@@ -16,10 +16,11 @@ from its config and the files beside it, never from code generated per model:
 - images: `1/image_processor.json`, resolved by the build from the model's preprocessor_config.json:
       {"resize": {"shortest_edge": 224} | {"height": 224, "width": 224} | null, "resample": 3,
        "crop": {"height": 224, "width": 224} | null, "rescale_factor": 0.0039 | null,
-       "mean": [...] | null, "std": [...] | null}
+       "mean": [...] | null, "std": [...] | null, "output": "float32" | "uint8"}
   applied as transformers' PIL image processors do, in their order: decode with Pillow, convert to
   RGB (transparency composited onto white), resize, center crop (zero padding when smaller),
-  rescale, normalize, channels first.
+  rescale, normalize, channels first. With "output": "uint8" (the spec's `image_input: uint8`) the
+  pixels stay uint8 after the crop (rescale and normalization are inside the model).
 
 Every input of a request is decoded and checked before anything is computed, so a request with no
 item, text that is not UTF-8, bytes Pillow cannot decode or too many items gets one error response
@@ -132,7 +133,7 @@ class TextTokenizer:
 
 
 class ImageProcessor:
-    """RGB PIL images -> float32 [n, 3, height, width], following the settings (see the module doc)."""
+    """RGB PIL images -> float32 (or uint8) [n, 3, height, width], following the settings (see the module doc)."""
 
     def __init__(self, settings):
         self.resize = settings.get("resize")
@@ -142,6 +143,9 @@ class ImageProcessor:
         mean, std = settings.get("mean"), settings.get("std")
         self.mean = None if mean is None else np.asarray(mean, dtype=np.float32).reshape(1, 1, -1)
         self.std = None if std is None else np.asarray(std, dtype=np.float32).reshape(1, 1, -1)
+        self.output = np.dtype(settings.get("output", "float32"))
+        if self.output == np.uint8 and (self.rescale is not None or self.mean is not None):
+            raise ValueError("output uint8 goes with rescale_factor, mean and std null (the model normalizes)")
         if self.resize is not None and set(self.resize) not in ({"shortest_edge"}, {"height", "width"}):
             raise ValueError(f"resize {self.resize} must be {{'shortest_edge': n}} or {{'height': h, 'width': w}}")
 
@@ -161,6 +165,8 @@ class ImageProcessor:
         pixels = np.asarray(image, dtype=np.uint8)  # H, W, C
         if self.crop is not None:
             pixels = center_crop(pixels, int(self.crop["height"]), int(self.crop["width"]))
+        if self.output == np.uint8:
+            return np.ascontiguousarray(pixels.transpose(2, 0, 1))
         x = pixels.astype(np.float64) * self.rescale if self.rescale is not None else pixels
         x = x.astype(np.float32)
         if self.mean is not None:
@@ -168,7 +174,7 @@ class ImageProcessor:
         return np.ascontiguousarray(x.transpose(2, 0, 1))
 
     def __call__(self, images):
-        return np.stack([self.one(image) for image in images]).astype(np.float32, copy=False)
+        return np.stack([self.one(image) for image in images]).astype(self.output, copy=False)
 
 
 def center_crop(pixels, height, width):

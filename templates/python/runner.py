@@ -2,17 +2,31 @@
 ExportedProgram). Copied unchanged into `<model>/1/model.py`; every setting comes from the config's
 `parameters` (runner, artifact, precision, device, threads), so nothing from a spec is spliced into code.
 
-Requests that the dynamic batcher groups are concatenated along the batch axis, run once, and split.
-Each request is checked first against the limits the model was built for (parameter `input_limits`:
-ids below the vocabulary size, no dim above its maximum, no empty batch); a request that fails gets an
-INVALID_ARG error naming the input, and the other requests of the batch still run.
+Requests that the dynamic batcher groups are joined along the batch axis, run once, and split.
+Each request's shapes are checked first against the limits the model was built for (parameter
+`input_limits`: no dim above its maximum, no empty batch); token ids must lie below the vocabulary
+size, which is checked once on the joined batch (and per request only when the batch fails). A request
+that fails gets an INVALID_ARG error naming the input, and the other requests of the batch still run.
+
+Tensors. The onnx runner reads inputs as numpy arrays and answers with numpy arrays. The torch runner
+moves no data through numpy: inputs come in through DLPack (`Tensor.to_dlpack`, no copy; on a GPU
+instance the config sets FORCE_CPU_ONLY_INPUT_TENSORS "no", so an input already on the GPU stays there),
+the requests of a batch are joined with one `torch.cat` (into pinned memory on a GPU) and copied once
+into the CUDA graph's static buffers (or moved once to the device), and each output is converted to
+its config dtype and brought to the CPU once per batch, then split into per-request views that go back
+through `Tensor.from_dlpack` without another copy.
 """
 
 import json
+import math
 import os
 
 import numpy as np
-import triton_python_backend_utils as pb_utils
+
+try:
+    import triton_python_backend_utils as pb_utils
+except ImportError:  # imported by tests, outside the python backend
+    pb_utils = None
 
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -37,6 +51,21 @@ class OnnxArtifact:
 
     def __call__(self, names, arrays, output_names):
         return self.session.run(output_names, dict(zip(names, arrays)))
+
+    @staticmethod
+    def fetch(tensor):
+        return tensor.as_numpy()
+
+    @staticmethod
+    def join(name, arrays):
+        return np.concatenate(arrays, axis=0) if len(arrays) > 1 else arrays[0]
+
+    @staticmethod
+    def respond(names, outputs, sizes, dtypes):
+        """One list of pb_utils.Tensor per request, from the batch's outputs."""
+        per_request = split(outputs, sizes)
+        return [[pb_utils.Tensor(n, np.ascontiguousarray(o.astype(d, copy=False))) for n, o, d in zip(names, outs, dtypes)]
+                for outs in per_request]
 
 
 class TorchArtifact:
@@ -63,6 +92,8 @@ class TorchArtifact:
         self.module = module
         self.seq_inputs = set(_names(params.get("seq_inputs", "")))
         self.seq_outputs = set(_names(params.get("seq_outputs", "")))
+        self.staging = {}  # GPU: input name -> pinned buffer the batch is joined into
+        self.pinned = gpu
         self.graphs = {}
         if params.get("cuda_graphs") == "1" and gpu:
             self.batch_buckets = sorted(int(b) for b in _names(params["batch_buckets"]))
@@ -70,13 +101,36 @@ class TorchArtifact:
             self.example = json.loads(params["example_shapes"])  # name -> [dims without batch], dtype
             self._capture()
 
-    def _tensors(self, names, arrays):
+    def fetch(self, tensor):
+        """The request's input as a torch tensor on the same memory (DLPack: no copy)."""
+        return self.torch.utils.dlpack.from_dlpack(tensor.to_dlpack())
+
+    def join(self, name, tensors):
+        """The requests' tensors of one input along the batch axis: one copy (into pinned memory on a GPU
+        instance, so the copy to the device is fast)."""
         torch = self.torch
-        out = []
-        for a in arrays:
-            t = torch.from_numpy(np.ascontiguousarray(a)).to(self.device, non_blocking=True)
-            out.append(t.to(self.dtype) if t.is_floating_point() else t)
-        return out
+        if len(tensors) == 1:
+            return tensors[0]
+        if not self.pinned or tensors[0].is_cuda:
+            return torch.cat(tensors)
+        shape = (sum(t.shape[0] for t in tensors), *tensors[0].shape[1:])
+        size = math.prod(shape)
+        buffer = self.staging.get(name)
+        if buffer is None or buffer.numel() < size or buffer.dtype != tensors[0].dtype:
+            buffer = self.staging[name] = torch.empty(size, dtype=tensors[0].dtype, pin_memory=True)
+        return torch.cat(tensors, out=buffer[:size].view(shape))
+
+    def respond(self, names, outputs, sizes, dtypes):
+        """One list of pb_utils.Tensor per request: each output converted and brought to the CPU once, then
+        split into views (no copy) handed over through DLPack."""
+        torch, to_dlpack = self.torch, self.torch.utils.dlpack.to_dlpack
+        outputs = [o.to(torch_dtype(torch, d)).cpu().contiguous() for o, d in zip(outputs, dtypes)]
+        parts = [torch.split(o, sizes) if len(sizes) > 1 else (o,) for o in outputs]
+        return [[pb_utils.Tensor.from_dlpack(n, to_dlpack(p)) for n, p in zip(names, views)] for views in zip(*parts)]
+
+    def _tensors(self, tensors):
+        return [t.to(self.device, self.dtype, non_blocking=True) if t.is_floating_point()
+                else t.to(self.device, non_blocking=True) for t in tensors]
 
     def _capture(self):
         torch = self.torch
@@ -110,33 +164,33 @@ class TorchArtifact:
         s = next((x for x in self.seq_buckets if x >= seq), None)
         return (b, s) if b is not None and s is not None else None
 
-    def __call__(self, names, arrays, output_names):
+    def __call__(self, names, tensors, output_names):
+        """The outputs (torch tensors, on the device) of one batch."""
         torch = self.torch
-        key = self._bucket(names, arrays) if self.graphs else None
+        key = self._bucket(names, tensors) if self.graphs else None
         with torch.inference_mode():
             if key is None:
-                out = self.module(*self._tensors(names, arrays))
-                return [o.float().cpu().numpy() for o in out]
+                return list(self.module(*self._tensors(tensors)))
             graph, static, outputs = self.graphs[key]
-            batch = arrays[0].shape[0]
+            batch = tensors[0].shape[0]
             seq = 0
-            for name, a, t in zip(names, self._tensors(names, arrays), static):
+            for name, a, t in zip(names, tensors, static):  # one copy per input per batch; padding from the device
                 if name in self.seq_inputs:
                     seq = a.shape[-1]
-                    t.zero_()  # padded tokens are masked out (mask 0, id 0)
-                    t[:batch, :seq].copy_(a)
+                    t[:, seq:].zero_()  # padded tokens are masked out (mask 0, id 0)
+                    t[:batch, :seq].copy_(a, non_blocking=True)
                     if batch < t.shape[0]:
-                        t[batch:, :seq].copy_(a[:1].expand(t.shape[0] - batch, -1))
+                        t[batch:, :seq].copy_(t[:1, :seq].expand(t.shape[0] - batch, -1))
                 else:
-                    t[:batch].copy_(a)
+                    t[:batch].copy_(a, non_blocking=True)
                     if batch < t.shape[0]:
-                        t[batch:].copy_(a[:1].expand(t.shape[0] - batch, *a.shape[1:]))
+                        t[batch:].copy_(t[:1].expand(t.shape[0] - batch, *t.shape[1:]))
             graph.replay()
-            result = []
-            for name, o in zip(output_names, outputs):
-                o = o[:batch, :seq] if name in self.seq_outputs else o[:batch]
-                result.append(o.float().cpu().numpy())
-            return result
+            return [o[:batch, :seq] if name in self.seq_outputs else o[:batch] for name, o in zip(output_names, outputs)]
+
+
+def torch_dtype(torch, numpy_dtype):
+    return torch.from_numpy(np.zeros(0, dtype=numpy_dtype)).dtype
 
 
 def load_program(torch, path, device):
@@ -156,46 +210,60 @@ def _names(text):
 RUNNERS = {"onnx": OnnxArtifact, "torch": TorchArtifact}
 
 
-def concat(batches):
-    """Stack the requests' arrays along axis 0; returns the joined arrays and each request's size."""
-    sizes = [b[0].shape[0] for b in batches]
-    joined = [np.concatenate(cols, axis=0) if len(cols) > 1 else cols[0] for cols in zip(*batches)]
-    return joined, sizes
-
-
 def split(outputs, sizes):
-    """Undo concat: one list of output arrays per request."""
+    """Undo the join: one list of output arrays per request."""
     bounds = np.cumsum(sizes)[:-1]
     parts = [np.split(o, bounds, axis=0) for o in outputs]
     return [list(p) for p in zip(*parts)]
 
 
-def check_request(names, arrays, limits, batched):
-    """Why a request's arrays cannot run (one line), or None. `limits`: name -> {"high", "max_dims"}."""
+def _count(a):
+    return a.numel() if callable(getattr(a, "numel", None)) else a.size
+
+
+def _bounds(a):
+    """(min, max) of a numpy array or torch tensor, as Python numbers."""
+    if hasattr(a, "aminmax"):
+        low, high = a.aminmax()
+        return low.item(), high.item()
+    return a.min(), a.max()
+
+
+def check_values(names, arrays, limits):
+    """Why some ids are outside their vocabulary (one line), or None."""
+    for name, a in zip(names, arrays):
+        high = limits.get(name, {}).get("high")
+        if high is not None and _count(a):
+            low, top = _bounds(a)
+            if low < 0 or top >= high:
+                return f"{name}: values must be in [0, {high}) (the vocabulary); got {low} to {top}"
+    return None
+
+
+def check_request(names, arrays, limits, batched, values=True):
+    """Why a request's arrays (numpy or torch) cannot run (one line), or None. `limits`: name -> {"high",
+    "max_dims"}. values=False checks shapes only (the values are checked on the joined batch)."""
     rows = {}
     for name, a in zip(names, arrays):
         if a.ndim == 0 or a.shape[0] == 0:
             return f"{name}: empty batch (shape {list(a.shape)}); send at least one row"
         rows[name] = a.shape[0]
         limit = limits.get(name, {})
-        dims = a.shape[1:] if batched else a.shape
+        dims = tuple(a.shape[1:] if batched else a.shape)
         top = limit.get("max_dims")
         if top and len(top) == len(dims) and any(0 < m < d for d, m in zip(dims, top)):
             return (f"{name}: shape {list(a.shape)} is above the maximum {list(top)} this model was built for "
                     f"(shapes.max_sequence_length in the spec)")
-        high = limit.get("high")
-        if high is not None and a.size and (a.min() < 0 or a.max() >= high):
-            return f"{name}: values must be in [0, {high}) (the vocabulary); got {a.min()} to {a.max()}"
     if len(set(rows.values())) > 1:
         return "inputs have different batch sizes: " + ", ".join(f"{n} {r}" for n, r in rows.items())
     first = {}  # inputs built with the same maximum dims (token ids, mask, types) must agree in shape
     for name, a in zip(names, arrays):
         key = tuple(limits.get(name, {}).get("max_dims") or ())
-        if key and key in first and first[key][1].shape != a.shape:
+        if key and key in first and tuple(first[key][1].shape) != tuple(a.shape):
             other, b = first[key]
             return f"{name}: shape {list(a.shape)} differs from {other} {list(b.shape)}; they must be the same"
         first.setdefault(key, (name, a))
-    return None
+    return check_values(names, arrays, limits) if values else None
 
 
 class TritonPythonModel:
@@ -216,38 +284,48 @@ class TritonPythonModel:
         self.run = RUNNERS[kind](path, params)
 
     def execute(self, requests):
+        run, names = self.run, self.inputs
         responses = [None] * len(requests)
-        valid = {}
+        valid, checked = {}, {}  # checked: the shape check's verdict per distinct set of shapes (usually one)
         for i, r in enumerate(requests):
-            arrays = [pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in self.inputs]
-            problem = check_request(self.inputs, arrays, self.limits, self.batched)
-            if problem:
-                responses[i] = self._invalid(problem)
+            arrays = [run.fetch(pb_utils.get_input_tensor_by_name(r, n)) for n in names]
+            shapes = tuple(tuple(a.shape) for a in arrays)
+            if shapes not in checked:
+                checked[shapes] = check_request(names, arrays, self.limits, self.batched, values=False)
+            if checked[shapes]:
+                responses[i] = self._invalid(checked[shapes])
             else:
                 valid[i] = arrays
-        batches = list(valid.values())
-        same_shapes = len({tuple(a.shape[1:] for a in b) for b in batches}) == 1
-        if self.batched and len(batches) > 1 and same_shapes:
-            try:
-                joined, sizes = concat(batches)
-                per_request = split(self.run(self.inputs, joined, self.outputs), sizes)
-            except Exception as exc:  # one failure answers every request of the batch with the reason
-                per_request = [exc] * len(batches)
+        groups = []  # (request indices, their joined inputs): each runs once
+        rows_apart = {tuple(s[1:] for s in shapes) for shapes, problem in checked.items() if not problem}
+        if self.batched and len(valid) > 1 and len(rows_apart) == 1:
+            joined = [run.join(n, cols) for n, cols in zip(names, zip(*valid.values()))]
+            if check_values(names, joined, self.limits) is not None:  # rare: find who, run the others
+                for i in list(valid):
+                    problem = check_values(names, valid[i], self.limits)
+                    if problem:
+                        responses[i] = self._invalid(problem)
+                        del valid[i]
+                joined = [run.join(n, cols) for n, cols in zip(names, zip(*valid.values()))] if valid else None
+            if valid:
+                groups.append((list(valid), joined))
         else:
-            per_request = []
-            for b in batches:
-                try:
-                    per_request.append(self.run(self.inputs, b, self.outputs))
-                except Exception as exc:
-                    per_request.append(exc)
-        for i, outs in zip(valid, per_request):
-            responses[i] = self._error(outs) if isinstance(outs, Exception) else self._response(outs)
+            for i, arrays in valid.items():
+                problem = check_values(names, arrays, self.limits)
+                if problem:
+                    responses[i] = self._invalid(problem)
+                else:
+                    groups.append(([i], arrays))
+        for members, arrays in groups:
+            try:
+                outputs = run(names, arrays, self.outputs)
+                tensors = run.respond(self.outputs, outputs, [valid[i][0].shape[0] for i in members], self.out_dtypes)
+                for i, answer in zip(members, tensors):
+                    responses[i] = pb_utils.InferenceResponse(output_tensors=answer)
+            except Exception as exc:  # one failure answers every request of the batch with the reason
+                for i in members:
+                    responses[i] = self._error(exc)
         return responses
-
-    def _response(self, outs):
-        tensors = [pb_utils.Tensor(n, np.ascontiguousarray(o.astype(d, copy=False)))
-                   for n, o, d in zip(self.outputs, outs, self.out_dtypes)]
-        return pb_utils.InferenceResponse(output_tensors=tensors)
 
     @staticmethod
     def _invalid(text):
