@@ -388,7 +388,7 @@ def tune(
             typer.echo((where / "tune.md").read_text())
             if apply:
                 chosen = summary["chosen"]
-                if chosen is not None and chosen["index"] == summary["default"]["index"]:
+                if chosen is not None and chosen["settings"] == summary["default"]["settings"]:
                     err.print("--apply: the default stays; nothing to write")
                 else:
                     path = apply_tuned(repo, summary)

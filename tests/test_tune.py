@@ -110,12 +110,13 @@ def test_tune_applies_the_best_and_the_server_serves_it(tmp_path):
     repo = make_toy_repo(tmp_path / "repo", {"toy_onnx_fp32": ("onnx", "fp32", 4.0, 1.0)})
     before = (repo / "toy_onnx_fp32" / "config.pbtxt").read_text()
     out = tmp_path / "tune"
-    result = CliRunner().invoke(app, ["tune", str(repo), "--budget", "3", "--concurrency", "4", "--measurement-ms", "500",
+    result = CliRunner().invoke(app, ["tune", str(repo), "--budget", "4", "--concurrency", "4", "--measurement-ms", "500",
                                       "--latency-budget-ms", "1000", "--out", str(out), "--apply"])
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "tune.json").read_text())
-    assert [c["index"] for c in summary["candidates"]] == [0, 1, 2]
-    assert summary["candidates"][0]["settings"]["instances"] == 1  # the default first
+    runs = [c["settings"]["instances"] for c in summary["candidates"]]
+    assert runs == [1, 3, 1, 3], summary  # the default, one candidate; then both once more
+    assert [o["runs"] for o in summary["configurations"]] == [[0, 2], [1, 3]]
     assert all(c["fits"] and c["throughput"] > 0 for c in summary["candidates"]), summary
     assert "| 0 (default) |" in (out / "tune.md").read_text()
     chosen = summary["chosen"]

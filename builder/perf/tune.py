@@ -10,8 +10,11 @@ latency budget.
 
 Search: the default first; then, coarse, a star around it (per axis the grid value two steps away on
 each side); then every axis move that beat the default, combined; then the one-step neighbours of
-the best so far, until the budget is spent or nothing new is left. OUT gets tune.json, tune.md and
-tune-runs/NN/ (one perf results directory per candidate).
+the best so far, until the budget is spent or nothing new is left. The last two runs of the budget
+measure the leader and the default once more (2 shared cores measure one configuration 20 % apart
+from one run to the next); a configuration scores the mean of its runs, and the default stays unless
+the best gains MIN_GAIN_PCT. OUT gets tune.json, tune.md and tune-runs/NN/ (one perf results
+directory per run).
 `apply_tuned` writes the chosen config into the repository and its manifest, or nothing.
 """
 
@@ -37,7 +40,8 @@ TUNE_MD = "tune.md"
 INSTANCE_STEPS = (1, 2, 3, 4, 6, 8)
 BATCH_STEPS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 DELAY_STEPS_US = (0, 100, 500, 2000, 10000)
-MIN_GAIN_PCT = 5.0  # a smaller gain of one run over the default is not worth changing the config for
+MIN_GAIN_PCT = 5.0  # a smaller gain over the default is not worth changing the config for
+CONFIRM_RUNS = 2  # the leader and the default, measured once more each at the end
 AXES = ("instances", "queue_delay_us", "max_batch_size", "preferred")
 
 
@@ -336,7 +340,12 @@ def tune(repo: Path, *, model: str | None = None, results: Path | None = None, b
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as progress:
         task = progress.add_task("tuning", total=budget)
-        search(default, grid, budget, evaluate)
+        confirm = CONFIRM_RUNS if budget >= 2 + CONFIRM_RUNS else 0
+        search(default, grid, budget - confirm, evaluate)
+        leader = summarize(name, candidates, latency_budget_ms)["best"]
+        if confirm and leader and leader["settings"] != asdict(default):  # the leader and the default once more each
+            for s in (default, Settings(**{**leader["settings"], "preferred": tuple(leader["settings"]["preferred"])})):
+                evaluate(s)
     summary = summarize(name, candidates, latency_budget_ms)
     summary.update(repo=str(repo.resolve()), started=started.isoformat(timespec="seconds"),
                    finished=datetime.now(timezone.utc).isoformat(timespec="seconds"), budget=budget,
@@ -348,47 +357,63 @@ def tune(repo: Path, *, model: str | None = None, results: Path | None = None, b
 
 
 def summarize(name: str, candidates: list[Candidate], latency_budget_ms: float) -> dict:
-    """The search's outcome: every candidate, the default, the best under the budget and the gain."""
-    default = candidates[0]
-    fitting = [c for c in candidates if c.fits]
-    best = max(fitting, key=lambda c: c.throughput) if fitting else None
-    gain = None
-    if best is not None and default.fits:
-        gain = 100.0 * (best.throughput / default.throughput - 1)
-    keep_default = best is None or (default.fits and gain < MIN_GAIN_PCT)
-    chosen = default if keep_default and default.fits else best
+    """The search's outcome: every run, and per configuration the mean of its runs within the budget;
+    the default, the best and the chosen one (the default unless the best gains MIN_GAIN_PCT)."""
+    groups: dict[Settings, list[Candidate]] = {}
+    for c in candidates:
+        groups.setdefault(c.settings, []).append(c)
+
+    def outcome(s: Settings) -> dict:
+        runs = groups[s]
+        fit = [c for c in runs if c.fits]
+        mean = sum(c.throughput for c in fit) / len(fit) if fit else None
+        return {"settings": asdict(s), "label": s.label(), "runs": [c.index for c in runs], "fits": bool(fit),
+                "throughput": mean, "p99_ms": max((c.p99_ms for c in fit), default=None),
+                "concurrency": max((c.concurrency for c in fit), default=None)}
+
+    outcomes = [outcome(s) for s in groups]
+    default = outcomes[0]
+    fitting = [o for o in outcomes if o["fits"]]
+    best = max(fitting, key=lambda o: o["throughput"]) if fitting else None
+    gain = 100.0 * (best["throughput"] / default["throughput"] - 1) if best and default["fits"] else None
+    chosen = default if default["fits"] and (gain is None or gain < MIN_GAIN_PCT) else best
     return {"variant": name, "latency_budget_ms": latency_budget_ms, "min_gain_pct": MIN_GAIN_PCT,
-            "default": default.row(), "best": best.row() if best else None,
-            "chosen": chosen.row() if chosen else None, "gain_pct": gain,
-            "candidates": [c.row() for c in candidates]}
+            "default": default, "best": best, "chosen": chosen, "gain_pct": gain,
+            "configurations": outcomes, "candidates": [c.row() for c in candidates]}
 
 
 def markdown(summary: dict) -> str:
-    best, default, gain = summary["best"], summary["default"], summary["gain_pct"]
+    best, default, chosen, gain = summary["best"], summary["default"], summary["chosen"], summary["gain_pct"]
+
+    def runs(o: dict) -> str:
+        return f"run{'s' if len(o['runs']) > 1 else ''} {', '.join(f'#{i}' for i in o['runs'])}"
+
     lines = [f"# Serving-configuration search: {summary['variant']}", "",
              f"{len(summary['candidates'])} runs (budget {summary['budget']}), concurrency "
              f"{', '.join(map(str, summary['concurrency']))}, {summary['measurement_ms']} ms windows, "
              f"p99 budget {summary['latency_budget_ms']:g} ms; machine: {summary['machine'].get('cpu', '?')} "
-             f"({summary['machine'].get('cpu_count', '?')} cores). Each row is one server start and one perf run "
-             "(`tune-runs/NN/`); the score is the highest stable throughput whose p99 is within the budget.", ""]
+             f"({summary['machine'].get('cpu_count', '?')} cores). Each run is one server start and one perf run "
+             "(`tune-runs/NN/`) scored by the highest stable throughput whose p99 is within the budget; the leader "
+             "and the default are measured once more at the end and a configuration's score is the mean of its runs.", ""]
     if best is None:
-        lines += ["**No candidate fits the budget.**", ""]
-    elif summary["chosen"]["index"] == default["index"]:
-        lines += [f"**Keep the default** ({default['label']}): the best candidate, #{best['index']} "
-                  f"({best['label']}), measured {gain:+.1f} %, below the {summary['min_gain_pct']:g} % worth a change.", ""]
+        lines += ["**No configuration fits the budget.**", ""]
+    elif chosen is default:
+        lines += [f"**Keep the default** ({default['label']}: {default['throughput']:.1f} infer/s, {runs(default)}): "
+                  f"the best other, {best['label']} ({best['throughput']:.1f} infer/s, {runs(best)}), gains "
+                  f"{gain:+.1f} %, below the {summary['min_gain_pct']:g} % worth a change.", ""]
     else:
-        versus = (f"{gain:+.1f} % over the default's {default['throughput']:.1f} infer/s (p99 {default['p99_ms']:.2f} ms)"
-                  if gain is not None else f"the default does not fit ({default['note']})")
-        lines += [f"**Best under the budget: #{best['index']}** ({best['label']}): {best['throughput']:.1f} infer/s at "
-                  f"p99 {best['p99_ms']:.2f} ms (concurrency {best['concurrency']}), {versus}.", ""]
+        versus = (f"{gain:+.1f} % over the default's {default['throughput']:.1f} infer/s (p99 {default['p99_ms']:.2f} ms, "
+                  f"{runs(default)})" if gain is not None else "the default does not fit the budget")
+        lines += [f"**Best under the budget:** {best['label']}: {best['throughput']:.1f} infer/s at p99 "
+                  f"{best['p99_ms']:.2f} ms (concurrency {best['concurrency']}, {runs(best)}), {versus}.", ""]
     lines += ["| # | settings | infer/s | p99 (ms) | at conc. | within budget | note |", "|---|---|---|---|---|---|---|"]
     for c in summary["candidates"]:
-        tag = " (default)" if c["index"] == default["index"] else ""
+        tag = " (default)" if c["settings"] == default["settings"] else ""
         num = (lambda v, f: f.format(v) if v is not None else "–")
         lines.append(f"| {c['index']}{tag} | {c['label']} | {num(c['throughput'], '{:.1f}')} | {num(c['p99_ms'], '{:.2f}')} "
                      f"| {num(c['concurrency'], '{}')} | {'yes' if c['fits'] else 'no'} | {c['note']} |")
-    lines += ["", "Single measurements: on a shared machine a difference of 10-20 % between two runs can be noise; "
-              "`triton-builder perf --repeats 3` on the applied configuration checks it."]
+    lines += ["", "On a shared machine two runs of one configuration can differ by 20 % or more; "
+              "`triton-builder perf --repeats 3` on the applied configuration checks the gain."]
     return "\n".join(lines) + "\n"
 
 
@@ -448,9 +473,9 @@ def tuned_line(results_dir: Path, variants: list[str]) -> str | None:
     chosen, default = summary.get("chosen"), summary.get("default")
     if summary.get("variant") not in variants or not chosen or not default:
         return None
-    if chosen["index"] == default["index"]:
+    if chosen["settings"] == default["settings"]:
         return (f"Serving configuration (`{TUNE_JSON}`): {summary['variant']} keeps its default ({default['label']}); "
-                f"no candidate of {len(summary['candidates'])} gained {summary['min_gain_pct']:g} % or more.")
+                f"no other of {len(summary['configurations'])} configurations gained {summary['min_gain_pct']:g} % or more.")
     gain = f", {summary['gain_pct']:+.1f} % over its default in the same search" if summary.get("gain_pct") is not None else ""
     return (f"**With its best serving configuration** (`{TUNE_JSON}`): {summary['variant']} with {chosen['label']} serves "
             f"{chosen['throughput']:.1f} infer/s at p99 {chosen['p99_ms']:.2f} ms (concurrency {chosen['concurrency']}){gain}; "
