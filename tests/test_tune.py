@@ -75,6 +75,22 @@ def test_search_finds_the_best_within_its_budget():
     assert len(tried) == 5
 
 
+def test_a_gain_must_clear_the_defaults_own_spread():
+    default, other = tuning.Settings(1, 8, (), 0), tuning.Settings(2, 8, (), 0)
+
+    def runs(*pairs):
+        return [tuning.Candidate(i, s, throughput=t, p99_ms=1.0, concurrency=4, fits=True) for i, (s, t) in enumerate(pairs)]
+
+    # default 100 and 80 (25 % apart), the other 115 twice: +27.8 % over the mean 90, beyond the spread
+    summary = tuning.summarize("m", runs((default, 100), (other, 115), (default, 80), (other, 115)), 50)
+    assert summary["chosen"]["settings"]["instances"] == 2 and round(summary["gain_pct"], 1) == 27.8
+    # the other at 110: +22 %, above 10 % but within the default's 25 % spread: the default stays
+    summary = tuning.summarize("m", runs((default, 100), (other, 110), (default, 80), (other, 110)), 50)
+    assert summary["chosen"] is summary["default"] and summary["noise_pct"] == 25.0
+    assert "**Keep the default**" in tuning.markdown({**summary, "budget": 4, "concurrency": [4], "measurement_ms": 500,
+                                                      "machine": {}})
+
+
 def test_bad_arguments_are_one_line_errors(tmp_path):
     repo = make_toy_repo(tmp_path / "repo", {"toy_a": ("onnx", "fp32", 0.1, 1.0), "toy_b": ("onnx", "int8", 0.1, 1.0)})
     manifest = json.loads((repo / "triton-builder.json").read_text())
@@ -115,7 +131,7 @@ def test_tune_applies_the_best_and_the_server_serves_it(tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "tune.json").read_text())
     runs = [c["settings"]["instances"] for c in summary["candidates"]]
-    assert runs == [1, 3, 1, 3], summary  # the default, one candidate; then both once more
+    assert runs == [1, 2, 1, 2], summary  # the default, one candidate; then both once more
     assert [o["runs"] for o in summary["configurations"]] == [[0, 2], [1, 3]]
     assert all(c["fits"] and c["throughput"] > 0 for c in summary["candidates"]), summary
     assert "| 0 (default) |" in (out / "tune.md").read_text()
@@ -161,3 +177,19 @@ def test_apply_leaves_nothing_changed_when_validation_fails(tmp_path, monkeypatc
     cfg = parse_config(cfg_path.read_text())
     assert (cfg.instance_group[0].count, cfg.max_batch_size, cfg.dynamic_batching.max_queue_delay_microseconds) == (2, 4, 100)
     assert json.loads(manifest_path.read_text())["models"]["toy_onnx_fp32"]["signature"]["max_batch_size"] == 4
+
+
+def test_report_shows_the_tuned_configuration_of_the_best_variant(tmp_path):
+    import shutil
+
+    from builder.perf.report import write_report
+
+    results = tmp_path / "results"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "compare" / "base", results)
+    runs = [tuning.Candidate(0, tuning.Settings(1, 8, (), 0), 100.0, 5.0, 4, True),
+            tuning.Candidate(1, tuning.Settings(2, 8, (), 0), 150.0, 6.0, 4, True)]
+    summary = {**tuning.summarize("toy_a", runs, 50), "budget": 2}
+    (results / "tune.json").write_text(json.dumps(summary, default=str))
+    text = write_report(results).read_text()
+    assert ("**With its best serving configuration** (`tune.json`): toy_a with 2 instances, max batch 8, preferred none, "
+            "delay 0 µs serves 150.0 infer/s at p99 6.00 ms (concurrency 4), +50.0 % over its default") in text

@@ -9,11 +9,11 @@ candidate is the report's operating point: the highest stable throughput whose p
 latency budget.
 
 Search: the default first; then, coarse, a star around it (per axis the grid value two steps away on
-each side); then every axis move that beat the default, combined; then the one-step neighbours of
+each side, one on an axis of fewer than 5 values); then every axis move that beat the default, combined; then the one-step neighbours of
 the best so far, until the budget is spent or nothing new is left. The last two runs of the budget
 measure the leader and the default once more (2 shared cores measure one configuration 20 % apart
 from one run to the next); a configuration scores the mean of its runs, and the default stays unless
-the best gains MIN_GAIN_PCT. OUT gets tune.json, tune.md and tune-runs/NN/ (one perf results
+the best gains MIN_GAIN_PCT and more than the spread of the default's own runs. OUT gets tune.json, tune.md and tune-runs/NN/ (one perf results
 directory per run).
 `apply_tuned` writes the chosen config into the repository and its manifest, or nothing.
 """
@@ -40,7 +40,7 @@ TUNE_MD = "tune.md"
 INSTANCE_STEPS = (1, 2, 3, 4, 6, 8)
 BATCH_STEPS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 DELAY_STEPS_US = (0, 100, 500, 2000, 10000)
-MIN_GAIN_PCT = 5.0  # a smaller gain over the default is not worth changing the config for
+MIN_GAIN_PCT = 10.0  # a smaller gain over the default is not worth changing the config for (compare's threshold)
 CONFIRM_RUNS = 2  # the leader and the default, measured once more each at the end
 AXES = ("instances", "queue_delay_us", "max_batch_size", "preferred")
 
@@ -139,10 +139,10 @@ def search(default: Settings, grid: dict[str, list], budget: int,
 
     run(default)
     axes = [a for a in AXES if a in grid and len(grid[a]) > 1]
-    for axis in axes:  # coarse: far moves from the default along each axis
+    for axis in axes:  # coarse: far moves from the default along each axis (one step on a short axis)
         values = grid[axis]
-        i = values.index(getattr(default, axis))
-        for j in dict.fromkeys((min(i + 2, len(values) - 1), max(i - 2, 0))):
+        i, step = values.index(getattr(default, axis)), 2 if len(values) >= 5 else 1
+        for j in dict.fromkeys((min(i + step, len(values) - 1), max(i - step, 0))):
             if j != i:
                 run(_moved(default, axis, values[j]))
     base = tried[default.normal()]
@@ -358,7 +358,8 @@ def tune(repo: Path, *, model: str | None = None, results: Path | None = None, b
 
 def summarize(name: str, candidates: list[Candidate], latency_budget_ms: float) -> dict:
     """The search's outcome: every run, and per configuration the mean of its runs within the budget;
-    the default, the best and the chosen one (the default unless the best gains MIN_GAIN_PCT)."""
+    the default, the best and the chosen one (the default unless the best gains MIN_GAIN_PCT and more than
+    the default's runs differ from each other)."""
     groups: dict[Settings, list[Candidate]] = {}
     for c in candidates:
         groups.setdefault(c.settings, []).append(c)
@@ -376,8 +377,12 @@ def summarize(name: str, candidates: list[Candidate], latency_budget_ms: float) 
     fitting = [o for o in outcomes if o["fits"]]
     best = max(fitting, key=lambda o: o["throughput"]) if fitting else None
     gain = 100.0 * (best["throughput"] / default["throughput"] - 1) if best and default["fits"] else None
-    chosen = default if default["fits"] and (gain is None or gain < MIN_GAIN_PCT) else best
-    return {"variant": name, "latency_budget_ms": latency_budget_ms, "min_gain_pct": MIN_GAIN_PCT,
+    # the default's own run-to-run spread is the noise a gain has to clear, as well as MIN_GAIN_PCT
+    again = [c.throughput for c in groups[next(iter(groups))] if c.fits]
+    noise = 100.0 * (max(again) / min(again) - 1) if len(again) > 1 else 0.0
+    needed = max(MIN_GAIN_PCT, noise)
+    chosen = default if default["fits"] and (gain is None or gain < needed) else best
+    return {"variant": name, "latency_budget_ms": latency_budget_ms, "min_gain_pct": needed, "noise_pct": noise,
             "default": default, "best": best, "chosen": chosen, "gain_pct": gain,
             "configurations": outcomes, "candidates": [c.row() for c in candidates]}
 
@@ -400,7 +405,9 @@ def markdown(summary: dict) -> str:
     elif chosen is default:
         lines += [f"**Keep the default** ({default['label']}: {default['throughput']:.1f} infer/s, {runs(default)}): "
                   f"the best other, {best['label']} ({best['throughput']:.1f} infer/s, {runs(best)}), gains "
-                  f"{gain:+.1f} %, below the {summary['min_gain_pct']:g} % worth a change.", ""]
+                  f"{gain:+.1f} %, below the {summary['min_gain_pct']:.0f} % worth a change (at least "
+                  f"{MIN_GAIN_PCT:g} %, and more than the default's own spread between its runs, "
+                  f"{summary['noise_pct']:.0f} %).", ""]
     else:
         versus = (f"{gain:+.1f} % over the default's {default['throughput']:.1f} infer/s (p99 {default['p99_ms']:.2f} ms, "
                   f"{runs(default)})" if gain is not None else "the default does not fit the budget")
@@ -475,7 +482,7 @@ def tuned_line(results_dir: Path, variants: list[str]) -> str | None:
         return None
     if chosen["settings"] == default["settings"]:
         return (f"Serving configuration (`{TUNE_JSON}`): {summary['variant']} keeps its default ({default['label']}); "
-                f"no other of {len(summary['configurations'])} configurations gained {summary['min_gain_pct']:g} % or more.")
+                f"no other of {len(summary['configurations'])} configurations gained {summary['min_gain_pct']:.0f} % or more.")
     gain = f", {summary['gain_pct']:+.1f} % over its default in the same search" if summary.get("gain_pct") is not None else ""
     return (f"**With its best serving configuration** (`{TUNE_JSON}`): {summary['variant']} with {chosen['label']} serves "
             f"{chosen['throughput']:.1f} infer/s at p99 {chosen['p99_ms']:.2f} ms (concurrency {chosen['concurrency']}){gain}; "
