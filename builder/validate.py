@@ -135,7 +135,6 @@ def check_artifacts(model_dir: Path, cfg) -> list[str]:
     return problems
 
 
-
 def check_perf_input(model_dir: Path, cfg) -> list[str]:
     """<model>/perf_input.json, where the build wrote one: perf_analyzer input data naming exactly the
     config's inputs in every request."""
