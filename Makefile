@@ -17,9 +17,10 @@ LLM_RESULTS ?= perf/results/demo-llm
 PYTEST_ARGS ?=
 DEPLOY ?= deploy
 COMPOSE_SCHEMA := .tools/compose_spec.json
+MA_DIR ?= model_analyzer
 
 .DEFAULT_GOAL := help
-.PHONY: help setup build validate serve perf report deploy profile compare demo demo-llm bench-llm-cpu test test-all test-reliability test-matrix bench-bundle bench-gpu bench-gpu-llm bench-gpu-scaling clean
+.PHONY: help setup build validate serve perf report deploy profile compare tune analyzer-files demo demo-llm bench-llm-cpu test test-all test-reliability test-matrix bench-bundle bench-gpu bench-gpu-llm bench-gpu-scaling clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -67,6 +68,13 @@ profile: setup ## Profile REPO's variants in-process (operators, roofline, memor
 
 compare: setup ## Regression gate: RESULTS against BASE (a results dir); exit 1 on a regression beyond noise
 	$(TB) compare $(BASE) $(RESULTS)
+
+tune: setup ## Search the serving configuration of the best variant in RESULTS (instances, batching); tune.md into RESULTS
+	rm -rf $(RESULTS)/tune.json $(RESULTS)/tune.md $(RESULTS)/tune-runs
+	$(TB) tune $(REPO) --results $(RESULTS) --out $(RESULTS)
+
+analyzer-files: setup ## Write MA_DIR (default model_analyzer/): what Model Analyzer needs to profile REPO, with its commands
+	$(TB) analyzer-files $(REPO) -o $(MA_DIR) --force
 
 demo: setup ## Build the MiniLM demo, serve it, measure it, write the report (CPU, ~5 min)
 	$(TB) build $(SPEC) -o $(REPO)

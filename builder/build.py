@@ -19,7 +19,7 @@ from rich.table import Table
 from builder import __version__, formats, verify
 from builder.errors import BuilderError, RunError, UserError, root_reason, step, unexpected
 from builder.families import Part, parts_for, sample_batches
-from builder.manifest import MANIFEST, SCHEMA, save_reference, write_manifest
+from builder.manifest import MANIFEST, SCHEMA, save_reference, signature_of, write_manifest
 from builder.render import input_limits, model_config, warmup_files
 from builder.repository import checkpoint, clean_stale, deferred_signals, file_records, install, locked, staging
 from builder.signature import Signature, TensorSpec
@@ -129,6 +129,7 @@ def build(spec_path: Path, out: Path, *, runtime: str | None = None, only: list[
                 console.print(f"  [red]{model.name}: not installed[/]; {escape(str(out))} keeps what it had "
                               "(--keep-going installs the variants that passed)")
                 break
+            write_perf_inputs(stage, entries, console)
             with deferred_signals():  # a model lands whole, with its manifest entries, or not at all
                 for name, entry in entries.items():
                     install(stage / name, out)
@@ -402,6 +403,26 @@ def write_config(job: Job, artifact: Path) -> None:
     text = model_config(job.name, job.sig, runtime=job.runtime, fmt=job.variant.format, serving=serving,
                         parameters=parameters, warmup=warmup)
     (job.model_dir / "config.pbtxt").write_text(text)
+
+
+def write_perf_inputs(stage: Path, entries: dict[str, dict], console: Console) -> None:
+    """<model>/perf_input.json for every servable model: perf_analyzer --input-data requests made from the
+    signature as `perf` makes them (token inputs from the model's ensemble tokenizer where it has one),
+    for any load tool (Model Analyzer, perf_analyzer by hand). Listed in the entry's files."""
+    from builder.perf.inputs import PERF_INPUT, ensemble_tokenizer, write_input_data
+
+    for name, entry in entries.items():
+        if entry.get("status") != "passed" or "signature" not in entry or "generation" in entry \
+                or entry.get("target") or not (stage / name / "config.pbtxt").is_file():
+            continue
+        try:
+            write_input_data(signature_of(entry), stage / name / PERF_INPUT,
+                             tokenizer=ensemble_tokenizer(stage, entry))
+        except UserError as exc:  # a signature make_inputs cannot fill: perf says the same when it runs
+            console.print(f"  [yellow]{name}: no {PERF_INPUT}: {escape(str(exc))}[/]")
+            continue
+        record = next(r for r in file_records(stage / name) if r["path"] == PERF_INPUT)
+        entry["files"] = [f for f in entry.get("files", []) if f["path"] != PERF_INPUT] + [record]
 
 
 def with_batch_dim(part: Part, max_batch_size: int) -> Part:

@@ -353,6 +353,82 @@ def profile(
 
 
 @app.command()
+def tune(
+    repo: Path = typer.Argument(Path("model_repository"), help="Built repository."),
+    model: Optional[str] = typer.Option(None, "--model", help="The variant to tune (default: the best in --results, "
+                                                              "or the repository's only variant)."),
+    results: Optional[Path] = typer.Option(None, help="A perf results directory of REPO: tune its best variant."),
+    budget: int = typer.Option(8, help="Runs at most (one server start and one perf run each), the default included."),
+    latency_budget_ms: float = typer.Option(50.0, help="p99 budget in ms; the best is the highest throughput within it."),
+    concurrency: str = typer.Option("4,16", help="Comma-separated concurrency levels of every run."),
+    measurement_ms: int = typer.Option(1000, help="perf_analyzer measurement window (-p) of every run."),
+    apply: bool = typer.Option(False, "--apply", help="Write the chosen configuration into REPO (config.pbtxt and "
+                                                      "triton-builder.json), validated; nothing changes on failure."),
+    out: Optional[Path] = typer.Option(None, help="Where tune.json, tune.md and tune-runs/ go (default: perf/results/tune-<UTC "
+                                                  "time>/; a perf results directory makes its report show the result)."),
+    tritonserver: Optional[Path] = typer.Option(None, help="tritonserver binary (default: PATH, then nvidia-pytriton's)."),
+    stub_python: Optional[Path] = typer.Option(None, help="python3 whose environment the python backend stub uses."),
+) -> None:
+    """Search one variant's serving configuration (instances, max batch size, preferred batch sizes, queue
+    delay) with the real server and perf_analyzer; report the best under the latency budget next to the default."""
+    from builder.errors import UserError
+    from builder.perf.tune import apply_tuned
+    from builder.perf.tune import tune as run_tune
+
+    try:
+        try:
+            levels = [int(c) for c in concurrency.split(",") if c.strip()]
+        except ValueError:
+            raise UserError(f"--concurrency {concurrency!r}: give integers separated by commas, e.g. 4,16") from None
+        with _interruptible("tune stopped; the repository is unchanged"):
+            where, summary = run_tune(repo, model=model, results=results, budget=budget,
+                                      latency_budget_ms=latency_budget_ms, concurrency=levels,
+                                      measurement_ms=measurement_ms, out=out, console=err,
+                                      server_options={"tritonserver": tritonserver, "stub_python": stub_python})
+            typer.echo((where / "tune.md").read_text())
+            if apply:
+                chosen = summary["chosen"]
+                if chosen is not None and chosen["settings"] == summary["default"]["settings"]:
+                    err.print("--apply: the default stays; nothing to write")
+                else:
+                    path = apply_tuned(repo, summary)
+                    err.print(f"[green]applied[/]: {path} ({chosen['label']})")
+    except BuilderError as exc:
+        _fail(exc)
+    err.print(f"tune: {where / 'tune.md'}")
+
+
+@app.command("analyzer-files")
+def analyzer_files(
+    repo: Path = typer.Argument(Path("model_repository"), help="Built repository."),
+    out: Path = typer.Option(Path("model_analyzer"), "-o", "--out", help="Directory to write."),
+    model: Optional[list[str]] = typer.Option(None, "--model", help="Models to profile (default: every passed variant)."),
+    concurrency: Optional[str] = typer.Option(None, help="Comma-separated concurrency levels (default: Model Analyzer's "
+                                                         "search, up to 16)."),
+    latency_budget_ms: float = typer.Option(50.0, help="Model Analyzer's latency_budget (p99, ms)."),
+    force: bool = typer.Option(False, help="Write into OUT even if it is not empty."),
+    tritonserver: Optional[Path] = typer.Option(None, help="tritonserver binary (default: PATH, then nvidia-pytriton's)."),
+    stub_python: Optional[Path] = typer.Option(None, help="python3 whose environment the python backend stub uses."),
+) -> None:
+    """Write what NVIDIA's Model Analyzer needs to profile REPO with this machine's Triton: a lasting backend
+    directory, config.yaml (server, environment, input data), run.sh and a README with the commands."""
+    from builder.errors import UserError
+    from builder.perf.modelanalyzer import write_analyzer_files
+
+    try:
+        try:
+            levels = [int(c) for c in concurrency.split(",") if c.strip()] if concurrency else None
+        except ValueError:
+            raise UserError(f"--concurrency {concurrency!r}: give integers separated by commas, e.g. 4,16") from None
+        files = write_analyzer_files(repo, out, models=model, tritonserver=tritonserver, stub_python=stub_python,
+                                     concurrency=levels, latency_budget_ms=latency_budget_ms, force=force)
+    except BuilderError as exc:
+        _fail(exc)
+    err.print(f"[green]wrote[/] {', '.join(p.name for p in files)} to {out}; see {out / 'README.md'}")
+    typer.echo(str(out / "config.yaml"))
+
+
+@app.command()
 def compare(
     base: Path = typer.Argument(..., help="The baseline results directory (from 'triton-builder perf')."),
     new: Path = typer.Argument(..., help="The results directory to check against it."),

@@ -108,6 +108,16 @@ def _serialize(value: np.ndarray, t: TensorSpec) -> bytes:
     return np.ascontiguousarray(value).astype(value.dtype.newbyteorder("<")).tobytes()
 
 
+def preferred_batch_sizes(sizes, max_batch_size: int) -> list[int]:
+    """The `preferred_batch_size` list to render: only sizes the batcher can form (<= max_batch_size,
+    whatever overrode either), and none when what is left adds nothing to Triton's own rule (send the
+    largest batch it can form up to max_batch_size within the queue delay). Rendered by default it
+    only hurts: a preferred size makes the batcher send smaller batches than it could, and any tool
+    that lowers max_batch_size (Model Analyzer's search, `tune`) gets an illegal config."""
+    kept = sorted({int(b) for b in sizes if 0 < int(b) <= max_batch_size})
+    return [] if kept in ([], [max_batch_size]) else kept
+
+
 def model_config(name: str, sig: Signature, *, runtime: str, fmt: str, serving: dict, parameters: dict,
                  warmup: list[dict]) -> str:
     db = serving["dynamic_batching"] if sig.max_batch_size > 0 else None
@@ -116,7 +126,9 @@ def model_config(name: str, sig: Signature, *, runtime: str, fmt: str, serving: 
     return render_template(
         "config.pbtxt.j2", f"{name}/config.pbtxt",
         name=name, max_batch_size=sig.max_batch_size, inputs=sig.inputs, outputs=sig.outputs,
-        dynamic_batching=db or None, queue_policy=serving.get("queue_policy") if db else None,
+        dynamic_batching=db or None,
+        preferred=preferred_batch_sizes(db.preferred_batch_sizes, sig.max_batch_size) if db else [],
+        queue_policy=serving.get("queue_policy") if db else None,
         instance_kind="KIND_GPU" if gpu else "KIND_CPU", instance_count=instances.count,
         instance_gpus=instances.gpus if gpu and isinstance(instances.gpus, list) else None,
         warmup=warmup, parameters=parameters, **backend_of(runtime, fmt),

@@ -42,6 +42,7 @@ def validate_repository(repo: Path) -> int:
             problems.append(f"{d.name}/config.pbtxt: name {cfg.name!r} differs from its directory {d.name!r}")
         configs[d.name] = cfg
         problems += check_artifacts(d, cfg)
+        problems += check_perf_input(d, cfg)
     configs.update({name: None for name in targets})
     manifest_path = repo / "triton-builder.json"
     if manifest_path.is_file():
@@ -133,3 +134,27 @@ def check_artifacts(model_dir: Path, cfg) -> list[str]:
                 problems.append(f"{model_dir.name}: warmup file warmup/{inp.input_data_file} for {key} is missing")
     return problems
 
+
+def check_perf_input(model_dir: Path, cfg) -> list[str]:
+    """<model>/perf_input.json, where the build wrote one: perf_analyzer input data naming exactly the
+    config's inputs in every request."""
+    import json
+
+    from builder.perf.inputs import PERF_INPUT
+
+    path = model_dir / PERF_INPUT
+    if not path.is_file():
+        return []
+    where = f"{model_dir.name}/{PERF_INPUT}"
+    try:
+        data = json.loads(path.read_text())["data"]
+        if not isinstance(data, list) or not data or not all(isinstance(e, dict) for e in data):
+            raise ValueError("'data' must be a non-empty list of requests")
+    except (ValueError, KeyError, TypeError) as exc:
+        return [f"{where}: not perf_analyzer input data ({exc}); rebuild the repository or delete the file"]
+    names = sorted(i.name for i in cfg.input)
+    bad = [k for k, entry in enumerate(data) if sorted(entry) != names]
+    if bad:
+        return [f"{where}: request {bad[0]} names {sorted(data[bad[0]])}, the config's inputs are {names}; "
+                "rebuild the repository or delete the file"]
+    return []

@@ -156,6 +156,16 @@ def test_manifest_records_numbers_files_and_command(tiny_repo):
     assert data["models"]["clip_text_onnx_fp32"]["signature"]["extra"]["logit_scale"] > 1
 
 
+def test_every_model_gets_perf_analyzer_input_data(tiny_repo):
+    repo, _ = tiny_repo
+    for name in EXPECTED_NAMES:
+        data = json.loads((repo / name / "perf_input.json").read_text())["data"]
+        assert {i.name for i in parsed(repo / name / "config.pbtxt").input} == set(data[0]), name
+        assert "perf_input.json" in {f["path"] for f in read_manifest(repo)["models"][name]["files"]}
+    ids = json.loads((repo / "enc_onnx_fp32" / "perf_input.json").read_text())["data"][0]["input_ids"]["content"]
+    assert 1 <= min(ids) and max(ids) < 500  # inside the vocabulary, unlike perf_analyzer's random data
+
+
 def test_reference_reproduces_with_onnxruntime(tiny_repo):
     repo, _ = tiny_repo
     inputs, outputs = load_reference(repo / "enc_onnx_fp32" / "reference.npz")

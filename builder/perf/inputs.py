@@ -20,6 +20,8 @@ import numpy as np
 from builder.errors import UserError
 from builder.signature import Signature, make_inputs
 
+PERF_INPUT = "perf_input.json"  # `build` writes <model>/perf_input.json: input_data() of its signature
+
 
 def input_data(sig: Signature, *, entries: int = 4, seed: int = 0,
                shapes: dict[str, tuple[int, ...]] | None = None, tokenizer=None) -> dict:

@@ -268,6 +268,11 @@ def _model_section(model: str, rows: pd.DataFrame, variants: dict[str, dict], re
         out.append(f"**No variant of {model} fits the budget** ({_budget_text(latency_budget_ms, accuracy_budget)}): "
                    + "; ".join(f"{c.variant}: {c.why_not}" for c in choices) + ".")
     out.append("")
+    from builder.perf.tune import tuned_line  # `tune --out` this directory: the best variant's best configuration
+
+    tuned = tuned_line(results_dir, names)
+    if tuned:
+        out += [tuned, ""]
 
     header = ["variant", "format", "precision", "at conc.", "throughput (infer/s)", "× best", "p99 (ms)",
               "Δ p99 vs best (ms)", f"speedup vs {base}" if base else "speedup", "min cosine", "max abs diff",

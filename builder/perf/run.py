@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import socket
 import urllib.request
 from datetime import datetime, timezone
@@ -166,7 +167,8 @@ def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concur
              percentile: int | None = None,
              relaxed_stability_pct: float | None = 100.0, input_entries: int = 4,
              perf_analyzer: Path | None = None, runtime: str = "local", console: Console | None = None,
-             prompt_tokens: int = 32, output_tokens: int = 64, repeats: int = 1) -> Path:
+             prompt_tokens: int = 32, output_tokens: int = 64, repeats: int = 1,
+             input_files: dict[str, Path] | None = None) -> Path:
     """Measure the repository's variants at each concurrency level and return the results directory.
 
     `server`: a running server (anything with `grpc_url` / `http_url`); when None one is started on
@@ -174,6 +176,8 @@ def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concur
     (default perf/results/<UTC timestamp>/) gets results.csv, manifest.json, inputs/ and raw/.
     If perf_analyzer or the server fails, what was measured is still written, the manifest says
     complete: false, and RunError is raised naming the directory.
+    `input_files`: perf_analyzer --input-data files to use for these variants instead of generated ones
+    (e.g. the repository's <model>/perf_input.json); copied into inputs/ like the generated ones.
     `repeats` > 1 measures every variant that many times: results.csv keeps, per level, the repeat
     with the median throughput, and repeats.csv every repeat (what `compare` takes its noise from).
     """
@@ -220,7 +224,12 @@ def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concur
     run_name = results_dir.name
     inputs = {name: write_input_data(sig, results_dir / "inputs" / f"{name}.json", entries=input_entries,
                                      tokenizer=ensemble_tokenizer(repo, variants[name]))
-              for name, sig in signatures.items()}
+              for name, sig in signatures.items() if name not in (input_files or {})}
+    for name, source in (input_files or {}).items():
+        target = results_dir / "inputs" / f"{name}.json"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+        inputs[name] = target
     manifest = {
         "schema": RUN_SCHEMA, "run": run_name, "repo": str(repo.resolve()),
         "started": started.isoformat(timespec="seconds"), "finished": None, "complete": False,

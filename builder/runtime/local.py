@@ -153,6 +153,30 @@ def private_backends(layout: Layout, env: StubEnv, workdir: Path) -> Path:
     return workdir / "backends"
 
 
+def lasting_backends(target: Path, *, tritonserver: Path | None = None,
+                     stub_python: Path | None = None) -> tuple[Path, Path, dict[str, str]]:
+    """The backend directory `serve` assembles in a temporary work dir, built under `target` to last
+    (for tools that start their own tritonserver, such as Model Analyzer). Returns the tritonserver
+    binary, the backend directory (target/backends) and the variables the server needs on top of a
+    plain environment: PATH (the stub environment's bin/ first) and LD_LIBRARY_PATH (its libpython,
+    the server's bundled libraries, the CUDA runtime wheel's lib/ that perf_analyzer links)."""
+    from builder.perf.analyzer import cuda_runtime_lib_dir
+
+    layout = layout_of(find_tritonserver(tritonserver))
+    target = Path(target)
+    if layout.backends is not None:  # a full install: its own backends/ and stub
+        return layout.tritonserver, layout.backends, {}
+    env = stub_env(stub_python)
+    if (target / "backends").exists():
+        shutil.rmtree(target / "backends")
+    backends = private_backends(layout, env, target)
+    cuda = cuda_runtime_lib_dir()
+    libraries = [env.libdir, str(layout.libs) if layout.libs else None, str(cuda) if cuda else None]
+    variables = {"PATH": os.pathsep.join([str(env.python.parent), "/usr/local/bin", "/usr/bin", "/bin"]),
+                 "LD_LIBRARY_PATH": os.pathsep.join(p for p in libraries if p)}
+    return layout.tritonserver, backends, variables
+
+
 def server_command(layout: Layout, repo: Path, backends: Path, host: str, ports: dict[str, int], gpus: bool,
                    shm_prefix: str) -> list[str]:
     command = [
