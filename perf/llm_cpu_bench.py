@@ -102,7 +102,8 @@ def main() -> int:
     engine = {p: engine_in_process(args.repo, n, args.model, {"fp32": "float32", "bf16": "bfloat16"}[p])
               for p, n in names.items()}
     print(f"engine in-process, 8 slots: {engine}", flush=True)
-    subprocess.run([tb, "perf", str(args.repo), "--model", args.model, "--concurrency", "1,8", "--prompt-tokens",
+    chosen = [flag for name in names.values() for flag in ("--model", name)]
+    subprocess.run([tb, "perf", str(args.repo), *chosen, "--concurrency", "1,8", "--prompt-tokens",
                     str(PROMPT_TOKENS), "--output-tokens", str(OUTPUT_TOKENS), "--out", str(args.out)], check=True)
     import pandas as pd
 
