@@ -358,7 +358,7 @@ def tune(
     model: Optional[str] = typer.Option(None, "--model", help="The variant to tune (default: the best in --results, "
                                                               "or the repository's only variant)."),
     results: Optional[Path] = typer.Option(None, help="A perf results directory of REPO: tune its best variant."),
-    budget: int = typer.Option(8, help="Runs at most (one server start and one perf run each), the default included."),
+    budget: int = typer.Option(10, help="Runs at most (one server start and one perf run each), the default included."),
     latency_budget_ms: float = typer.Option(50.0, help="p99 budget in ms; the best is the highest throughput within it."),
     concurrency: str = typer.Option("4,16", help="Comma-separated concurrency levels of every run."),
     measurement_ms: int = typer.Option(1000, help="perf_analyzer measurement window (-p) of every run."),

@@ -9,8 +9,9 @@ candidate is the report's operating point: the highest stable throughput whose p
 latency budget.
 
 Search: the default first; then, coarse, a star around it (per axis the grid value two steps away on
-each side, one on an axis of fewer than 5 values); then every axis move that beat the default, combined; then the one-step neighbours of
-the best so far, until the budget is spent or nothing new is left. The last two runs of the budget
+each side, one on an axis of fewer than 5 values; max_batch_size also 1, no batching); then every axis move
+that beat the default, combined; then the one-step neighbours of the best so far (max_batch_size first, and 1
+among them: it interacts with the instance count), until the budget is spent or nothing new is left. The last two runs of the budget
 measure the leader and the default once more (2 shared cores measure one configuration 20 % apart
 from one run to the next); a configuration scores the mean of its runs, and the default stays unless
 the best gains MIN_GAIN_PCT and more than the spread of the default's own runs. OUT gets tune.json, tune.md and tune-runs/NN/ (one perf results
@@ -142,7 +143,8 @@ def search(default: Settings, grid: dict[str, list], budget: int,
     for axis in axes:  # coarse: far moves from the default along each axis (one step on a short axis)
         values = grid[axis]
         i, step = values.index(getattr(default, axis)), 2 if len(values) >= 5 else 1
-        for j in dict.fromkeys((min(i + step, len(values) - 1), max(i - step, 0))):
+        far = (0,) if axis == "max_batch_size" else ()  # no batching at all: a regime of its own (parallel instances)
+        for j in dict.fromkeys((min(i + step, len(values) - 1), max(i - step, 0), *far)):
             if j != i:
                 run(_moved(default, axis, values[j]))
     base = tried[default.normal()]
@@ -156,13 +158,17 @@ def search(default: Settings, grid: dict[str, list], budget: int,
             winners[axis] = getattr(max(moves, key=lambda p: p[0])[1], axis)
     if len(winners) > 1:
         run(replace(default, **winners))
-    while len(tried) < budget:  # refine: one-step neighbours of the best, until the budget or nothing new
+    # refine: one-step neighbours of the best, until the budget or nothing new; the batch size first, down to no
+    # batching, because it interacts with the instance count (2 instances x max batch 1 beat 2 x 16 by 30 % for
+    # MiniLM int8 on 2 cores, where neither move alone beat the default: docs/PERFORMANCE.md)
+    order = sorted(axes, key=lambda a: a != "max_batch_size")
+    while len(tried) < budget:
         centre, before = best(), len(tried)
-        for axis in axes:
+        for axis in order:
             values = grid[axis]
             value = getattr(centre, axis)
             i = values.index(value) if value in values else 0
-            for j in (i + 1, i - 1):
+            for j in dict.fromkeys(((0,) if axis == "max_batch_size" else ()) + (i + 1, i - 1)):
                 if 0 <= j < len(values):
                     run(_moved(centre, axis, values[j]))
         if len(tried) == before:
@@ -261,7 +267,7 @@ class Candidate:
         return {**asdict(self), "settings": asdict(self.settings), "label": self.settings.label()}
 
 
-def tune(repo: Path, *, model: str | None = None, results: Path | None = None, budget: int = 8,
+def tune(repo: Path, *, model: str | None = None, results: Path | None = None, budget: int = 10,
          latency_budget_ms: float = 50.0, concurrency=(4, 16), measurement_ms: int = 1000,
          out: Path | None = None, server_options: dict | None = None, console=None) -> tuple[Path, dict]:
     """Search `model`'s serving configuration; write OUT/tune.json and tune.md; return (out, summary)."""
