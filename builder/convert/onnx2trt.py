@@ -97,18 +97,9 @@ def _run(argv: list[str], workdir: Path, image: str) -> str:
         if proc.returncode != 0:
             raise RunError(f"trtexec failed (exit {proc.returncode}): {(proc.stdout + proc.stderr)[-2000:]}")
         return proc.stdout + proc.stderr
-    import docker
+    from builder.runtime.docker import run_to_completion
 
-    client = docker.from_env()
-    container = client.containers.run(**container_spec(workdir, argv, image))
-    try:
-        status = container.wait(timeout=3600)
-        logs = container.logs().decode(errors="replace")
-    finally:
-        container.remove(force=True)
-    if status.get("StatusCode") != 0:
-        raise RunError(f"trtexec in {image} failed (exit {status.get('StatusCode')}): {logs[-2000:]}")
-    return logs
+    return run_to_completion(container_spec(workdir, argv, image), what=f"trtexec in {image}", timeout=3600)
 
 
 def tensorrt_version(log: str) -> str:

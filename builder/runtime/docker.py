@@ -68,6 +68,22 @@ def docker_client(timeout: float = 5.0):
     return client
 
 
+def run_to_completion(spec: dict, *, what: str, timeout: int) -> str:
+    """Run a container (docker's `containers.run` keyword arguments) to its end and remove it; its logs, or
+    RunError naming `what` with the log's tail when it exits non-zero."""
+    import docker
+
+    container = docker.from_env().containers.run(**spec)
+    try:
+        status = container.wait(timeout=timeout)
+        logs = container.logs().decode(errors="replace")
+    finally:
+        container.remove(force=True)
+    if status.get("StatusCode") != 0:
+        raise RunError(f"{what} failed (exit {status.get('StatusCode')}): {logs[-2000:]}")
+    return logs
+
+
 def docker_available(timeout: float = 2.0) -> bool:
     """Whether a Docker engine answers here (the CLI defaults to `local` when none does)."""
     try:

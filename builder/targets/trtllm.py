@@ -245,17 +245,10 @@ def run_steps(repo: Path, steps: list[list[str]], *, image: str = IMAGE, weights
         if proc.returncode != 0:
             raise RunError(f"TensorRT-LLM build failed (exit {proc.returncode}): {(proc.stdout + proc.stderr)[-2000:]}")
         return proc.stdout + proc.stderr
-    import docker
+    from builder.runtime.docker import run_to_completion
 
-    container = docker.from_env().containers.run(**container_spec(repo, steps, image=image, weights_dir=weights_dir))
-    try:
-        status = container.wait(timeout=7200)
-        logs = container.logs().decode(errors="replace")
-    finally:
-        container.remove(force=True)
-    if status.get("StatusCode") != 0:
-        raise RunError(f"TensorRT-LLM build in {image} failed (exit {status.get('StatusCode')}): {logs[-2000:]}")
-    return logs
+    return run_to_completion(container_spec(repo, steps, image=image, weights_dir=weights_dir),
+                             what=f"TensorRT-LLM build in {image}", timeout=7200)
 
 
 def _localize(arg: str, mapping: dict[str, str]) -> str:
