@@ -123,6 +123,12 @@ def _moved(s: Settings, axis: str, value) -> Settings:
     return replace(s, **{axis: value}).normal()
 
 
+def _lowest(axis: str) -> tuple[int, ...]:
+    """Grid indexes the search visits besides the neighbours: max_batch_size 1, no batching at all, a regime of its
+    own (parallel instances without a batch to wait for)."""
+    return (0,) if axis == "max_batch_size" else ()
+
+
 def search(default: Settings, grid: dict[str, list], budget: int,
            evaluate: Callable[[Settings], float | None]) -> list[tuple[Settings, float | None]]:
     """Run `evaluate` (a score, higher is better; None: no valid measurement) on at most `budget`
@@ -143,8 +149,7 @@ def search(default: Settings, grid: dict[str, list], budget: int,
     for axis in axes:  # coarse: far moves from the default along each axis (one step on a short axis)
         values = grid[axis]
         i, step = values.index(getattr(default, axis)), 2 if len(values) >= 5 else 1
-        far = (0,) if axis == "max_batch_size" else ()  # no batching at all: a regime of its own (parallel instances)
-        for j in dict.fromkeys((min(i + step, len(values) - 1), max(i - step, 0), *far)):
+        for j in dict.fromkeys((min(i + step, len(values) - 1), max(i - step, 0), *_lowest(axis))):
             if j != i:
                 run(_moved(default, axis, values[j]))
     base = tried[default.normal()]
@@ -168,7 +173,7 @@ def search(default: Settings, grid: dict[str, list], budget: int,
             values = grid[axis]
             value = getattr(centre, axis)
             i = values.index(value) if value in values else 0
-            for j in dict.fromkeys(((0,) if axis == "max_batch_size" else ()) + (i + 1, i - 1)):
+            for j in dict.fromkeys((*_lowest(axis), i + 1, i - 1)):
                 if 0 <= j < len(values):
                     run(_moved(centre, axis, values[j]))
         if len(tried) == before:
