@@ -79,13 +79,12 @@ def step_times(repo: Path, names: list[str], device: str, batches: list[int], po
     """Our decode step in-process, per variant and batch: eager, CUDA graphs, inductor + graphs (GPU)."""
     import torch
 
+    from builder.generation import decoder  # the file served beside each model is a copy of this one
+
     out = {}
     for name in names:
         folder = repo / name / "1"
         params = _params(repo / name / "config.pbtxt")
-        sys.path.insert(0, str(folder))
-        import decoder
-
         precision = params.get("precision", "bf16")
         quant = precision if precision in ("int8", "int4") else "none"
         dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(precision, torch.bfloat16)
@@ -115,8 +114,6 @@ def step_times(repo: Path, names: list[str], device: str, batches: list[int], po
                     samples.append((time.perf_counter() - t0) / 10 * 1e3)
                 row[f"{mode} b{batch}"] = round(statistics.median(samples), 3)
         out[name] = row
-        sys.path.remove(str(folder))
-        sys.modules.pop("decoder", None)
         del dec, modes
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -124,11 +121,9 @@ def step_times(repo: Path, names: list[str], device: str, batches: list[int], po
 
 
 def _params(config: Path) -> dict:
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
+    from builder.render import parse_config
 
-    cfg = text_format.Parse(config.read_text(), model_config_pb2.ModelConfig())
-    return {k: v.string_value for k, v in cfg.parameters.items()}
+    return {k: v.string_value for k, v in parse_config(config.read_text(), str(config)).parameters.items()}
 
 
 def verdict(rows: list[dict]) -> list[str]:
