@@ -3,6 +3,7 @@ harness (`make test-reliability`): every test marked `reliability` is one case o
 run ends with "N cases tried, M handled as specified"."""
 
 import os
+import sys
 
 import pytest
 
@@ -89,3 +90,21 @@ def build_cache(tmp_path_factory):
         os.environ.pop("TRITON_BUILDER_CACHE", None)
     else:
         os.environ["TRITON_BUILDER_CACHE"] = previous
+
+
+@pytest.fixture(scope="module")
+def importable(tmp_path_factory):
+    """importable(name, text): write module `name` into a fresh folder on sys.path for this test module (e.g. the
+    factories a spec's `source: {factory: ...}` names); the folders leave sys.path afterwards."""
+    folders = []
+
+    def write(name: str, text: str):
+        folder = tmp_path_factory.mktemp(name)
+        (folder / f"{name}.py").write_text(text)
+        sys.path.insert(0, str(folder))
+        folders.append(folder)
+        return folder
+
+    yield write
+    for folder in folders:
+        sys.path.remove(str(folder))

