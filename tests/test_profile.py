@@ -112,6 +112,33 @@ ENTRY = {"model": "m", "format": "torch", "precision": "fp32",
          "signature": {"inputs": [{"name": "input_ids", "dtype": "int64"}]}}
 
 
+def test_gpu_tally_counts_kernel_time_once():
+    """On the GPU an aten operator's self device time is its kernels' time, and each kernel is an event too:
+    busy time must sum the kernels alone (the first H100 profile summed both and showed 117 % busy)."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from builder.diagnose.profile import tally
+
+    def event(key, device_type, self_device_us, count=10, self_cpu_us=0.0):
+        return SimpleNamespace(key=key, device_type=device_type, self_device_time_total=self_device_us,
+                               self_cpu_time_total=self_cpu_us, count=count, is_user_annotation=False)
+
+    events = [event("aten::addmm", DeviceType.CPU, 300.0, self_cpu_us=50.0),
+              event("sm90_xmma_gemm_bf16", DeviceType.CUDA, 280.0),
+              event("cublasLt::epilogue", DeviceType.CUDA, 20.0),
+              event("aten::gelu", DeviceType.CPU, 100.0, self_cpu_us=20.0),
+              event("vectorized_elementwise_kernel", DeviceType.CUDA, 100.0),
+              event("aten::view", DeviceType.CPU, 0.0, self_cpu_us=5.0)]
+    ops, busy_us, calls = tally(events, 10, gpu=True)
+    assert busy_us == 40.0  # (280 + 20 + 100) / 10 forwards, each kernel once
+    assert [o["name"] for o in ops] == ["aten::addmm", "aten::gelu"]  # operators only, by device time
+    assert ops[0]["self_us"] == 30.0 and calls == 30
+    ops, busy_us, _ = tally([e for e in events if e.device_type == DeviceType.CPU], 10, gpu=False)
+    assert busy_us == 0.0 and [o["name"] for o in ops] == ["aten::addmm", "aten::gelu", "aten::view"]
+
+
 def test_launch_bound_rule():
     gpu_run = Run(1, 2.0, [], {}, None, None, None, "t", kernel_busy_ms=0.5)
     tip = rules.launch_bound(vp("cuda", runs=[gpu_run]), ENTRY, pd.DataFrame())

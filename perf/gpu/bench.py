@@ -35,7 +35,7 @@ def main() -> int:
     p.add_argument("--skip", default="clip_u8_text_torch_fp16_graphs",
                    help="comma-separated Triton models not to measure (clip_u8's text tower is clip's again)")
     p.add_argument("--latency-budget-ms", type=float, default=50.0)
-    p.add_argument("--kernel-models", default="bert_torch_fp32,bert_torch_fp16_graphs,bert_torch_bf16_graphs,"
+    p.add_argument("--kernel-models", default="bert_torch_fp32,bert_torch_bf16_inductor_graphs,"
                                               "clip_u8_image_torch_fp16_graphs",
                    help="models whose GPU time per batch is measured in-process (what bounds the served numbers)")
     args = p.parse_args()

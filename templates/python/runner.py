@@ -129,7 +129,9 @@ class TorchArtifact:
         return [[pb_utils.Tensor.from_dlpack(n, to_dlpack(p)) for n, p in zip(names, views)] for views in zip(*parts)]
 
     def _tensors(self, tensors):
-        return [t.to(self.device, self.dtype, non_blocking=True) if t.is_floating_point()
+        # to the device first, then the dtype: a cross-device copy that also converts would convert on the
+        # CPU first (torch's copy_), with the instance's intra-op threads
+        return [t.to(self.device, non_blocking=True).to(self.dtype) if t.is_floating_point()
                 else t.to(self.device, non_blocking=True) for t in tensors]
 
     def _capture(self):
@@ -143,8 +145,7 @@ class TorchArtifact:
                     dims, dtype = self.example[name]
                     shape = [batch] + [seq if (name in self.seq_inputs and i == len(dims) - 1) else d
                                        for i, d in enumerate(dims)]
-                    fill = torch.ones if name in self.seq_inputs else torch.randn
-                    t = fill(shape, dtype=getattr(torch, dtype), device=self.device)
+                    t = static_input(torch, shape, dtype, name in self.seq_inputs, self.device)
                     static.append(t.to(self.dtype) if t.is_floating_point() else t)
                 stream = torch.cuda.Stream()
                 stream.wait_stream(torch.cuda.current_stream())
@@ -181,12 +182,24 @@ class TorchArtifact:
                     t[:batch, :seq].copy_(a, non_blocking=True)
                     if batch < t.shape[0]:
                         t[batch:, :seq].copy_(t[:1, :seq].expand(t.shape[0] - batch, -1))
-                else:
-                    t[:batch].copy_(a, non_blocking=True)
+                else:  # a float input crosses in its own dtype and is converted on the device
+                    t[:batch].copy_(a.to(t.device, non_blocking=True) if a.dtype != t.dtype else a, non_blocking=True)
                     if batch < t.shape[0]:
                         t[batch:].copy_(t[:1].expand(t.shape[0] - batch, *t.shape[1:]))
             graph.replay()
             return [o[:batch, :seq] if name in self.seq_outputs else o[:batch] for name, o in zip(output_names, outputs)]
+
+
+def static_input(torch, shape, dtype, seq_input, device):
+    """A CUDA graph's static input buffer, filled with values valid for any model: ones for the sequence
+    inputs (mask-like), random normals for floating inputs, zeros for other integers (ids, uint8 pixels:
+    `randn` has no integer kernel). The graph does not depend on the values; replays copy requests in."""
+    dtype = getattr(torch, dtype)
+    if seq_input:
+        return torch.ones(shape, dtype=dtype, device=device)
+    if dtype.is_floating_point:
+        return torch.randn(shape, dtype=dtype, device=device)
+    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 def torch_dtype(torch, numpy_dtype):
