@@ -246,6 +246,9 @@ class Generation(Strict):
     max_total_tokens: int = Field(1024, ge=2)  # prompt + generated tokens of one sequence (the cache length)
     max_tokens: int = Field(128, ge=1)  # new tokens when a request gives no max_tokens
     prefill_chunk: int = Field(128, ge=1)  # prompt tokens run per step, so a long prompt does not stall the others
+    # our endpoint: tokens per streamed response after the first (each response costs the server a round trip);
+    # 0 picks it per step: 1 up to 8 running sequences, then about 8 responses per step in all
+    stream_interval: int = Field(0, ge=0)
     gpu_memory_fraction: float = Field(0.9, gt=0, le=1)  # TensorRT-LLM / vLLM: share of free GPU memory for the cache
     tensor_parallel: int = Field(1, ge=1)  # TensorRT-LLM / vLLM: GPUs one model is split over
     pipeline_parallel: int = Field(1, ge=1)  # TensorRT-LLM: pipeline stages

@@ -79,6 +79,65 @@ def test_streamed_pieces_add_up_to_the_text_and_never_split_a_character(llama):
         assert [p.finished for p in pieces].count(True) == 1 and pieces[-1].finish_reason == "length"
 
 
+def test_stream_interval_sends_the_first_token_at_once_then_every_n_tokens(llama):
+    """Each streamed response is a round trip to Triton (perf/stream_calls.py): after the first token, one
+    response per stream_interval tokens; the pieces still add up to the whole text."""
+    tok, model = llama
+    ids = tok(PROMPTS[0])["input_ids"]
+    config, weights = hf2decoder.convert(model, (tok.eos_token_id,))
+    engine = eng.Engine(Decoder(config, weights), tok, max_sequences=3, max_total_tokens=96, prefill_chunk=5,
+                        stream_interval=3)
+    whole = eng.generate(engine, [ids], 20, ignore_eos=True)[0]
+    pieces: list[eng.Output] = []
+    engine.submit(eng.Request(ids, 20, emit=pieces.append, stream=True, ignore_eos=True))
+    while not (pieces and pieces[-1].finished):
+        engine.step()
+    assert "".join(p.text for p in pieces) == whole.text
+    counts = [p.num_output_tokens for p in pieces[:-1]]
+    assert counts[0] <= 2 and all(b - a >= 3 for a, b in zip(counts, counts[1:]))  # a held-back byte may delay one
+    assert len(pieces) <= 1 + -(-19 // 3) + 1
+
+
+def test_automatic_stream_interval_grows_with_the_running_sequences(llama):
+    tok, model = llama
+    ids = tok(PROMPTS[3])["input_ids"]
+    config, weights = hf2decoder.convert(model, (tok.eos_token_id,))
+    engine = eng.Engine(Decoder(config, weights), tok, max_sequences=20, max_total_tokens=96, prefill_chunk=200)
+    streams: dict[int, list[eng.Output]] = {i: [] for i in range(2 + eng.ROWS_PER_STEP * 2)}
+    few = streams.keys() - {0, 1}
+    for i in (0, 1):  # two sequences: a response per token
+        engine.submit(eng.Request(ids, 24, emit=streams[i].append, stream=True, ignore_eos=True))
+    for _ in range(6):
+        engine.step()
+    assert engine.interval == 1  # two sequences: one response per token
+    for i in few:  # 18 sequences: 18 / 8 rounded up = 3 tokens per response
+        engine.submit(eng.Request(ids, 24, emit=streams[i].append, stream=True, ignore_eos=True))
+    while any(not (s and s[-1].finished) for s in streams.values()):
+        engine.step()
+        if len(engine.running) == len(streams):
+            assert engine.interval == 3
+    for i in few:  # 3 tokens per response while all 18 run; fewer once the first ones finish
+        counts = [p.num_output_tokens for p in streams[i][:-1]]
+        assert max(b - a for a, b in zip(counts, counts[1:])) >= 3 and len(streams[i]) <= 12  # 25 at 1 per token
+
+
+def test_cancellation_is_polled_every_step_only_while_requests_wait(llama):
+    """sender.is_cancelled() is a round trip to Triton: polled every CANCEL_EVERY steps when no request waits."""
+    tok, model = llama
+    engine = _engine(tok, model, slots=2, total=200)
+    ids = tok(PROMPTS[0])["input_ids"]
+    polls = {"a": 0}
+
+    def cancelled():
+        polls["a"] += 1
+        return False
+
+    engine.submit(eng.Request(ids, 150, emit=lambda o: None, ignore_eos=True, cancelled=cancelled))
+    for _ in range(eng.CANCEL_EVERY * 2):
+        engine.step()
+    assert 1 <= polls["a"] <= 3
+
+
 def test_stop_string_cuts_the_text_and_finishes_with_stop(llama):
     tok, model = llama
     engine = _engine(tok, model)

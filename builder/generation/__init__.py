@@ -277,6 +277,7 @@ def build_generation(spec, spec_path: Path, model, stage: Path, console) -> tupl
         parameters = {
             "max_sequences": gen.max_sequences, "max_prompt_tokens": gen.max_prompt_tokens,
             "max_total_tokens": gen.max_total_tokens, "max_tokens": gen.max_tokens, "prefill_chunk": gen.prefill_chunk,
+            "stream_interval": gen.stream_interval,
             "precision": variant.precision, "device": serving["instances"].kind,
             "threads": serving["instances"].threads, "artifact": "weights.safetensors", "add_special_tokens": "1",
             "cuda_graphs": int(variant.cuda_graphs), "compile": variant.compile,  # GPU instances only

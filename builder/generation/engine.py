@@ -8,6 +8,12 @@ Each step: finished and cancelled sequences free their cache slot; waiting reque
 (first come, first served; none is dropped); every decoding sequence feeds its last token, and prompts
 are fed in chunks of at most `prefill_chunk` tokens per step in all, so a long prompt delays the others
 by one chunk's time per step, not by its whole prefill.
+
+What a streamed token costs the server, not the GPU, sets the pace at high concurrency: each response is a
+round trip from the python backend's stub to Triton (~150-370 µs on a 2-core CPU, perf/stream_calls.py), and
+so is asking whether a request was cancelled (~100 µs). So a streaming request gets its first token at once
+and then one response per `stream_interval` tokens (0: automatic, about ROWS_PER_STEP responses per step in
+all), and cancellation is polled every step only while requests wait for a slot, else every CANCEL_EVERY steps.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from typing import Callable
 import torch
 
 HOLDBACK_PROMPT_TOKENS = 5  # prompt tokens decoded with the output so the first piece gets its leading space
+ROWS_PER_STEP = 8  # stream_interval 0: streamed responses per step in all, about (1 per token up to 8 sequences)
+CANCEL_EVERY = 16  # steps between cancellation polls while no request waits for a slot
 
 
 @dataclass
@@ -53,6 +61,7 @@ class Request:
     output: list[int] = field(default_factory=list)
     text: str = ""
     sent: int = 0  # characters of `text` already streamed
+    streamed: int = 0  # output tokens when the last streamed response went out
     detok: "Detokenizer | None" = None
     generator: torch.Generator | None = None
 
@@ -112,11 +121,14 @@ def sample(logits: torch.Tensor, req: Request) -> int:
 
 
 class Engine:
-    def __init__(self, decoder, tokenizer, *, max_sequences: int, max_total_tokens: int, prefill_chunk: int):
+    def __init__(self, decoder, tokenizer, *, max_sequences: int, max_total_tokens: int, prefill_chunk: int,
+                 stream_interval: int = 0):
         self.decoder = decoder
         self.tokenizer = tokenizer
         self.max_total = max_total_tokens
         self.prefill_chunk = prefill_chunk
+        self.stream_interval = stream_interval  # tokens per streamed response after the first; 0: automatic
+        self.interval = 1  # this step's
         self.eos = set(decoder.config.eos_token_ids)
         decoder.allocate(max_sequences, max_total_tokens)
         self.decode_step = decoder.decode  # the server may swap in decoder.Graphs(decoder) on a GPU
@@ -147,7 +159,8 @@ class Engine:
                 self.waiting.append(self.inbox.get_nowait())
             except queue.Empty:
                 break
-        self._drop_cancelled()
+        if self.waiting or self.steps % CANCEL_EVERY == 0:  # a cancelled request's slot is wanted now, or a poll
+            self._drop_cancelled()
         while self.free and self.waiting:
             req = self.waiting.pop(0)
             req.slot = self.free.pop()
@@ -155,6 +168,7 @@ class Engine:
             self.running.append(req)
         if not self.running:
             return
+        self.interval = self.stream_interval or max(1, -(-len(self.running) // ROWS_PER_STEP))
         decoding = [r for r in self.running if not r.prefilling]
         prompting = [r for r in self.running if r.prefilling]
         dev = self.decoder.device
@@ -213,13 +227,13 @@ class Engine:
             self._finish(req, "stop", flush=False)
         elif len(req.output) >= req.max_tokens or len(req.prompt) + len(req.output) >= self.max_total:
             self._finish(req, "length")
-        elif req.stream:
+        elif req.stream and (req.sent == 0 or len(req.output) - req.streamed >= self.interval):
             hold = max((len(s) for s in req.stop), default=1) - 1  # text that may still become a stop string
             upto = len(req.text) - hold
             if upto > req.sent:
                 self._emit(req, Output(req.text[req.sent:upto], num_input_tokens=len(req.prompt),
                                        num_output_tokens=len(req.output)))
-                req.sent = upto
+                req.sent, req.streamed = upto, len(req.output)
 
     @staticmethod
     def _cut_at_stop(req: Request, new_chars: int) -> bool:

@@ -12,8 +12,9 @@ clients and load generators work on all three:
            num_input_tokens, num_output_tokens (INT32)
 
 `execute` checks each request, hands it to the engine thread and returns; the engine sends the responses:
-one per step with the new text when `stream` is true, else one with the whole text; the last one carries
-the FINAL flag. A cancelled request (client gone, or cancelled) frees its cache slot at the next step.
+the first token at once and then new text every `stream_interval` tokens when `stream` is true (the
+generation.stream_interval of the spec; 0: 1 token per response up to 8 running sequences, then fewer
+responses per step), else one response with the whole text; the last one carries the FINAL flag. A cancelled request (client gone, or cancelled) frees its cache slot at the next step.
 """
 
 import json
@@ -92,7 +93,8 @@ class TritonPythonModel:
         self.add_special = p.get("add_special_tokens", "1") == "1"
         self.engine = engine_module.Engine(model, self.tokenizer, max_sequences=int(p["max_sequences"]),
                                            max_total_tokens=self.limits["max_total_tokens"],
-                                           prefill_chunk=int(p["prefill_chunk"]))
+                                           prefill_chunk=int(p["prefill_chunk"]),
+                                           stream_interval=int(p.get("stream_interval", "0")))
         if gpu and p.get("cuda_graphs", "0") == "1":
             self._graphs(torch, model, p.get("compile", "none"))
         self.stop = threading.Event()
