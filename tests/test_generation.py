@@ -283,6 +283,24 @@ def test_batched_decode_and_its_padding_give_the_rows_of_the_ragged_step(llama):
     assert [graphs.bucket(b, n) for b, n in [(1, 1), (2, 17), (3, 64)]] == [(1, 16), (2, 32), (3, 64)]
 
 
+def test_prompt_steps_through_the_tensor_only_step_give_the_same_tokens(llama):
+    """On a GPU with graphs the engine feeds prompt chunks through decode() (a row per prompt token) instead of
+    the ragged forward: the same greedy tokens, with chunked prefill and decoding rows in the same steps."""
+    tok, model = llama
+    prompts = [tok(t)["input_ids"] for t in PROMPTS]
+    ragged = _engine(tok, model, slots=3, total=96, chunk=5)
+    flat = _engine(tok, model, slots=3, total=96, chunk=5)
+    flat.graphed_prompts = True
+    calls = []
+    step = flat.decode_step
+    flat.decode_step = lambda *a: calls.append(a[0].shape[0]) or step(*a)
+    want = eng.generate(ragged, prompts, 12, ignore_eos=True)
+    got = eng.generate(flat, prompts, 12, ignore_eos=True)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert max(calls) > 3  # prompt tokens went through decode(), several rows of one sequence in a call
+    assert not flat.running and len(flat.free) == 3
+
+
 def test_the_gpu_bench_spec_is_valid_for_every_variant(tmp_path):
     """perf/gpu/llm_bench.py builds this exact spec on the GPU machine: it must load (graphs, inductor, int8, int4)."""
     import sys
@@ -320,6 +338,13 @@ def test_cuda_graph_replays_equal_the_eager_decode_step(llama):
         slots, positions = torch.arange(rows, device="cuda"), torch.full((rows,), 9, device="cuda")
         eager = dec.decode(tokens, slots, positions, 10).clone()
         torch.testing.assert_close(graphs(tokens, slots, positions, 10), eager, rtol=1e-4, atol=1e-4)
+    # a prompt chunk of 8 tokens of slot 0 plus 2 decoding rows: 10 rows, above the slots (the engine's prompt steps)
+    graphs = Graphs(dec, length_bucket=16, max_rows=4 + 8)
+    tokens = torch.randint(3, 200, (10,), device="cuda")
+    slots = torch.tensor([1, 2] + [0] * 8, device="cuda")
+    positions = torch.tensor([9, 9] + list(range(9, 17)), device="cuda")
+    eager = dec.decode(tokens, slots, positions, 17).clone()
+    torch.testing.assert_close(graphs(tokens, slots, positions, 17), eager, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow

@@ -71,7 +71,8 @@ def write_profile_report(out: Path, repo: Path, profiles: list[VariantProfile], 
         if p.all_threads_ms and p.runs:
             scaling = f"{p.runs[-1].ms_per_forward:.2f} ms with {p.threads or 'default'} → {p.all_threads_ms:.2f} ms with all cores"
         mem.append([p.variant, p.device, str(p.threads or "default"), str(p.instances), _si(p.weights_bytes, "B"),
-                    _si(growth, "B") if growth is not None else "–", scaling or "–"])
+                    ("–" if growth is None else _si(growth, "B") if growth > 0 else "not resolved (peak did not grow)"),
+                    scaling or "–"])
     lines += ["## Memory and threads", "",
               *_table(["variant", "device", "threads", "instances", "weights", "activations / batch element",
                        "largest batch: served threads → all cores"], mem)]

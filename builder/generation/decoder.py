@@ -11,9 +11,12 @@ over their cache rows up to the longest of them, masked per row; a prompt chunk 
 sequence's filled prefix. The cache holds `slots` sequences of up to `max_len` tokens (plus one scratch
 slot for padding rows); new keys and values are written in place.
 
-`decode` is the step where every sequence decodes one token: tensors in, logits out, no Python lists, so
-it can be captured as a CUDA graph (`Graphs`: one per batch bucket and cache-length bucket, padded rows
-write into the scratch slot) and compiled by inductor.
+`decode` is the step where every row is one token at its own (slot, position): tensors in, logits out, no
+Python lists, so it can be captured as a CUDA graph (`Graphs`: one per batch bucket and cache-length bucket,
+padded rows write into the scratch slot) and compiled by inductor. A prompt chunk fits it too, one row per
+token (same slot, consecutive positions): each row writes its key and value before any row attends, and the
+per-row mask (keys up to the row's own position) makes the chunk causal. The engine runs prompt steps that way
+on a GPU with graphs (an eager prompt step cost ~15 ms of launches on the H100, a graphed one ~2 ms).
 """
 
 from __future__ import annotations
@@ -227,11 +230,14 @@ class Graphs:
     `step` is the function captured: the decoder's `decode`, or that function compiled by inductor (without
     inductor's own CUDA graphs: the capture is done here)."""
 
-    BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+    BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 
-    def __init__(self, decoder: Decoder, step=None, length_bucket: int = 256):
+    def __init__(self, decoder: Decoder, step=None, length_bucket: int = 256, max_rows: int | None = None):
+        """max_rows: the most rows one step replays (default: the cache slots). The engine also feeds prompt
+        chunks through the graphs, one row per prompt token (Engine.graphed_prompts): slots + prefill_chunk."""
         self.dec, self.step = decoder, step or decoder.decode
-        self.batches = sorted({b for b in self.BATCHES if b < decoder.scratch} | {decoder.scratch})
+        top = max(max_rows or decoder.scratch, 1)
+        self.batches = sorted({b for b in self.BATCHES if b < top} | {top})
         self.length_bucket = length_bucket
         self.pool = None  # one memory pool for every graph, made at the first capture
         self.graphs: dict[tuple[int, int], tuple] = {}

@@ -132,6 +132,9 @@ class Engine:
         self.eos = set(decoder.config.eos_token_ids)
         decoder.allocate(max_sequences, max_total_tokens)
         self.decode_step = decoder.decode  # the server may swap in decoder.Graphs(decoder) on a GPU
+        # prompt steps through decode_step too, a row per prompt token (on with CUDA graphs: one replay instead
+        # of the eager ragged forward; on the CPU the ragged forward is cheaper, its attention reads the cache once)
+        self.graphed_prompts = False
         self.free = list(range(max_sequences))[::-1]
         self.running: list[Request] = []
         self.waiting: list[Request] = []
@@ -179,6 +182,8 @@ class Engine:
                                           torch.tensor([r.slot for r in decoding], device=dev),
                                           torch.tensor(positions, device=dev), max(positions) + 1)
                 sampled, counts = decoding, [1] * len(decoding)
+            elif self.graphed_prompts:
+                logits, sampled, counts = self._flat_step(decoding, prompting)
             else:
                 logits, sampled, counts = self._mixed_step(decoding, prompting)
         except Exception as exc:  # noqa: BLE001 - the requests get the error; the engine keeps serving
@@ -215,6 +220,34 @@ class Engine:
             sampled.append(req)
         logits = self.decoder(torch.tensor(tokens, dtype=torch.long, device=self.decoder.device), seqs, rows)
         return logits, sampled, [n for _, _, n in seqs]
+
+    def _flat_step(self, decoding: list[Request], prompting: list[Request]):
+        """The same step as _mixed_step as one call of decode_step: a row per token, decoding rows first, then
+        prompt chunks within the budget (each token at its own position of its sequence's slot)."""
+        tokens, slots, positions, rows, sampled, counts = [], [], [], [], [], []
+        for req in decoding:
+            tokens.append(req.output[-1])
+            slots.append(req.slot)
+            positions.append(len(req.prompt) + len(req.output) - 1)
+            rows.append(len(tokens) - 1)
+            sampled.append(req)
+            counts.append(1)
+        budget = self.prefill_chunk
+        for req in prompting:
+            if budget <= 0:
+                break
+            n = min(budget, len(req.prompt) - req.fed)
+            tokens.extend(req.prompt[req.fed:req.fed + n])
+            slots.extend([req.slot] * n)
+            positions.extend(range(req.fed, req.fed + n))
+            budget -= n
+            rows.append(len(tokens) - 1)
+            sampled.append(req)
+            counts.append(n)
+        dev = self.decoder.device
+        logits = self.decode_step(torch.tensor(tokens, device=dev), torch.tensor(slots, device=dev),
+                                  torch.tensor(positions, device=dev), max(positions) + 1)
+        return logits[torch.tensor(rows, device=dev)], sampled, counts
 
     def _advance(self, req: Request, token: int) -> None:
         if token in self.eos and not req.ignore_eos:

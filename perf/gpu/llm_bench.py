@@ -94,11 +94,12 @@ def step_times(repo: Path, names: list[str], device: str, batches: list[int], po
         dec = decoder.load(folder, device=device, dtype=dtype, quantization=quant)
         dec.allocate(slots, position + 64)
         modes = {"eager": dec.decode}
-        if device == "cuda":
-            modes["graphs"] = decoder.Graphs(dec)
+        if device == "cuda":  # buckets up to slots + a prompt: the engine's prompt steps replay them too
+            modes["graphs"] = decoder.Graphs(dec, max_rows=slots + position)
             if params.get("compile") == "inductor" and not any("inductor+graphs b1" in r for r in out.values()):
                 # once (the first compiled variant): compiling takes minutes and the served numbers cover the rest
-                modes["inductor+graphs"] = decoder.Graphs(dec, torch.compile(dec.decode, dynamic=True))
+                modes["inductor+graphs"] = decoder.Graphs(dec, torch.compile(dec.decode, dynamic=True),
+                                                          max_rows=slots + position)
         row = {}
         for mode, fn in modes.items():
             for batch in batches:
@@ -116,6 +117,18 @@ def step_times(repo: Path, names: list[str], device: str, batches: list[int], po
                     _sync(device)
                     samples.append((time.perf_counter() - t0) / 10 * 1e3)
                 row[f"{mode} b{batch}"] = round(statistics.median(samples), 3)
+            # a prompt of `prompt` tokens in one step (a row per token, one sequence): the floor under TTFT
+            prompt = position - 64
+            tokens = torch.randint(1000, 20000, (prompt,), device=device)
+            slot_ids = torch.zeros(prompt, dtype=torch.long, device=device)
+            positions = torch.arange(prompt, device=device)
+            fn(tokens, slot_ids, positions, prompt)
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(10):
+                fn(tokens, slot_ids, positions, prompt)
+            _sync(device)
+            row[f"{mode} prompt{prompt}"] = round((time.perf_counter() - t0) / 10 * 1e3, 3)
         out[name] = row
         del dec, modes
         if device == "cuda":

@@ -111,10 +111,12 @@ class TritonPythonModel:
         if compile_mode == "inductor":
             # inductor fuses the elementwise work (norms, rotary, activation); its own CUDA graphs stay off
             step = torch.compile(model.decode, dynamic=True)  # the default mode: no CUDA graphs of its own
-        graphs = decoder_module.Graphs(model, step)
+        # prompt chunks run through the graphs too (a row per prompt token): buckets up to slots + prefill_chunk
+        graphs = decoder_module.Graphs(model, step, max_rows=model.scratch + self.engine.prefill_chunk)
         for batch in graphs.batches:
             graphs.graphs[graphs.bucket(batch, 1)] = graphs.capture(*graphs.bucket(batch, 1))
         self.engine.decode_step = graphs
+        self.engine.graphed_prompts = True
         pb_utils.Logger.log_info(f"captured {len(graphs.graphs)} decode graphs (compile: {compile_mode}) in "
                                  f"{time.time() - t0:.1f} s")
 
