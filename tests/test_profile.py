@@ -205,6 +205,31 @@ def test_low_gpu_utilization_rule():
     assert rules.low_gpu_utilization(vp("cuda"), ENTRY, rows()) is None  # not sampled
 
 
+def test_oversubscribed_threads_rule():
+    """threads: 0 on several instances: the H100 CLIP towers' collapse (run 8). Fires only on an explicit 0."""
+    many = vp("cuda", instances=2, threads=0, params={"threads": "0"})
+    tip = rules.oversubscribed_threads(many, ENTRY, pd.DataFrame())
+    assert tip.change == rules.Change("m", None, "instances.threads", 1)
+    assert "2 instances x" in tip.message and "instances.threads: 1" in tip.message
+    cpu = rules.oversubscribed_threads(vp("cpu", instances=2, threads=0, params={"threads": "0"}), ENTRY, pd.DataFrame())
+    assert cpu.change.value == max(1, (os.cpu_count() or 1) // 2)
+    assert rules.oversubscribed_threads(vp("cuda", instances=1, threads=0, params={"threads": "0"}), ENTRY,
+                                        pd.DataFrame()) is None
+    assert rules.oversubscribed_threads(vp("cuda", instances=4, threads=1, params={"threads": "1"}), ENTRY,
+                                        pd.DataFrame()) is None
+    assert rules.oversubscribed_threads(vp("cpu", instances=4, threads=0, params={}), ENTRY, pd.DataFrame()) is None
+
+
+def test_changed_spec_sets_instance_threads(tmp_path):
+    from builder.diagnose.trial import changed_spec
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(TINY))
+    tip = rules.Advice("oversubscribed-threads", "tb_onnx_fp32", "...", {"variant_tag": "onnx_fp32"},
+                       rules.Change("tb", None, "instances.threads", 4))
+    assert changed_spec(spec, tip)["models"][0]["instances"] == {"kind": "cpu", "count": 1, "threads": 4, "gpus": None}
+
+
 def test_failing_accuracy_rule():
     tips = rules.failing_accuracy(_manifest(int8_cosine=0.91, int8_status="failed"), None)
     assert [t.variant for t in tips] == ["m_onnx_int8"]

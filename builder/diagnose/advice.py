@@ -226,7 +226,24 @@ def failing_accuracy(manifest: dict, accuracy_budget: float | None) -> list[Advi
     return out
 
 
-PROFILE_RULES = (launch_bound, queue_dominates, compute_input_dominates, low_gpu_utilization)
+def oversubscribed_threads(p, entry, rows) -> Advice | None:
+    """Several instances, each with every core's intra-op threads (instances.threads: 0): when the CPU-side work
+    fans out (a large batch joined, converted or run on the CPU) the instances' thread pools spin against each
+    other. Seen on the H100: the CLIP image towers fell from 2,339 to 182 infer/s at concurrency 64, the server
+    at 1,430 % CPU and the GPU idle (docs/PERFORMANCE.md, run 8)."""
+    if p.config.get("params", {}).get("threads") != "0" or p.instances < 2:  # set by the spec, not defaulted
+        return None
+    cores = os.cpu_count() or 1
+    value = 1 if p.device == "cuda" else max(1, cores // p.instances)
+    why = "a GPU instance's CPU work is copies" if p.device == "cuda" else f"{cores} cores over {p.instances} instances"
+    return Advice("oversubscribed-threads", p.variant,
+                  f"{p.instances} instances x {cores} intra-op threads each (instances.threads: 0) on {cores} cores: "
+                  f"they spin against each other when CPU work fans out; set instances.threads: {value} ({why})",
+                  {"instances": p.instances, "threads_each": cores, "cores": cores},
+                  Change(p.model, None, "instances.threads", value), weight=0.5)
+
+
+PROFILE_RULES = (launch_bound, queue_dominates, compute_input_dominates, low_gpu_utilization, oversubscribed_threads)
 
 
 def advise(profiles: list, manifest: dict, table: pd.DataFrame | None = None, *,

@@ -17,7 +17,7 @@ import yaml
 from builder.diagnose.advice import Advice, variant_tag
 from builder.errors import UserError
 
-TRIABLE = ("instances.count", "dynamic_batching.preferred_batch_sizes", "cuda_graphs", "calibration")
+TRIABLE = ("instances.count", "instances.threads", "dynamic_batching.preferred_batch_sizes", "cuda_graphs", "calibration")
 
 
 def changed_spec(spec_path: Path, advice: Advice) -> dict:
@@ -36,8 +36,8 @@ def changed_spec(spec_path: Path, advice: Advice) -> dict:
     keep = [v for v in raw["variants"] if Variant.model_validate(v).tag == tag]
     if not keep:
         raise UserError(f"{spec_path}: models[{model.name}] has no variant {tag!r}")
-    if change.field == "instances.count":
-        raw["instances"] = {**serving["instances"].model_dump(), "count": change.value}
+    if change.field in ("instances.count", "instances.threads"):
+        raw["instances"] = {**serving["instances"].model_dump(), change.field.split(".")[1]: change.value}
     elif change.field == "dynamic_batching.preferred_batch_sizes":
         raw["dynamic_batching"] = {**serving["dynamic_batching"].model_dump(), "preferred_batch_sizes": change.value}
     elif change.field in ("cuda_graphs", "calibration"):
