@@ -87,6 +87,10 @@ class Detokenizer:
         self.ids.append(token)
         return self._release(final=False)
 
+    def push(self, token: int) -> None:
+        """Take a token without decoding it yet (no response is due): the next `add` or `flush` catches up."""
+        self.ids.append(token)
+
     def flush(self) -> str:
         return self._release(final=True)
 
@@ -254,13 +258,18 @@ class Engine:
             self._finish(req, "stop")
             return
         req.output.append(token)
-        piece = req.detok.add(token)
-        req.text += piece
+        due = req.stream and (req.sent == 0 or len(req.output) - req.streamed >= self.interval)
+        if not (due or req.stop):  # text is needed only to send it or to look for a stop string: decode later
+            req.detok.push(token)
+            piece = ""
+        else:
+            piece = req.detok.add(token)
+            req.text += piece
         if req.stop and self._cut_at_stop(req, len(piece)):
             self._finish(req, "stop", flush=False)
         elif len(req.output) >= req.max_tokens or len(req.prompt) + len(req.output) >= self.max_total:
             self._finish(req, "length")
-        elif req.stream and (req.sent == 0 or len(req.output) - req.streamed >= self.interval):
+        elif due:
             hold = max((len(s) for s in req.stop), default=1) - 1  # text that may still become a stop string
             upto = len(req.text) - hold
             if upto > req.sent:
