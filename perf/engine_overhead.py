@@ -24,7 +24,6 @@ def main() -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from builder.generation import engine as eng
     from builder.generation import hf2decoder
     from builder.generation.decoder import Decoder
     from tiny_llm import make_model_dir
@@ -40,6 +39,8 @@ def main() -> int:
         spec = importlib.util.spec_from_file_location("engine_under_test", args.engine)
         eng = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(eng)
+    else:
+        from builder.generation import engine as eng
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_model_dir(Path(tmp) / "tiny", "llama")
         tok, model = AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder)
