@@ -38,7 +38,7 @@ def spec_text(model_dir: Path, kind: str, slots: int, prompt: int, output: int, 
     return (f"models:\n  - name: llama1b\n    task: text-generation\n    source: {{path: {model_dir}}}\n"
             f"    instances: {{kind: {kind}, count: 1}}\n"
             f"    generation: {{max_sequences: {slots}, max_prompt_tokens: {total // 2}, max_total_tokens: {total}, "
-            f"max_tokens: {output}, prefill_chunk: {4 * prompt}}}\n"
+            f"max_tokens: {output}, prefill_chunk: {2 * prompt}}}\n"
             f"    variants:\n" + "".join(f"      - {v}\n" for v in variants))
 
 
