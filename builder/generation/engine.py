@@ -178,18 +178,19 @@ class Engine:
         self.interval = self.stream_interval or max(1, -(-len(self.running) // ROWS_PER_STEP))
         decoding = [r for r in self.running if not r.prefilling]
         prompting = [r for r in self.running if r.prefilling]
+        tokens, seqs, last, sampled = self._plan(decoding, prompting)
+        counts = [n for _, _, n in seqs]
         dev = self.decoder.device
         try:
-            if not prompting:  # every sequence decodes one token: the tensor-only step (CUDA graphs where set)
-                positions = [len(r.prompt) + len(r.output) - 1 for r in decoding]
-                logits = self.decode_step(torch.tensor([r.output[-1] for r in decoding], device=dev),
-                                          torch.tensor([r.slot for r in decoding], device=dev),
+            if not prompting or self.graphed_prompts:  # the tensor-only step, a row per token (CUDA graphs where set)
+                positions = [p for _, start, n in seqs for p in range(start, start + n)]
+                logits = self.decode_step(torch.tensor(tokens, device=dev),
+                                          torch.tensor([slot for slot, _, n in seqs for _ in range(n)], device=dev),
                                           torch.tensor(positions, device=dev), max(positions) + 1)
-                sampled, counts = decoding, [1] * len(decoding)
-            elif self.graphed_prompts:
-                logits, sampled, counts = self._flat_step(decoding, prompting)
-            else:
-                logits, sampled, counts = self._mixed_step(decoding, prompting)
+                if prompting:  # a row per sequence: its last token's
+                    logits = logits[torch.tensor(last, device=dev)]
+            else:  # the ragged forward: decoding rows together, then each prompt chunk over its own prefix
+                logits = self.decoder(torch.tensor(tokens, dtype=torch.long, device=dev), seqs, last)
         except Exception as exc:  # noqa: BLE001 - the requests get the error; the engine keeps serving
             for req in list(self.running):
                 self._finish(req, "", error=f"generation failed: {type(exc).__name__}: {exc}", flush=False)
@@ -204,54 +205,26 @@ class Engine:
         for i in rows:
             self._advance(sampled[i], picked[i] if i in picked else sample(logits[i], sampled[i]))
 
-    def _mixed_step(self, decoding: list[Request], prompting: list[Request]):
-        """Decoding sequences first (they attend together), then prompt chunks within the step's budget."""
-        tokens, seqs, rows, sampled = [], [], [], []
-        for req in decoding:
-            tokens.append(req.output[-1])
-            seqs.append((req.slot, len(req.prompt) + len(req.output) - 1, 1))
-            rows.append(len(tokens) - 1)
-            sampled.append(req)
+    def _plan(self, decoding: list[Request], prompting: list[Request]):
+        """One step's inputs: decoding sequences first (one token each), then prompt chunks within the step's
+        budget. Returns the packed tokens, (slot, start position, count) per sequence, the packed index of each
+        sequence's last token, and the sequences."""
+        tokens, seqs, last, sampled = [], [], [], []
         budget = self.prefill_chunk
-        for req in prompting:
-            if budget <= 0:
-                break
-            n = min(budget, len(req.prompt) - req.fed)
-            tokens.extend(req.prompt[req.fed:req.fed + n])
-            seqs.append((req.slot, req.fed, n))
-            budget -= n
-            rows.append(len(tokens) - 1)
+        for req in decoding + prompting:
+            if req.prefilling:
+                if budget <= 0:
+                    break
+                n = min(budget, len(req.prompt) - req.fed)
+                budget -= n
+                tokens.extend(req.prompt[req.fed:req.fed + n])
+                seqs.append((req.slot, req.fed, n))
+            else:
+                tokens.append(req.output[-1])
+                seqs.append((req.slot, len(req.prompt) + len(req.output) - 1, 1))
+            last.append(len(tokens) - 1)
             sampled.append(req)
-        logits = self.decoder(torch.tensor(tokens, dtype=torch.long, device=self.decoder.device), seqs, rows)
-        return logits, sampled, [n for _, _, n in seqs]
-
-    def _flat_step(self, decoding: list[Request], prompting: list[Request]):
-        """The same step as _mixed_step as one call of decode_step: a row per token, decoding rows first, then
-        prompt chunks within the budget (each token at its own position of its sequence's slot)."""
-        tokens, slots, positions, rows, sampled, counts = [], [], [], [], [], []
-        for req in decoding:
-            tokens.append(req.output[-1])
-            slots.append(req.slot)
-            positions.append(len(req.prompt) + len(req.output) - 1)
-            rows.append(len(tokens) - 1)
-            sampled.append(req)
-            counts.append(1)
-        budget = self.prefill_chunk
-        for req in prompting:
-            if budget <= 0:
-                break
-            n = min(budget, len(req.prompt) - req.fed)
-            tokens.extend(req.prompt[req.fed:req.fed + n])
-            slots.extend([req.slot] * n)
-            positions.extend(range(req.fed, req.fed + n))
-            budget -= n
-            rows.append(len(tokens) - 1)
-            sampled.append(req)
-            counts.append(n)
-        dev = self.decoder.device
-        logits = self.decode_step(torch.tensor(tokens, device=dev), torch.tensor(slots, device=dev),
-                                  torch.tensor(positions, device=dev), max(positions) + 1)
-        return logits[torch.tensor(rows, device=dev)], sampled, counts
+        return tokens, seqs, last, sampled
 
     def _advance(self, req: Request, token: int) -> None:
         if token in self.eos and not req.ignore_eos:
