@@ -80,7 +80,7 @@ def test_streamed_pieces_add_up_to_the_text_and_never_split_a_character(llama):
 
 
 def test_stream_interval_sends_the_first_token_at_once_then_every_n_tokens(llama):
-    """Each streamed response is a round trip to Triton (perf/stream_calls.py): after the first token, one
+    """Each streamed response is a round trip to Triton (perf/gpu/stream_calls.py): after the first token, one
     response per stream_interval tokens; the pieces still add up to the whole text."""
     tok, model = llama
     ids = tok(PROMPTS[0])["input_ids"]

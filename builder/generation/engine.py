@@ -10,7 +10,7 @@ are fed in chunks of at most `prefill_chunk` tokens per step in all, so a long p
 by one chunk's time per step, not by its whole prefill.
 
 What a streamed token costs the server, not the GPU, sets the pace at high concurrency: each response is a
-round trip from the python backend's stub to Triton (~150-370 µs on a 2-core CPU, perf/stream_calls.py), and
+round trip from the python backend's stub to Triton (~150-370 µs on a 2-core CPU, perf/gpu/stream_calls.py), and
 so is asking whether a request was cancelled (~100 µs). So a streaming request gets its first token at once
 and then one response per `stream_interval` tokens (0: automatic, about ROWS_PER_STEP responses per step in
 all), and cancellation is polled every step only while requests wait for a slot, else every CANCEL_EVERY steps.

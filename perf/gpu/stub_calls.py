@@ -9,6 +9,7 @@ its `execute` and answers with the microseconds per call.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import tempfile
 from pathlib import Path
@@ -58,28 +59,35 @@ CALLS = ("get_input_tensor_by_name", "as_numpy", "to_dlpack + torch from_dlpack"
          "Tensor.from_dlpack(name, torch)", "InferenceResponse of one tensor")
 
 
+@contextlib.contextmanager
+def probe_server(config: str, model_py: str, tritonserver: Path | None, stub_python: Path | None):
+    """A server (builder.runtime.start_server) over a temporary repository holding one python model, "probe"."""
+    from builder.runtime import start_server
+
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = Path(tmp)
+        (repo / "probe" / "1").mkdir(parents=True)
+        (repo / "probe" / "config.pbtxt").write_text(config)
+        (repo / "probe" / "1" / "model.py").write_text(model_py)
+        with start_server(repo, tritonserver=tritonserver, stub_python=stub_python) as server:
+            yield server
+
+
 def main() -> int:
     import argparse
 
     import tritonclient.http as httpclient
 
-    from builder.runtime import start_server
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tritonserver", type=Path)
     p.add_argument("--stub-python", type=Path)
     args = p.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        repo = Path(tmp)
-        (repo / "probe" / "1").mkdir(parents=True)
-        (repo / "probe" / "config.pbtxt").write_text(CONFIG)
-        (repo / "probe" / "1" / "model.py").write_text(PROBE)
-        with start_server(repo, tritonserver=args.tritonserver, stub_python=args.stub_python) as server:
-            client = httpclient.InferenceServerClient(server.http_url)
-            x = httpclient.InferInput("X", [1, 128], "INT64")
-            x.set_data_from_numpy(np.ones((1, 128), np.int64))
-            runs = np.array([client.infer("probe", [x]).as_numpy("T")[0] for _ in range(5)])
-            client.close()
+    with probe_server(CONFIG, PROBE, args.tritonserver, args.stub_python) as server:
+        client = httpclient.InferenceServerClient(server.http_url)
+        x = httpclient.InferInput("X", [1, 128], "INT64")
+        x.set_data_from_numpy(np.ones((1, 128), np.int64))
+        runs = np.array([client.infer("probe", [x]).as_numpy("T")[0] for _ in range(5)])
+        client.close()
     print("microseconds per call inside the stub (median of 5 x 2,000 calls):")
     for name, value in zip(CALLS, np.median(runs, axis=0)):
         print(f"  {name:34s} {value:6.2f}")

@@ -4,7 +4,7 @@ response sender, and `send()` of one streamed response with the four tensors the
 (text_output, finish_reason, num_input_tokens, num_output_tokens) or with text_output alone. The probe runs
 each call N times in a thread while the client reads the stream over gRPC, and answers with µs per call.
 
-    python perf/stream_calls.py [--n 2000] [--tritonserver BIN --stub-python PY]
+    python perf/gpu/stream_calls.py [--n 2000] [--tritonserver BIN --stub-python PY]
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import queue
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +78,7 @@ CALLS = ("sender.is_cancelled()", "response of 4 tensors (built, not sent)", "se
 def main() -> int:
     import tritonclient.grpc as grpcclient
 
-    from builder.runtime import start_server
+    from stub_calls import probe_server  # beside this file
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=2000)
@@ -88,31 +87,26 @@ def main() -> int:
     p.add_argument("--stub-python", type=Path)
     args = p.parse_args()
     runs = []
-    with tempfile.TemporaryDirectory() as tmp:
-        repo = Path(tmp)
-        (repo / "probe" / "1").mkdir(parents=True)
-        (repo / "probe" / "config.pbtxt").write_text(CONFIG)
-        (repo / "probe" / "1" / "model.py").write_text(PROBE)
-        with start_server(repo, tritonserver=args.tritonserver, stub_python=args.stub_python) as server:
-            for _ in range(args.repeats):
-                results: queue.Queue = queue.Queue()
-                client = grpcclient.InferenceServerClient(server.grpc_url)
-                client.start_stream(callback=lambda result, error: results.put((result, error)))
-                x = grpcclient.InferInput("N", [1], "INT32")
-                x.set_data_from_numpy(np.array([args.n], np.int32))
-                client.async_stream_infer("probe", [x], enable_empty_final_response=False)
-                received = 0
-                while True:
-                    result, error = results.get(timeout=300)
-                    if error is not None:
-                        raise SystemExit(f"probe failed: {error}")
-                    received += 1
-                    times = result.as_numpy("T")
-                    if times is not None:
-                        runs.append(times)
-                        break
-                client.stop_stream()
-                client.close()
+    with probe_server(CONFIG, PROBE, args.tritonserver, args.stub_python) as server:
+        for _ in range(args.repeats):
+            results: queue.Queue = queue.Queue()
+            client = grpcclient.InferenceServerClient(server.grpc_url)
+            client.start_stream(callback=lambda result, error: results.put((result, error)))
+            x = grpcclient.InferInput("N", [1], "INT32")
+            x.set_data_from_numpy(np.array([args.n], np.int32))
+            client.async_stream_infer("probe", [x], enable_empty_final_response=False)
+            received = 0
+            while True:
+                result, error = results.get(timeout=300)
+                if error is not None:
+                    raise SystemExit(f"probe failed: {error}")
+                received += 1
+                times = result.as_numpy("T")
+                if times is not None:
+                    runs.append(times)
+                    break
+            client.stop_stream()
+            client.close()
     print(f"microseconds per call inside the stub (median of {args.repeats} x {args.n} calls; "
           f"{received} streamed responses read in the last run):")
     for name, value in zip(CALLS, np.median(np.array(runs), axis=0)):
