@@ -78,13 +78,14 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def step_times(repo: Path, names: list[str], device: str, batches: list[int], position: int, slots: int) -> dict:
-    """Our decode step in-process, per variant and batch: eager, CUDA graphs, inductor + graphs (GPU)."""
+def step_times(repo: Path, names: list[str], device: str, batches: list[int], prompt: int, slots: int) -> dict:
+    """Our decode step in-process, per variant and batch: eager, CUDA graphs, inductor + graphs (GPU); decoding
+    at position prompt + 64, and a whole prompt of `prompt` tokens in one step."""
     import torch
 
     from builder.generation import decoder  # the file served beside each model is a copy of this one
 
-    out = {}
+    out, position = {}, prompt + 64
     for name in names:
         folder = repo / name / "1"
         params = _params(repo / name / "config.pbtxt")
@@ -95,45 +96,41 @@ def step_times(repo: Path, names: list[str], device: str, batches: list[int], po
         dec.allocate(slots, position + 64)
         modes = {"eager": dec.decode}
         if device == "cuda":  # buckets up to slots + a prompt: the engine's prompt steps replay them too
-            modes["graphs"] = decoder.Graphs(dec, max_rows=slots + position)
+            modes["graphs"] = decoder.Graphs(dec, max_rows=slots + prompt)
             if params.get("compile") == "inductor" and not any("inductor+graphs b1" in r for r in out.values()):
                 # once (the first compiled variant): compiling takes minutes and the served numbers cover the rest
                 modes["inductor+graphs"] = decoder.Graphs(dec, torch.compile(dec.decode, dynamic=True),
-                                                          max_rows=slots + position)
+                                                          max_rows=slots + prompt)
         row = {}
+        prompt_args = (torch.randint(1000, 20000, (prompt,), device=device),
+                       torch.zeros(prompt, dtype=torch.long, device=device), torch.arange(prompt, device=device), prompt)
         for mode, fn in modes.items():
             for batch in batches:
-                tokens = torch.randint(1000, 20000, (batch,), device=device)
-                slot_ids = torch.arange(batch, device=device) % slots
-                positions = torch.full((batch,), position, device=device)
-                for _ in range(3):
-                    fn(tokens, slot_ids, positions, position + 1)
-                samples = []
-                for _ in range(5):
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    for _ in range(10):
-                        fn(tokens, slot_ids, positions, position + 1)
-                    _sync(device)
-                    samples.append((time.perf_counter() - t0) / 10 * 1e3)
-                row[f"{mode} b{batch}"] = round(statistics.median(samples), 3)
+                row[f"{mode} b{batch}"] = _step_ms(device, fn, torch.randint(1000, 20000, (batch,), device=device),
+                                                   torch.arange(batch, device=device) % slots,
+                                                   torch.full((batch,), position, device=device), position + 1)
             # a prompt of `prompt` tokens in one step (a row per token, one sequence): the floor under TTFT
-            prompt = position - 64
-            tokens = torch.randint(1000, 20000, (prompt,), device=device)
-            slot_ids = torch.zeros(prompt, dtype=torch.long, device=device)
-            positions = torch.arange(prompt, device=device)
-            fn(tokens, slot_ids, positions, prompt)
-            _sync(device)
-            t0 = time.perf_counter()
-            for _ in range(10):
-                fn(tokens, slot_ids, positions, prompt)
-            _sync(device)
-            row[f"{mode} prompt{prompt}"] = round((time.perf_counter() - t0) / 10 * 1e3, 3)
+            row[f"{mode} prompt{prompt}"] = _step_ms(device, fn, *prompt_args)
         out[name] = row
         del dec, modes
         if device == "cuda":
             torch.cuda.empty_cache()
     return out
+
+
+def _step_ms(device: str, fn, *args) -> float:
+    """Milliseconds per call of fn(*args): 3 warm-up calls, then the median of 5 x 10 calls."""
+    for _ in range(3):
+        fn(*args)
+    samples = []
+    for _ in range(5):
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(10):
+            fn(*args)
+        _sync(device)
+        samples.append((time.perf_counter() - t0) / 10 * 1e3)
+    return round(statistics.median(samples), 3)
 
 
 def _params(config: Path) -> dict:
@@ -221,7 +218,7 @@ def main() -> int:
     names = sorted(manifest)
     env["hf_generate"] = hf_baseline(model_dir, device, args.prompt_tokens, args.output_tokens, [1, slots])
     print(f"HF generate (static cache): {env['hf_generate']}", flush=True)
-    env["decode_step_ms"] = step_times(repo, names, device, sorted({1, 8, slots}), args.prompt_tokens + 64, slots)
+    env["decode_step_ms"] = step_times(repo, names, device, sorted({1, 8, slots}), args.prompt_tokens, slots)
     print(f"decode step in-process (ms): {json.dumps(env['decode_step_ms'], indent=1)}", flush=True)
     results = work / "results"
     shutil.rmtree(results, ignore_errors=True)
