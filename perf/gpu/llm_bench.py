@@ -168,6 +168,7 @@ def main() -> int:
     p.add_argument("--output-tokens", type=int, default=128)
     p.add_argument("--concurrency", default="1,32")
     p.add_argument("--variants", default="", help="indexes into VARIANTS, e.g. 0,2 (default: all)")
+    p.add_argument("--skip", default="", help="parts already measured in an earlier call: hf, steps (comma list)")
     args = p.parse_args()
     if args.smoke:
         args.layers, args.prompt_tokens, args.output_tokens, args.concurrency = 2, 16, 8, "1,4"
@@ -198,7 +199,14 @@ def main() -> int:
                                                 "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
     except Exception as exc:  # noqa: BLE001 - record what could not be read, keep measuring
         env["env_error"] = repr(exc)
-    print(f"model: {args.layers} layers, Llama-3.2-1B shape", flush=True)
+    skip = {s for s in args.skip.split(",") if s}
+    if skip - {"hf", "steps"}:
+        p.error(f"--skip takes hf and/or steps, not {', '.join(sorted(skip - {'hf', 'steps'}))}")
+
+    def log(text: str) -> None:  # seconds since the start on every line: where a 10-minute call's time went
+        print(f"[{time.time() - t0:5.0f} s] {text}", flush=True)
+
+    log(f"model: {args.layers} layers, Llama-3.2-1B shape")
     model_dir = llm_model.make(work / "llama1b", args.layers)
     slots = max(concurrency)
     spec = work / "llm.yaml"
@@ -214,18 +222,21 @@ def main() -> int:
         row.update({k: ver.get(k) for k in ("greedy_agreement", "nll_per_token", "perplexity", "continuous_batching_equal")})
     (out / "build.json").write_text(json.dumps(build_rows, indent=1))
     env["build_seconds"] = round(time.time() - t0, 1)
-    print(json.dumps(build_rows, indent=1), flush=True)
+    log("built: " + json.dumps(build_rows, indent=1))
     names = sorted(manifest)
-    env["hf_generate"] = hf_baseline(model_dir, device, args.prompt_tokens, args.output_tokens, [1, slots])
-    print(f"HF generate (static cache): {env['hf_generate']}", flush=True)
-    env["decode_step_ms"] = step_times(repo, names, device, sorted({1, 8, slots}), args.prompt_tokens, slots)
-    print(f"decode step in-process (ms): {json.dumps(env['decode_step_ms'], indent=1)}", flush=True)
+    env["hf_generate"] = {} if "hf" in skip else \
+        hf_baseline(model_dir, device, args.prompt_tokens, args.output_tokens, [1, slots])
+    log(f"HF generate (static cache): {env['hf_generate'] or 'skipped'}")
+    env["decode_step_ms"] = {} if "steps" in skip else \
+        step_times(repo, names, device, sorted({1, 8, slots}), args.prompt_tokens, slots)
+    log(f"decode step in-process (ms): {json.dumps(env['decode_step_ms'], indent=1) if env['decode_step_ms'] else 'skipped'}")
     results = work / "results"
     shutil.rmtree(results, ignore_errors=True)
     results.mkdir(parents=True)
     with start_server(repo, tritonserver=args.tritonserver, stub_python=args.stub_python, gpus=device == "cuda",
                       ready_timeout=600, log_path=work / "tritonserver.log") as server:
         env["server_ready_seconds"] = round(time.time() - t0, 1)
+        log("server ready")
         try:
             env["selfcheck"] = [c.__dict__ for c in self_check(server, repo, protocol="grpc")]
         except Exception as exc:  # noqa: BLE001 - recorded; measuring goes on
