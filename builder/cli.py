@@ -180,6 +180,8 @@ def perf(
                                                    "band 'compare' allows each run."),
     repeats: int = typer.Option(1, help="Measure each variant N times; results.csv keeps the median, repeats.csv all "
                                         "(the noise band of 'compare')."),
+    keep_going: bool = typer.Option(False, help="Measure the other variants when perf_analyzer fails on one "
+                                                "(its levels are marked failed); exit 1 at the end."),
 ) -> None:
     """Measure every variant with perf_analyzer at each concurrency; write a tidy results table.
     Text-generation models get TTFT, inter-token latency and tokens/s (perf_analyzer --streaming)."""
@@ -200,7 +202,7 @@ def perf(
             results = run_perf(repo, server=server, models=model, concurrency=levels, out=out, protocol=protocol,
                                measurement_ms=measurement_ms, batch_size=batch_size, perf_analyzer=perf_analyzer,
                                prompt_tokens=prompt_tokens, output_tokens=output_tokens,
-                               repeats=repeats, stability_pct=stability_pct)
+                               repeats=repeats, stability_pct=stability_pct, keep_going=keep_going)
     except BuilderError as exc:
         _fail(exc)
     err.print(f"results: {results}")

@@ -347,6 +347,26 @@ def test_cuda_graph_replays_equal_the_eager_decode_step(llama):
     torch.testing.assert_close(graphs(tokens, slots, positions, 17), eager, rtol=1e-4, atol=1e-4)
 
 
+def test_graph_buckets_above_compiled_rows_capture_the_plain_step(llama):
+    """int8 weights: only the 1-row bucket captures the inductor-compiled step (COMPILED_ROWS: inductor's fused
+    int8 kernel scales with the rows); bigger buckets, prompt chunks included, capture the plain decode."""
+    from builder.generation.decoder import COMPILED_ROWS, Graphs
+
+    tok, model = llama
+    config, weights = hf2decoder.convert(model, (tok.eos_token_id,))
+    dec = Decoder(config, weights)
+    dec.allocate(4, 64)
+
+    def compiled(*args):
+        return dec.decode(*args)
+
+    graphs = Graphs(dec, compiled, max_rows=4 + 16, compiled_rows=COMPILED_ROWS["int8"])
+    assert [graphs.step_for(b) == compiled for b in graphs.batches] == [True] + [False] * (len(graphs.batches) - 1)
+    assert graphs.step_for(20) == dec.decode
+    unlimited = Graphs(dec, compiled, max_rows=4 + 16, compiled_rows=COMPILED_ROWS.get("none"))
+    assert all(unlimited.step_for(b) == compiled for b in unlimited.batches)
+
+
 @pytest.mark.slow
 def test_inductor_compiled_decode_step_equals_eager(llama):
     """compile: inductor compiles decode() with dynamic shapes (what the GPU graphs then capture); on the CPU

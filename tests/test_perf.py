@@ -377,6 +377,26 @@ def test_run_perf_keeps_partial_results_when_perf_analyzer_fails(fake_pa, tmp_pa
     assert "toy_onnx_fp32 at concurrency 4 (unstable)" in report and "toy_torch_fp32 at concurrency 1 (not_run)" in report
 
 
+def test_run_perf_keep_going_measures_the_variants_after_a_failure(fake_pa, tmp_path, monkeypatch):
+    """keep_going (the GPU bench; `perf --keep-going`): a level that perf_analyzer fails on (a timeout at
+    c=256 in encoder run 10) no longer drops every variant after it, while the server answers."""
+    import builder.perf.run as run
+
+    _scenario(monkeypatch, fail=["toy_onnx_int8"], never=[4])
+    monkeypatch.setattr(run, "_answers", lambda url: True)
+    repo = _toy_repo(tmp_path)
+    out = tmp_path / "results"
+    with pytest.raises(RunError) as err:
+        run.run_perf(repo, server=_GivenServer(), concurrency=(1, 4), out=out, perf_analyzer=fake_pa,
+                     measurement_ms=100, max_attempts=2, keep_going=True)
+    assert "perf_analyzer -m toy_onnx_int8 failed (exit 99)" in str(err.value)
+    table, manifest = load_results(out)
+    got = {(r.variant, r.concurrency): r.status for r in table.itertuples()}
+    assert got == {("toy_onnx_fp32", 1): "ok", ("toy_onnx_fp32", 4): "unstable", ("toy_onnx_int8", 1): "failed",
+                   ("toy_onnx_int8", 4): "not_run", ("toy_torch_fp32", 1): "ok", ("toy_torch_fp32", 4): "unstable"}
+    assert manifest["complete"] is False
+
+
 # --------------------------------------------------------------------------- report (recorded run)
 
 @pytest.fixture

@@ -228,17 +228,20 @@ class Graphs:
     are valid until the next call (the engine reads them before its next step).
 
     `step` is the function captured: the decoder's `decode`, or that function compiled by inductor (without
-    inductor's own CUDA graphs: the capture is done here)."""
+    inductor's own CUDA graphs: the capture is done here). `compiled_rows`: the largest bucket that captures
+    `step`; larger buckets capture the plain `decode` (COMPILED_ROWS says why for int8)."""
 
     BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 
-    def __init__(self, decoder: Decoder, step=None, length_bucket: int = 256, max_rows: int | None = None):
+    def __init__(self, decoder: Decoder, step=None, length_bucket: int = 256, max_rows: int | None = None,
+                 compiled_rows: int | None = None):
         """max_rows: the most rows one step replays (default: the cache slots). The engine also feeds prompt
         chunks through the graphs, one row per prompt token (Engine.graphed_prompts): slots + prefill_chunk."""
         self.dec, self.step = decoder, step or decoder.decode
         top = max(max_rows or decoder.scratch, 1)
         self.batches = sorted({b for b in self.BATCHES if b < top} | {top})
         self.length_bucket = length_bucket
+        self.compiled_rows = compiled_rows
         self.pool = None  # one memory pool for every graph, made at the first capture
         self.graphs: dict[tuple[int, int], tuple] = {}
 
@@ -246,8 +249,13 @@ class Graphs:
         b = next(x for x in self.batches if x >= rows)
         return b, min(-(-length // self.length_bucket) * self.length_bucket, self.dec.max_len)
 
+    def step_for(self, batch: int):
+        """The function a bucket of `batch` rows captures."""
+        return self.step if self.compiled_rows is None or batch <= self.compiled_rows else self.dec.decode
+
     def capture(self, batch: int, length: int) -> tuple:
         dev = self.dec.device
+        step = self.step_for(batch)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         tokens = torch.zeros(batch, dtype=torch.long, device=dev)
@@ -257,11 +265,11 @@ class Graphs:
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
             for _ in range(2):  # warm-up outside the capture: kernel selection, inductor's autotuning, allocations
-                self.step(tokens, slots, positions, length)
+                step(tokens, slots, positions, length)
         torch.cuda.current_stream(dev).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = self.step(tokens, slots, positions, length)
+            logits = step(tokens, slots, positions, length)
         return graph, tokens, slots, positions, logits
 
     def __call__(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, length: int):
@@ -277,6 +285,14 @@ class Graphs:
         graph.replay()
         return logits[:rows]
 
+
+# The most rows a compiled (inductor) step may have, per weight quantization. int8: torchao's weight-only int8
+# linear is mm(x, w_int8.to(bf16)) * scale; inductor, compiling with dynamic shapes, fuses that into one
+# kernel that is right for a single row and scales with the rows (no tensor cores). Measured on the H100
+# (16 layers, served): 1 row 2.1 ms a step (bf16's time; 5.3 ms uncompiled), 32 rows ~73 ms, a 128-token
+# prompt ~283 ms: ~2.2 ms per row, where the uncompiled int8 graphs take 5.9 ms for 32 rows and 6.9 ms for a
+# 128-token prompt. So only the 1-row bucket is compiled for int8 (docs/PERFORMANCE.md, session 4).
+COMPILED_ROWS = {"int8": 1}
 
 QUANTIZED = (".qkv.weight", ".o.weight", ".gate_up.weight", ".down.weight")  # the projections; not embeddings
 

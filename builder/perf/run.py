@@ -168,7 +168,7 @@ def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concur
              relaxed_stability_pct: float | None = 100.0, input_entries: int = 4,
              perf_analyzer: Path | None = None, runtime: str = "local", console: Console | None = None,
              prompt_tokens: int = 32, output_tokens: int = 64, repeats: int = 1,
-             input_files: dict[str, Path] | None = None) -> Path:
+             input_files: dict[str, Path] | None = None, keep_going: bool = False) -> Path:
     """Measure the repository's variants at each concurrency level and return the results directory.
 
     `server`: a running server (anything with `grpc_url` / `http_url`); when None one is started on
@@ -178,6 +178,8 @@ def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concur
     complete: false, and RunError is raised naming the directory.
     `input_files`: perf_analyzer --input-data files to use for these variants instead of generated ones
     (e.g. the repository's <model>/perf_input.json); copied into inputs/ like the generated ones.
+    `keep_going`: when perf_analyzer fails on one variant (a level timed out, say) and the server still
+    answers, record its levels as failed and measure the other variants; RunError is raised at the end.
     `repeats` > 1 measures every variant that many times: results.csv keeps, per level, the repeat
     with the median throughput, and repeats.csv every repeat (what `compare` takes its noise from).
     """
@@ -273,6 +275,7 @@ def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concur
     usage: dict[tuple[str, int], dict] = {}  # (variant, concurrency) -> server CPU / GPU use during that level
     failure: PerfAnalyzerError | None = None
     lost = ""  # set when the server stopped answering during the run
+    failed: list[str] = []  # variants perf_analyzer failed on
     pending = list(variants)
     try:
         with contextlib.ExitStack() as stack:
@@ -327,11 +330,18 @@ def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concur
                     rows.extend(level_row(level, **row_args(name), usage=usage.get((name, level.concurrency)))
                                 for level in exc.levels)
                     pending.pop(0)
+                    if failure is not None:  # an earlier variant's, measured past with keep_going
+                        manifest["errors"].append(str(failure))
                     failure = exc
+                    failed.append(name)
                     if not _answers(url):
                         lost = f"the Triton server at {url} stopped answering while {name} was measured"
                         manifest["errors"].append(lost)
-                    break
+                        break
+                    if not keep_going:
+                        break
+                    console.print(f"  {escape(name)} failed ({escape(str(exc))}); measuring the others", soft_wrap=True)
+                    continue
                 record_attempts(name, result.attempts)
                 rows.extend(level_row(level, **row_args(name), usage=usage.get((name, level.concurrency)))
                             for level in result.levels)
@@ -353,6 +363,8 @@ def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concur
         save_steps(results_dir, steps_rows)
     if failure is not None:
         head = f"{lost}\n" if lost else ""
+        if len(failed) > 1:
+            head += f"{len(failed)} variants failed ({', '.join(failed)}); the last: "
         raise RunError(f"{head}{failure}\npartial results kept in {results_dir} (marked incomplete)") from failure
     unstable = sum(r["status"] != "ok" for r in rows)
     console.print(f"results in {escape(str(results_dir))}" + (f" ({unstable} level(s) not stable: see status)" if unstable else ""))

@@ -10,6 +10,7 @@ plots included) and the log.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import shutil
@@ -41,6 +42,7 @@ def main() -> int:
     args = p.parse_args()
 
     from builder.build import build
+    from builder.errors import RunError
     from builder.perf import run_perf, write_report
     from builder.runtime import self_check, start_server
 
@@ -78,8 +80,12 @@ def main() -> int:
         except Exception as exc:
             (out / "selfcheck.json").write_text(json.dumps({"error": str(exc)}, indent=1))
             print(f"self-check failed: {exc}", file=sys.stderr)
-        run_perf(repo, server=server, models=models, concurrency=[int(c) for c in args.concurrency.split(",")],
-                 out=results_dir, measurement_ms=args.measurement_ms, protocol="grpc")
+        try:  # keep_going: a level that times out (CLIP image c=256, run 10) no longer ends the whole bench
+            run_perf(repo, server=server, models=models, concurrency=[int(c) for c in args.concurrency.split(",")],
+                     out=results_dir, measurement_ms=args.measurement_ms, protocol="grpc", keep_going=True)
+        except RunError as exc:  # the failed levels are in results.csv; report what was measured
+            env["perf_error"] = str(exc)
+            print(f"perf: {exc}", file=sys.stderr, flush=True)
     env["kernel_ms"] = kernel_times(repo, [m for m in args.kernel_models.split(",") if m])
     report = write_report(results_dir, latency_budget_ms=args.latency_budget_ms)
     import pandas as pd
@@ -132,7 +138,7 @@ def kernel_times(repo: Path, models: list[str], batches=(1, 16, 64, 128), repeat
             with torch.inference_mode():
                 for _ in range(3):
                     module(*args)
-                run = lambda: module(*args)  # noqa: E731
+                run = functools.partial(module, *args)
                 if graphs:
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph):

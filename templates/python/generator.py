@@ -99,7 +99,7 @@ class TritonPythonModel:
                                            prefill_chunk=int(p["prefill_chunk"]),
                                            stream_interval=int(p.get("stream_interval", "0")))
         if gpu and p.get("cuda_graphs", "0") == "1":
-            self._graphs(torch, model, p.get("compile", "none"))
+            self._graphs(torch, model, p.get("compile", "none"), quantization)
         self.stop = threading.Event()
         self.outbox = queue.SimpleQueue()  # (sender, engine Output, gone) for the sending thread
         self.sending = threading.Thread(target=self._send_loop, name="generation-responses", daemon=True)
@@ -107,7 +107,7 @@ class TritonPythonModel:
         self.thread = threading.Thread(target=self._run, name="generation-engine", daemon=True)
         self.thread.start()
 
-    def _graphs(self, torch, model, compile_mode):
+    def _graphs(self, torch, model, compile_mode, quantization):
         """Decode steps as CUDA graphs (optionally inductor-compiled first), captured now for every batch bucket
         at the first length bucket, so the first requests do not pay for it; longer ones are captured on use."""
         import time
@@ -118,12 +118,14 @@ class TritonPythonModel:
             # inductor fuses the elementwise work (norms, rotary, activation); its own CUDA graphs stay off
             step = torch.compile(model.decode, dynamic=True)  # the default mode: no CUDA graphs of its own
         # prompt chunks run through the graphs too (a row per prompt token): buckets up to slots + prefill_chunk
-        graphs = decoder_module.Graphs(model, step, max_rows=model.scratch + self.engine.prefill_chunk)
+        graphs = decoder_module.Graphs(model, step, max_rows=model.scratch + self.engine.prefill_chunk,
+                                       compiled_rows=decoder_module.COMPILED_ROWS.get(quantization))
         for batch in graphs.batches:
             graphs.graphs[graphs.bucket(batch, 1)] = graphs.capture(*graphs.bucket(batch, 1))
         self.engine.decode_step = graphs
         self.engine.graphed_prompts = True
-        pb_utils.Logger.log_info(f"captured {len(graphs.graphs)} decode graphs (compile: {compile_mode}) in "
+        limit = f", compiled up to {graphs.compiled_rows} row(s)" if step and graphs.compiled_rows else ""
+        pb_utils.Logger.log_info(f"captured {len(graphs.graphs)} decode graphs (compile: {compile_mode}{limit}) in "
                                  f"{time.time() - t0:.1f} s")
 
     def _run(self):
