@@ -22,6 +22,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 def main() -> int:
     import torch
+    from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from builder.generation import hf2decoder
@@ -43,13 +44,20 @@ def main() -> int:
         from builder.generation import engine as eng
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_model_dir(Path(tmp) / "tiny", "llama")
-        tok, model = AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder)
-    config, weights = hf2decoder.convert(model, (tok.eos_token_id,))
-    ids = tok("Triton serves models")["input_ids"]
+        hf_tok, model = AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder)
+        # the tokenizer the served model uses (templates/python/generator.py): the `tokenizers` one from
+        # tokenizer.json; transformers' wrapper costs ~4x more per decode (before session 4 this script used it)
+        tok = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
+    config, weights = hf2decoder.convert(model, (hf_tok.eos_token_id,))
+    ids = tok.encode("Triton serves models").ids
+    clean = [t for t in range(3, config.vocab_size) if tok.decode([t]).strip() and "\ufffd" not in tok.decode([t])][:16]
     for rows in (int(r) for r in args.rows.split(",")):
         engine = eng.Engine(Decoder(config, weights), tok, max_sequences=rows, max_total_tokens=1024, prefill_chunk=512)
-        fixed = torch.randn(rows, config.vocab_size)
-        engine.decode_step = lambda t, s, p, n: fixed[: t.shape[0]]  # noqa: E731 - no model: the engine alone
+        # no model: the engine alone. The logits pick whole-text tokens, a different one each step (fixed random
+        # logits picked one token per row forever; where that was a partial UTF-8 byte, the detokenizer's window
+        # never closed and its decodes grew with the output: ~26 µs each instead of ~1)
+        table = [torch.full((rows, config.vocab_size), -1.0).index_fill_(1, torch.tensor([t]), 1.0) for t in clean]
+        engine.decode_step = lambda t, s, p, n: table[engine.steps % len(table)][: t.shape[0]]  # noqa: E731
         for _ in range(rows):
             engine.submit(eng.Request(ids, 5 * args.steps + 20, emit=lambda o: None, stream=True, ignore_eos=True))
         for _ in range(5):
@@ -60,7 +68,8 @@ def main() -> int:
             for _ in range(args.steps):
                 engine.step()
             samples.append((time.perf_counter() - t0) / args.steps * 1e6)
-        print(f"{rows:4d} streaming rows: {statistics.median(samples):7.0f} µs per step (median of 5 x {args.steps})")
+        print(f"{rows:4d} streaming rows: {statistics.median(samples):7.0f} µs per step (median of 5 x {args.steps}); "
+              f"{engine.summary()}")
     return 0
 
 

@@ -61,6 +61,10 @@ def test_requests_decoded_together_equal_their_solo_answers(llama):
     assert [o.token_ids for o in together] == [o.token_ids for o in solo]
     assert all(o.finished and o.finish_reason in ("stop", "length") for o in together)
     assert engine.free and len(engine.free) == 3 and not engine.running  # every slot back
+    # the step clock (logged by the served model at unload): every step that ran the model, its rows
+    assert engine.clocked == engine.steps > 0 and engine.clocked_rows >= sum(len(o.token_ids) for o in together)
+    line = engine.summary()
+    assert line.startswith(f"{engine.steps} steps, ") and all(f"{k} " in line for k in ("plan", "model", "wait", "advance", "between"))
 
 
 def test_streamed_pieces_add_up_to_the_text_and_never_split_a_character(llama):

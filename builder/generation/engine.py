@@ -21,6 +21,7 @@ from __future__ import annotations
 import queue
 import random
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -144,6 +145,14 @@ class Engine:
         self.waiting: list[Request] = []
         self.inbox: queue.Queue = queue.Queue()
         self.steps = 0
+        # where a served step's time goes (seconds summed over steps; summary() prints it): `plan` the host
+        # work before the model (admission, packing), `model` the input tensors and the call (a graph replay
+        # only launches), `wait` until the sampled tokens are on the host (the device's work lands here),
+        # `advance` the rows' bookkeeping, detokenizing and handing responses to the sender; `between` from the
+        # end of a step that left sequences running to the start of the next (the loop, and waiting for the GIL)
+        self.clock = dict.fromkeys(("plan", "model", "wait", "advance", "between"), 0.0)
+        self.clocked = self.clocked_rows = 0
+        self.ended: float | None = None  # when the last step ended, if it left sequences running
 
     # -- the API the server uses (any thread) --
     def submit(self, req: Request) -> None:
@@ -160,7 +169,17 @@ class Engine:
             self.step()
 
     # -- one scheduler step (engine thread) --
+    def summary(self) -> str:
+        """One line: steps timed, rows per step and mean milliseconds per phase."""
+        n = max(self.clocked, 1)
+        return (f"{self.clocked} steps, {self.clocked_rows / n:.1f} rows per step; ms per step: "
+                + ", ".join(f"{k} {v / n * 1e3:.3f}" for k, v in self.clock.items()))
+
     def step(self) -> None:
+        t0 = time.perf_counter()
+        if self.ended is not None:
+            self.clock["between"] += t0 - self.ended
+            self.ended = None
         while True:
             try:
                 self.waiting.append(self.inbox.get_nowait())
@@ -181,6 +200,7 @@ class Engine:
         tokens, seqs, last, sampled = self._plan(decoding, prompting)
         counts = [n for _, _, n in seqs]
         dev = self.decoder.device
+        t1 = time.perf_counter()
         try:
             if not prompting or self.graphed_prompts:  # the tensor-only step, a row per token (CUDA graphs where set)
                 positions = [p for _, start, n in seqs for p in range(start, start + n)]
@@ -195,6 +215,7 @@ class Engine:
             for req in list(self.running):
                 self._finish(req, "", error=f"generation failed: {type(exc).__name__}: {exc}", flush=False)
             return
+        t2 = time.perf_counter()
         self.steps += 1
         rows = [i for i, (req, n) in enumerate(zip(sampled, counts)) if req.fed + n >= len(req.prompt)]
         for req, n in zip(sampled, counts):
@@ -202,8 +223,15 @@ class Engine:
                 req.fed += n
         greedy = [i for i in rows if sampled[i].temperature <= 0]
         picked = dict(zip(greedy, logits[greedy].argmax(-1).tolist())) if greedy else {}  # one sync for all greedy rows
+        t3 = time.perf_counter()
         for i in rows:
             self._advance(sampled[i], picked[i] if i in picked else sample(logits[i], sampled[i]))
+        t4 = time.perf_counter()
+        for key, dt in zip(self.clock, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            self.clock[key] += dt
+        self.clocked += 1
+        self.clocked_rows += len(tokens)
+        self.ended = t4 if self.running else None
 
     def _plan(self, decoding: list[Request], prompting: list[Request]):
         """One step's inputs: decoding sequences first (one token each), then prompt chunks within the step's

@@ -57,6 +57,31 @@ def per_call(f, n):
     return (time.perf_counter() - t0) / n * 1e6
 
 
+def busy(seconds):
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def spin_share(f, n):
+    """Counts per ms a spinning thread makes while this one runs f n times (the GIL left to others)."""
+    stop, count = threading.Event(), [0]
+
+    def spin():
+        while not stop.is_set():
+            count[0] += 1
+
+    t = threading.Thread(target=spin)
+    t.start()
+    t0 = time.perf_counter()
+    for i in range(n):
+        f(i)
+    elapsed = time.perf_counter() - t0
+    stop.set()
+    t.join()
+    return count[0] / elapsed / 1e3
+
+
 class TritonPythonModel:
     def execute(self, requests):
         for r in requests:
@@ -69,10 +94,15 @@ class TritonPythonModel:
                  per_call(lambda i: four(i), n),
                  per_call(lambda i: sender.send(four(i)), n),
                  per_call(lambda i: sender.send(one(i)), n)]
+        # does send() hold the GIL? A second thread counts in pure Python meanwhile (what the engine thread
+        # needs the GIL for), against the same loop with a GIL-free wait and with Python busy work in its place
+        times += [spin_share(lambda i: time.sleep(0.0002), n), spin_share(lambda i: busy(0.0002), n),
+                  spin_share(lambda i: sender.send(four(i)), n)]
         sender.send(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("T", np.array(times))]), flags=FINAL)
 '''
 CALLS = ("sender.is_cancelled()", "response of 4 tensors (built, not sent)", "send(response of 4 tensors)",
          "send(response of text_output only)")
+SPINS = ("a GIL-free wait (sleep 0.2 ms)", "Python busy work (0.2 ms)", "send(response of 4 tensors)")
 
 
 def main() -> int:
@@ -109,8 +139,12 @@ def main() -> int:
             client.close()
     print(f"microseconds per call inside the stub (median of {args.repeats} x {args.n} calls; "
           f"{received} streamed responses read in the last run):")
-    for name, value in zip(CALLS, np.median(np.array(runs), axis=0)):
+    medians = np.median(np.array(runs), axis=0)
+    for name, value in zip(CALLS, medians):
         print(f"  {name:42s} {value:8.2f}")
+    print("counts per ms of a second Python thread while the probe's thread loops over (more: the GIL was free):")
+    for name, value in zip(SPINS, medians[len(CALLS):]):
+        print(f"  {name:42s} {value:8.0f}")
     return 0
 
 

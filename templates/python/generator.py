@@ -217,5 +217,6 @@ class TritonPythonModel:
     def finalize(self):
         self.stop.set()
         self.thread.join(timeout=10)
+        pb_utils.Logger.log_info(f"generation engine: {self.engine.summary()}")
         self.outbox.put(None)  # after the engine: what it emitted last still goes out
         self.sending.join(timeout=10)
