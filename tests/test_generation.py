@@ -83,6 +83,20 @@ def test_streamed_pieces_add_up_to_the_text_and_never_split_a_character(llama):
         assert [p.finished for p in pieces].count(True) == 1 and pieces[-1].finish_reason == "length"
 
 
+def test_bytes_that_never_form_a_character_do_not_grow_the_detokenizer_window(llama):
+    """A model that emits stray UTF-8 continuation bytes (random weights do) still streams, and each decode
+    stays short: the window is released after HOLD_TOKENS tokens instead of growing with the output."""
+    tok, _ = llama
+    stray = next(t for t in range(tok.vocab_size) if tok.decode([t]) == "\ufffd")
+    d = eng.Detokenizer(tok, tok("Hello")["input_ids"])
+    pieces, widest = [], 0
+    for _ in range(40):
+        pieces.append(d.add(stray))
+        widest = max(widest, len(d.ids) - d.prefix)
+    assert sum(1 for p in pieces if p) >= 3 and "\ufffd" in "".join(pieces)
+    assert widest <= 2 * eng.HOLD_TOKENS + 2  # the released window and the held one; unbounded it was 45
+
+
 def test_stream_interval_sends_the_first_token_at_once_then_every_n_tokens(llama):
     """Each streamed response is a round trip to Triton (perf/gpu/stream_calls.py): after the first token, one
     response per stream_interval tokens; the pieces still add up to the whole text."""

@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 
 HOLDBACK_PROMPT_TOKENS = 5  # prompt tokens decoded with the output so the first piece gets its leading space
+HOLD_TOKENS = 8  # a character is at most 4 UTF-8 bytes: output held back longer than this will not complete
 ROWS_PER_STEP = 8  # stream_interval 0: streamed responses per step in all, about (1 per token up to 8 sequences)
 CANCEL_EVERY = 16  # steps between cancellation polls while no request waits for a slot
 
@@ -73,7 +74,8 @@ class Request:
 
 class Detokenizer:
     """Incremental decoding that never splits a multi-byte character: a piece is released only when the
-    decoded text grew and does not end in U+FFFD (an incomplete UTF-8 sequence)."""
+    decoded text grew and does not end in U+FFFD (an incomplete UTF-8 sequence), or when more than HOLD_TOKENS
+    tokens wait (bytes that will never form a character: without the bound, every decode grows with them)."""
 
     def __init__(self, tokenizer, prompt: list[int]):
         self.tokenizer = tokenizer
@@ -100,7 +102,8 @@ class Detokenizer:
             return ""
         before = self._decode(self.ids[self.prefix:self.read])
         after = self._decode(self.ids[self.prefix:])
-        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")
+                                         or len(self.ids) - self.read > HOLD_TOKENS):
             self.prefix, self.read = self.read, len(self.ids)
             return after[len(before):]
         return ""
