@@ -67,6 +67,49 @@ def test_requests_decoded_together_equal_their_solo_answers(llama):
     assert line.startswith(f"{engine.steps} steps, ") and all(f"{k} " in line for k in ("plan", "model", "wait", "advance", "between"))
 
 
+def _scenario(engine, tok, sampled: bool):
+    """Requests of several lengths and limits arriving over time (one waits for a slot, one is cancelled, one
+    has a stop string, one hits max_total_tokens); every output in order of arrival."""
+    outs: dict[int, list] = {}
+    steps = [0]
+    plan = [(0, PROMPTS[0], dict(max_tokens=9)), (0, PROMPTS[1], dict(max_tokens=40, stream=True)),
+            (0, PROMPTS[2], dict(max_tokens=14, stop=("@",), stream=True)),
+            (3, PROMPTS[3], dict(max_tokens=25, cancelled=lambda: steps[0] > 20)),
+            (6, PROMPTS[0] + " again", dict(max_tokens=60, stream=True))]
+    if sampled:
+        plan.append((8, PROMPTS[3], dict(max_tokens=10, temperature=0.8, seed=3)))
+    while plan or engine.running or engine.waiting or not engine.inbox.empty() or engine.ahead is not None:
+        while plan and plan[0][0] <= steps[0]:
+            _, text, kw = plan.pop(0)
+            i = len(outs)
+            outs[i] = []
+            engine.submit(eng.Request(tok(text)["input_ids"], emit=outs[i].append, **kw))
+        engine.step()
+        steps[0] += 1
+    return [[(o.text, o.finished, o.finish_reason, o.token_ids) for o in v] for v in outs.values()]
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "with-a-sampled-request"])
+def test_overlapped_decode_steps_give_the_same_outputs(llama, sampled, monkeypatch):
+    """Engine.overlap (on with CUDA graphs): step N+1 is launched from step N's tokens on the device before N is
+    read. Same outputs as the plain engine through arrivals, a wait for a slot, cancellation, a stop string,
+    max_tokens and max_total_tokens, and a sampled request (which turns the overlap off while it runs)."""
+    tok, model = llama
+    plain = _scenario(_engine(tok, model, slots=3, total=48), tok, sampled)
+    engine = _engine(tok, model, slots=3, total=48)
+    engine.overlap = True
+    launches = []
+    real = engine._launch
+    monkeypatch.setattr(engine, "_launch", lambda *a: launches.append(len(a[0])) or real(*a))
+    overlapped = _scenario(engine, tok, sampled)
+    assert overlapped == plain
+    assert len(launches) >= 20 and max(launches) == 3  # most decode steps overlapped, with all the slots
+    reasons = [o[-1][2] if o else "cancelled" for o in plain]  # a cancelled request gets no answer
+    assert reasons[3] == "cancelled" and {"length", "stop"} <= set(reasons) and all(o[-1][1] for o in plain if o)
+    assert max(len(o[-1][3]) for o in plain if o) > 20  # some ran past 20 tokens: the 48-token total bound it
+    assert engine.ahead is None and len(engine.free) == 3
+
+
 def test_streamed_pieces_add_up_to_the_text_and_never_split_a_character(llama):
     tok, model = llama
     engine = _engine(tok, model)

@@ -72,6 +72,17 @@ class Request:
         return self.fed < len(self.prompt)
 
 
+@dataclass
+class Ahead:
+    """A decode step launched but not read yet (Engine.overlap)."""
+
+    reqs: list[Request]  # its rows, in order
+    tokens: torch.Tensor  # the greedy tokens, on the device (the next step's input)
+    host: torch.Tensor  # the same, copied to the host once `ready` has passed
+    ready: object  # a CUDA event recorded after that copy; None on the CPU
+    positions: list[int]  # the position each row fed
+
+
 class Detokenizer:
     """Incremental decoding that never splits a multi-byte character: a piece is released only when the
     decoded text grew and does not end in U+FFFD (an incomplete UTF-8 sequence), or when more than HOLD_TOKENS
@@ -140,6 +151,11 @@ class Engine:
         self.eos = set(decoder.config.eos_token_ids)
         decoder.allocate(max_sequences, max_total_tokens)
         self.decode_step = decoder.decode  # the server may swap in decoder.Graphs(decoder) on a GPU
+        # decode steps overlap the host's work (on with CUDA graphs): while all running sequences decode greedily,
+        # step N+1 is launched with step N's tokens still on the device, then N's tokens are read and its rows
+        # advanced while the device runs N+1 (`ahead` is the launched step not read yet)
+        self.overlap = False
+        self.ahead: Ahead | None = None
         # prompt steps through decode_step too, a row per prompt token (on with CUDA graphs: one replay instead
         # of the eager ragged forward; on the CPU the ragged forward is cheaper, its attention reads the cache once)
         self.graphed_prompts = False
@@ -195,9 +211,15 @@ class Engine:
             req.slot = self.free.pop()
             req.detok = Detokenizer(self.tokenizer, req.prompt)
             self.running.append(req)
-        if not self.running:
+        if not self.running and self.ahead is None:
             return
         self.interval = self.stream_interval or max(1, -(-len(self.running) // ROWS_PER_STEP))
+        if self.overlap or self.ahead is not None:
+            if self._overlapped(t0):
+                return
+            t0 = time.perf_counter()  # a normal step follows; what the overlapped part took is clocked already
+        if not self.running:
+            return
         decoding = [r for r in self.running if not r.prefilling]
         prompting = [r for r in self.running if r.prefilling]
         tokens, seqs, last, sampled = self._plan(decoding, prompting)
@@ -235,6 +257,66 @@ class Engine:
         self.clocked += 1
         self.clocked_rows += len(tokens)
         self.ended = t4 if self.running else None
+
+    def _overlapped(self, t0: float) -> bool:
+        """The overlapped decode step (see `overlap`): launch the next step from the one ahead, then read the
+        one ahead and advance its rows. False when a normal step must run now (a prompt to feed, a sampled
+        row, or nothing left to launch); the step ahead, if any, has then been read."""
+        running = set(map(id, self.running))  # cancelled requests have left already
+        ahead = self.ahead
+        can = self.overlap and all(not r.prefilling and r.temperature <= 0 for r in self.running) and (
+            ahead is None or running <= set(map(id, ahead.reqs)))
+        if ahead is None and not can:
+            return False
+        t1 = time.perf_counter()
+        nxt = None
+        if can and ahead is None:  # start: the rows' last tokens from the host
+            reqs = list(self.running)
+            nxt = self._launch(reqs, torch.tensor([r.output[-1] for r in reqs], device=self.decoder.device),
+                               [len(r.prompt) + len(r.output) - 1 for r in reqs])
+        elif can:  # rows still running whose token in flight is not their last (those end at `length` when it
+            # is read: a row for them would be computed and dropped)
+            keep = [i for i, r in enumerate(ahead.reqs) if id(r) in running and
+                    len(r.output) + 1 < r.max_tokens and len(r.prompt) + len(r.output) + 1 < self.max_total]
+            if keep:
+                tokens = ahead.tokens if len(keep) == len(ahead.reqs) else \
+                    ahead.tokens[torch.tensor(keep, device=ahead.tokens.device)]
+                nxt = self._launch([ahead.reqs[i] for i in keep], tokens, [ahead.positions[i] + 1 for i in keep])
+        t2 = time.perf_counter()
+        picked = []
+        if ahead is not None:
+            if ahead.ready is not None:
+                ahead.ready.synchronize()  # step N only; N+1 runs on
+            picked = ahead.host.tolist()
+        t3 = time.perf_counter()
+        for req, token in zip(ahead.reqs if ahead else [], picked):
+            if id(req) in running:  # finished earlier rows have no next row; a request appears once
+                self._advance(req, token)
+        self.ahead = nxt
+        t4 = time.perf_counter()
+        for key, dt in zip(self.clock, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            self.clock[key] += dt
+        if nxt is None:
+            return False
+        self.clocked += 1
+        self.clocked_rows += len(nxt.reqs)
+        self.ended = t4
+        return True
+
+    def _launch(self, reqs: list[Request], tokens: torch.Tensor, positions: list[int]) -> "Ahead":
+        """Launch a greedy decode step; its tokens stay on the device, a copy to the host is queued behind it."""
+        dev = self.decoder.device
+        logits = self.decode_step(tokens, torch.tensor([r.slot for r in reqs], device=dev),
+                                  torch.tensor(positions, device=dev), max(positions) + 1)
+        picked = logits.argmax(-1)
+        self.steps += 1
+        if picked.is_cuda:
+            host = torch.empty(picked.shape, dtype=picked.dtype, pin_memory=True)
+            host.copy_(picked, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            return Ahead(reqs, picked, host, ready, positions)
+        return Ahead(reqs, picked, picked, None, positions)
 
     def _plan(self, decoding: list[Request], prompting: list[Request]):
         """One step's inputs: decoding sequences first (one token each), then prompt chunks within the step's

@@ -124,6 +124,7 @@ class TritonPythonModel:
             graphs.graphs[graphs.bucket(batch, 1)] = graphs.capture(*graphs.bucket(batch, 1))
         self.engine.decode_step = graphs
         self.engine.graphed_prompts = True
+        self.engine.overlap = True  # greedy decode steps launched before the previous one is read
         limit = f", compiled up to {graphs.compiled_rows} row(s)" if step and graphs.compiled_rows else ""
         pb_utils.Logger.log_info(f"captured {len(graphs.graphs)} decode graphs (compile: {compile_mode}{limit}) in "
                                  f"{time.time() - t0:.1f} s")
