@@ -50,6 +50,9 @@ def main() -> int:
     out, work = args.out, args.work
     out.mkdir(parents=True, exist_ok=True)
     env = {"python": platform.python_version(), "argv": sys.argv}
+    # the python backend moves every batch through /dev/shm: its size is a suspect for the image tower that
+    # stopped answering at high concurrency (runs 4, 5, 10), so it is recorded, and what is left after the run
+    env["dev_shm_mb"] = {"total": shutil.disk_usage("/dev/shm").total // 2**20}
     try:
         env["nvidia_smi"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
                                             "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
@@ -96,6 +99,7 @@ def main() -> int:
     (out / "targets.md").write_text(f"# Issue 14 targets (latency budget {args.latency_budget_ms:g} ms)\n\n{verdicts}")
     print(verdicts)
     env["total_seconds"] = round(time.time() - t0, 1)
+    env["dev_shm_mb"]["free_after"] = shutil.disk_usage("/dev/shm").free // 2**20
     (out / "env.json").write_text(json.dumps(env, indent=1))
     shutil.copy2(report, out / "report.md")
     shutil.copy2(results_dir / "results.csv", out / "results.csv")
