@@ -97,13 +97,15 @@ def test_overlapped_decode_steps_give_the_same_outputs(llama, sampled, monkeypat
     tok, model = llama
     plain = _scenario(_engine(tok, model, slots=3, total=48), tok, sampled)
     engine = _engine(tok, model, slots=3, total=48)
-    engine.overlap = True
+    engine.overlap = engine.graphed_prompts = True  # as served with CUDA graphs: prompt chunks overlap too
     launches = []
     real = engine._launch
-    monkeypatch.setattr(engine, "_launch", lambda *a: launches.append(len(a[0])) or real(*a))
+    monkeypatch.setattr(engine, "_launch", lambda *a: launches.append(real(*a)) or launches[-1])
     overlapped = _scenario(engine, tok, sampled)
     assert overlapped == plain
-    assert len(launches) >= 20 and max(launches) == 3  # most decode steps overlapped, with all the slots
+    launched = [a for a in launches if a is not None]
+    assert len(launched) >= 20 and max(len(a.reqs) for a in launched) == 3  # most steps overlapped, all slots busy
+    assert any(a.rows > len(a.reqs) for a in launched)  # prompt chunks in overlapped steps
     reasons = [o[-1][2] if o else "cancelled" for o in plain]  # a cancelled request gets no answer
     assert reasons[3] == "cancelled" and {"length", "stop"} <= set(reasons) and all(o[-1][1] for o in plain if o)
     assert max(len(o[-1][3]) for o in plain if o) > 20  # some ran past 20 tokens: the 48-token total bound it

@@ -76,11 +76,12 @@ class Request:
 class Ahead:
     """A decode step launched but not read yet (Engine.overlap)."""
 
-    reqs: list[Request]  # its rows, in order
+    reqs: list[Request]  # the requests it samples a token for, in order
     tokens: torch.Tensor  # the greedy tokens, on the device (the next step's input)
     host: torch.Tensor  # the same, copied to the host once `ready` has passed
     ready: object  # a CUDA event recorded after that copy; None on the CPU
-    positions: list[int]  # the position each row fed
+    positions: list[int]  # the position each request's sampled row fed
+    rows: int = 0  # rows in the step, prompt rows included
 
 
 class Detokenizer:
@@ -259,29 +260,17 @@ class Engine:
         self.ended = t4 if self.running else None
 
     def _overlapped(self, t0: float) -> bool:
-        """The overlapped decode step (see `overlap`): launch the next step from the one ahead, then read the
-        one ahead and advance its rows. False when a normal step must run now (a prompt to feed, a sampled
-        row, or nothing left to launch); the step ahead, if any, has then been read."""
-        running = set(map(id, self.running))  # cancelled requests have left already
+        """The overlapped step (see `overlap`): launch the next step, its decoding rows fed from the step ahead's
+        tokens on the device, then read the step ahead and advance its rows. False when a plain step must run
+        now (a sampled request, or prompts without graphed prompts); the step ahead has then been read."""
         ahead = self.ahead
-        can = self.overlap and all(not r.prefilling and r.temperature <= 0 for r in self.running) and (
-            ahead is None or running <= set(map(id, ahead.reqs)))
+        can = self.overlap and all(r.temperature <= 0 for r in self.running) and (
+            self.graphed_prompts or not any(r.prefilling for r in self.running))
         if ahead is None and not can:
             return False
+        running = set(map(id, self.running))  # cancelled requests have left already
         t1 = time.perf_counter()
-        nxt = None
-        if can and ahead is None:  # start: the rows' last tokens from the host
-            reqs = list(self.running)
-            nxt = self._launch(reqs, torch.tensor([r.output[-1] for r in reqs], device=self.decoder.device),
-                               [len(r.prompt) + len(r.output) - 1 for r in reqs])
-        elif can:  # rows still running whose token in flight is not their last (those end at `length` when it
-            # is read: a row for them would be computed and dropped)
-            keep = [i for i, r in enumerate(ahead.reqs) if id(r) in running and
-                    len(r.output) + 1 < r.max_tokens and len(r.prompt) + len(r.output) + 1 < self.max_total]
-            if keep:
-                tokens = ahead.tokens if len(keep) == len(ahead.reqs) else \
-                    ahead.tokens[torch.tensor(keep, device=ahead.tokens.device)]
-                nxt = self._launch([ahead.reqs[i] for i in keep], tokens, [ahead.positions[i] + 1 for i in keep])
+        nxt = self._launch(ahead, running) if can else None
         t2 = time.perf_counter()
         picked = []
         if ahead is not None:
@@ -299,24 +288,62 @@ class Engine:
         if nxt is None:
             return False
         self.clocked += 1
-        self.clocked_rows += len(nxt.reqs)
+        self.clocked_rows += nxt.rows
         self.ended = t4
         return True
 
-    def _launch(self, reqs: list[Request], tokens: torch.Tensor, positions: list[int]) -> "Ahead":
-        """Launch a greedy decode step; its tokens stay on the device, a copy to the host is queued behind it."""
+    def _launch(self, ahead: "Ahead | None", running: set[int]) -> "Ahead | None":
+        """Launch a greedy step: first the rows of the step ahead that go on (their tokens are on the device),
+        then decoding rows whose last token is on the host, then prompt chunks within `prefill_chunk` (a
+        request whose prompt ends here samples its first token). Its tokens stay on the device; a copy to the
+        host is queued behind it. None when there is no row to run."""
         dev = self.decoder.device
-        logits = self.decode_step(tokens, torch.tensor([r.slot for r in reqs], device=dev),
-                                  torch.tensor(positions, device=dev), max(positions) + 1)
+        reqs, positions = [], []
+        if ahead is not None:  # not the rows whose token in flight is their last: they end at `length` on reading
+            keep = [i for i, r in enumerate(ahead.reqs) if id(r) in running and len(r.output) + 1 < r.max_tokens
+                    and len(r.prompt) + len(r.output) + 1 < self.max_total]
+            reqs, positions = [ahead.reqs[i] for i in keep], [ahead.positions[i] + 1 for i in keep]
+            from_device = ahead.tokens if len(keep) == len(ahead.reqs) else \
+                ahead.tokens[torch.tensor(keep, dtype=torch.long, device=ahead.tokens.device)]
+        flying = set(map(id, ahead.reqs)) if ahead is not None else set()
+        tokens, slots, rows = [], [r.slot for r in reqs], list(range(len(reqs)))
+        for req in self.running:
+            if not req.prefilling and id(req) not in flying:
+                rows.append(len(slots))
+                reqs.append(req)
+                tokens.append(req.output[-1])
+                slots.append(req.slot)
+                positions.append(len(req.prompt) + len(req.output) - 1)
+        fed = list(positions)  # the position of each row; prompt rows are added below
+        budget = self.prefill_chunk
+        for req in self.running:
+            if req.prefilling and budget > 0:
+                n = min(budget, len(req.prompt) - req.fed)
+                budget -= n
+                tokens.extend(req.prompt[req.fed:req.fed + n])
+                slots.extend([req.slot] * n)
+                fed.extend(range(req.fed, req.fed + n))
+                req.fed += n
+                if not req.prefilling:  # its last prompt row samples its first token
+                    rows.append(len(slots) - 1)
+                    reqs.append(req)
+                    positions.append(req.fed - 1)
+        if not slots:
+            return None
+        host = torch.tensor(tokens, dtype=torch.long, device=dev)
+        inputs = host if ahead is None or not len(from_device) else torch.cat((from_device, host))
+        logits = self.decode_step(inputs, torch.tensor(slots, device=dev), torch.tensor(fed, device=dev), max(fed) + 1)
+        if len(rows) != len(slots):
+            logits = logits[torch.tensor(rows, device=dev)]
         picked = logits.argmax(-1)
         self.steps += 1
         if picked.is_cuda:
-            host = torch.empty(picked.shape, dtype=picked.dtype, pin_memory=True)
-            host.copy_(picked, non_blocking=True)
+            copy = torch.empty(picked.shape, dtype=picked.dtype, pin_memory=True)
+            copy.copy_(picked, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record()
-            return Ahead(reqs, picked, host, ready, positions)
-        return Ahead(reqs, picked, picked, None, positions)
+            return Ahead(reqs, picked, copy, ready, positions, len(slots))
+        return Ahead(reqs, picked, picked, None, positions, len(slots))
 
     def _plan(self, decoding: list[Request], prompting: list[Request]):
         """One step's inputs: decoding sequences first (one token each), then prompt chunks within the step's
