@@ -14,6 +14,10 @@ round trip from the python backend's stub to Triton (~150-370 µs on a 2-core CP
 so is asking whether a request was cancelled (~100 µs). So a streaming request gets its first token at once
 and then one response per `stream_interval` tokens (0: automatic, about ROWS_PER_STEP responses per step in
 all), and cancellation is polled every step only while requests wait for a slot, else every CANCEL_EVERY steps.
+
+With `overlap` (the server turns it on with CUDA graphs), the host's work for a step runs while the device runs
+the next one: step N+1 is launched with step N's greedy tokens still on the device, then N's tokens are read and
+its rows advanced (`_overlapped`, `_launch`); a row that N turns out to end is dropped from N+1's results.
 """
 
 from __future__ import annotations
