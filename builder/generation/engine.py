@@ -345,7 +345,7 @@ class Engine:
             copy = torch.empty(picked.shape, dtype=picked.dtype, pin_memory=True)
             copy.copy_(picked, non_blocking=True)
             ready = torch.cuda.Event()
-            ready.record()
+            ready.record(torch.cuda.current_stream(picked.device))  # this thread's current device may differ
             return Ahead(reqs, picked, copy, ready, positions, len(slots))
         return Ahead(reqs, picked, picked, None, positions, len(slots))
 
