@@ -112,6 +112,25 @@ def test_overlapped_decode_steps_give_the_same_outputs(llama, sampled, monkeypat
     assert engine.ahead is None and len(engine.free) == 3
 
 
+@pytest.mark.gpu
+def test_overlapped_steps_with_cuda_graphs_give_the_same_outputs(llama):
+    """The served GPU setup: graphed steps, prompts through the graphs, overlap with pinned copies and events."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from builder.generation.decoder import Graphs
+
+    tok, model = llama
+    config, weights = hf2decoder.convert(model, (tok.eos_token_id,))
+
+    def engine(overlap):
+        dec = Decoder(config, {k: v.cuda() for k, v in weights.items()})
+        e = eng.Engine(dec, tok, max_sequences=3, max_total_tokens=48, prefill_chunk=5)
+        e.decode_step, e.graphed_prompts, e.overlap = Graphs(dec, length_bucket=16, max_rows=3 + 5), True, overlap
+        return e
+
+    assert _scenario(engine(True), tok, False) == _scenario(engine(False), tok, False)
+
+
 def test_streamed_pieces_add_up_to_the_text_and_never_split_a_character(llama):
     tok, model = llama
     engine = _engine(tok, model)
