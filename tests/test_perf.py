@@ -397,6 +397,20 @@ def test_run_perf_keep_going_measures_the_variants_after_a_failure(fake_pa, tmp_
     assert manifest["complete"] is False
 
 
+def test_perf_cli_passes_keep_going(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import builder.perf
+    from builder.cli import app
+
+    seen = {}
+    monkeypatch.setattr(builder.perf, "run_perf", lambda repo, **kw: seen.update(kw) or tmp_path)
+    for args, want in (([], False), (["--keep-going"], True)):
+        result = CliRunner().invoke(app, ["perf", str(tmp_path), "--url", "127.0.0.1:1", *args])
+        assert result.exit_code == 0, result.output
+        assert seen["keep_going"] is want
+
+
 # --------------------------------------------------------------------------- report (recorded run)
 
 @pytest.fixture
