@@ -112,6 +112,27 @@ def test_overlapped_decode_steps_give_the_same_outputs(llama, sampled, monkeypat
     assert engine.ahead is None and len(engine.free) == 3
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlapped"])
+def test_a_failing_step_fails_its_requests_and_the_engine_serves_on(llama, overlap):
+    tok, model = llama
+    engine = _engine(tok, model)
+    engine.overlap = engine.graphed_prompts = overlap
+    real, calls = engine.decoder.decode, []
+
+    def flaky(*args):  # the 4th step fails (a CUDA error, say), then the device works again
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("device lost")
+        return real(*args)
+
+    engine.decode_step = flaky
+    failed = eng.generate(engine, [tok(PROMPTS[0])["input_ids"]], 20)
+    assert failed[0].finished and failed[0].error == "generation failed: RuntimeError: device lost"
+    assert engine.ahead is None and not engine.running and len(engine.free) == 3
+    again = eng.generate(engine, [tok(PROMPTS[0])["input_ids"]], 20)
+    assert again[0].error is None and again[0].finish_reason in ("length", "stop") and again[0].token_ids
+
+
 @pytest.mark.gpu
 def test_overlapped_steps_with_cuda_graphs_give_the_same_outputs(llama):
     """The served GPU setup: graphed steps, prompts through the graphs, overlap with pinned copies and events."""

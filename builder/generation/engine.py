@@ -242,8 +242,7 @@ class Engine:
             else:  # the ragged forward: decoding rows together, then each prompt chunk over its own prefix
                 logits = self.decoder(torch.tensor(tokens, dtype=torch.long, device=dev), seqs, last)
         except Exception as exc:  # noqa: BLE001 - the requests get the error; the engine keeps serving
-            for req in list(self.running):
-                self._finish(req, "", error=f"generation failed: {type(exc).__name__}: {exc}", flush=False)
+            self._fail_running(exc)
             return
         t2 = time.perf_counter()
         self.steps += 1
@@ -274,13 +273,18 @@ class Engine:
             return False
         running = set(map(id, self.running))  # cancelled requests have left already
         t1 = time.perf_counter()
-        nxt = self._launch(ahead, running) if can else None
-        t2 = time.perf_counter()
-        picked = []
-        if ahead is not None:
-            if ahead.ready is not None:
-                ahead.ready.synchronize()  # step N only; N+1 runs on
-            picked = ahead.host.tolist()
+        try:
+            nxt = self._launch(ahead, running) if can else None
+            t2 = time.perf_counter()
+            picked = []
+            if ahead is not None:
+                if ahead.ready is not None:
+                    ahead.ready.synchronize()  # step N only; N+1 runs on
+                picked = ahead.host.tolist()
+        except Exception as exc:  # noqa: BLE001 - as in a plain step: the requests get the error, serving goes on
+            self.ahead = None
+            self._fail_running(exc)
+            return True
         t3 = time.perf_counter()
         for req, token in zip(ahead.reqs if ahead else [], picked):
             if id(req) in running:  # finished earlier rows have no next row; a request appears once
@@ -295,6 +299,10 @@ class Engine:
         self.clocked_rows += nxt.rows
         self.ended = t4
         return True
+
+    def _fail_running(self, exc: Exception) -> None:
+        for req in list(self.running):
+            self._finish(req, "", error=f"generation failed: {type(exc).__name__}: {exc}", flush=False)
 
     def _launch(self, ahead: "Ahead | None", running: set[int]) -> "Ahead | None":
         """Launch a greedy step: first the rows of the step ahead that go on (their tokens are on the device),
