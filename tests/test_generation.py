@@ -133,6 +133,34 @@ def test_a_failing_step_fails_its_requests_and_the_engine_serves_on(llama, overl
     assert again[0].error is None and again[0].finish_reason in ("length", "stop") and again[0].token_ids
 
 
+def test_a_step_that_fails_outside_the_model_answers_every_request_and_the_engine_runs_on(llama, monkeypatch):
+    import threading
+
+    tok, model = llama
+    engine = _engine(tok, model, slots=1)  # one runs, one waits: both must be answered
+    real, calls = engine._plan, []
+    monkeypatch.setattr(engine, "_plan", lambda *a: calls.append(1) or (1 / 0 if len(calls) == 3 else real(*a)))
+    answers = {i: threading.Event() for i in range(3)}
+    finals = {}
+
+    def keep(i):
+        return lambda out: out.finished and (finals.__setitem__(i, out), answers[i].set())
+
+    stop = threading.Event()
+    thread = threading.Thread(target=engine.run, args=(stop,), daemon=True)
+    for i in range(2):
+        engine.submit(eng.Request(tok(PROMPTS[i])["input_ids"], 20, emit=keep(i)))
+    thread.start()
+    try:
+        assert answers[0].wait(60) and answers[1].wait(60)
+        assert {finals[i].error for i in (0, 1)} == {"generation failed: ZeroDivisionError: division by zero"}
+        engine.submit(eng.Request(tok(PROMPTS[2])["input_ids"], 5, emit=keep(2)))
+        assert answers[2].wait(60) and finals[2].error is None and finals[2].token_ids
+    finally:
+        stop.set()
+        thread.join(10)
+
+
 @pytest.mark.gpu
 def test_overlapped_steps_with_cuda_graphs_give_the_same_outputs(llama):
     """The served GPU setup: graphed steps, prompts through the graphs, overlap with pinned copies and events."""

@@ -183,14 +183,23 @@ class Engine:
         self.inbox.put(req)
 
     def run(self, stop: threading.Event) -> None:
-        """Step until `stop` is set; sleeps on the inbox while idle."""
+        """Step until `stop` is set; sleeps on the inbox while idle. A step that fails outside the model call
+        (a bug, say) fails the requests in flight with its error rather than leaving their clients waiting."""
         while not stop.is_set():
             if not self.running and not self.waiting:
                 try:
                     self.waiting.append(self.inbox.get(timeout=0.1))
                 except queue.Empty:
                     continue
-            self.step()
+            try:
+                self.step()
+            except Exception as exc:  # noqa: BLE001 - every request gets an answer; the engine goes on
+                self.ahead = None
+                self._fail_running(exc)
+                for req in self.waiting:
+                    self._emit(req, Output("", True, "", len(req.prompt), 0,
+                                           f"generation failed: {type(exc).__name__}: {exc}", []))
+                self.waiting.clear()
 
     # -- one scheduler step (engine thread) --
     def summary(self) -> str:
