@@ -247,6 +247,10 @@ def main() -> int:
                      prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens)
     import pandas as pd
 
+    log = work / "tritonserver.log"  # each served model logs its step clock when it unloads (Engine.summary)
+    env["step_clock"] = [line.split("generation engine of ", 1)[1].rstrip('"') for line in
+                         (log.read_text(errors="replace").splitlines() if log.exists() else [])
+                         if "generation engine of " in line]
     frame = pd.read_csv(results / "llm.csv")
     lines = [f"# GPU LLM bench ({env.get('nvidia_smi') or device})", "",
              f"Llama-3.2-1B shape, {args.layers} layers, random weights; prompt {args.prompt_tokens} tokens, "
@@ -263,7 +267,8 @@ def main() -> int:
         f"batch {b}: {v['ms_per_step']} ms/step ({v['tokens_per_s']} tok/s)" for b, v in env["hf_generate"].items()), ""]
     for name in names:
         lines.append(f"- {name}: " + "; ".join(verdict(frame[frame["variant"] == name].to_dict("records"))))
-    lines += ["", "Decode step in-process (ms): " + json.dumps(env["decode_step_ms"])]
+    lines += ["", "Decode step in-process (ms): " + json.dumps(env["decode_step_ms"]), "",
+              "Served step clock (whole run, each model): " + ("; ".join(env["step_clock"]) or "not in the log")]
     env["total_seconds"] = round(time.time() - t0, 1)
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     (out / "env.json").write_text(json.dumps(env, indent=1, default=str))

@@ -79,6 +79,7 @@ class TritonPythonModel:
         from tokenizers import Tokenizer
 
         self.config = json.loads(args["model_config"])
+        self.name = args.get("model_name", self.config.get("name", ""))
         p = _params(self.config)
         self.limits = {k: int(p[k]) for k in ("max_prompt_tokens", "max_total_tokens", "max_tokens")}
         threads = int(p.get("threads", "0"))
@@ -218,6 +219,6 @@ class TritonPythonModel:
     def finalize(self):
         self.stop.set()
         self.thread.join(timeout=10)
-        pb_utils.Logger.log_info(f"generation engine: {self.engine.summary()}")
+        pb_utils.Logger.log_info(f"generation engine of {self.name}: {self.engine.summary()}")
         self.outbox.put(None)  # after the engine: what it emitted last still goes out
         self.sending.join(timeout=10)
