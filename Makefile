@@ -116,7 +116,7 @@ bench-bundle: setup ## Prepare .bundle/ (server + wheels, < 64 MiB) for the GPU 
 bench-gpu: ## On a GPU machine (no registry needed): build, serve, measure, report into RESULTS_GPU
 	perf/gpu/bench.sh $(RESULTS_GPU)
 
-bench-gpu-llm: ## On a GPU machine: Llama-3.2-1B shape, our torch endpoint (bf16, graphs, inductor, int8, int4) vs HF generate, into RESULTS_GPU-llm
+bench-gpu-llm: ## On a GPU machine: Llama-3.2-1B shape, our torch endpoint (bf16 inductor + graphs, int8, int4; eager and graphs timed in-process) vs HF generate, into RESULTS_GPU-llm
 	DRIVER=perf/gpu/llm_bench.py perf/gpu/bench.sh $(RESULTS_GPU)-llm
 
 bench-gpu-scaling: ## On the 2-GPU machine: BERT-base bf16 graphs on 1 GPU vs 2 GPUs, one run, into RESULTS_GPU-scaling
