@@ -113,6 +113,8 @@ def serve(
     gpus: bool = typer.Option(False, help="Request GPUs (docker runtime)."),
     check: bool = typer.Option(True, help="Send one request to every model after start-up and compare with the build."),
     once: bool = typer.Option(False, help="Stop right after the self-check (for scripts and CI)."),
+    log: Optional[Path] = typer.Option(None, help="Keep the server's log in this file (text-generation models "
+                                                  "write where their steps' time went to it when they unload)."),
     openai_port: Optional[int] = typer.Option(None, help="Also serve an OpenAI-compatible API (/v1/completions, "
                                                          "/v1/chat/completions) for text-generation models on this port."),
 ) -> None:
@@ -138,7 +140,7 @@ def serve(
         with start_server(repo, chosen, http_port=http_port or None, grpc_port=grpc_port or None,
                           metrics_port=metrics_port or None, host=host,
                           tritonserver=tritonserver, image=image or DEFAULT_IMAGE, gpus=gpus,
-                          stub_python=stub_python) as server:
+                          stub_python=stub_python, log_path=log) as server:
             err.print(f"[green]ready[/]: {len(server.models)} models ({chosen} runtime)")
             err.print(f"  HTTP    http://{server.http_url}\n  gRPC    {server.grpc_url}\n  metrics http://{server.metrics_url}/metrics")
             if check:

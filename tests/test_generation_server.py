@@ -31,6 +31,20 @@ def served(tmp_path_factory):
         yield server, repo
 
 
+def test_serve_keeps_its_log_with_the_engine_step_clock(served, tmp_path):
+    from typer.testing import CliRunner
+
+    from builder.cli import app
+
+    _, repo = served
+    log = tmp_path / "logs" / "server.log"
+    result = CliRunner().invoke(app, ["serve", str(repo), "--once", "--runtime", "local", "--http-port", "0",
+                                      "--grpc-port", "0", "--metrics-port", "0", "--log", str(log)])
+    assert result.exit_code == 0, result.output
+    [line] = [x for x in log.read_text().splitlines() if "generation engine of tiny: " in x]
+    assert " steps, " in line and all(f"{k} " in line for k in ("plan", "model", "wait", "advance", "between"))
+
+
 def test_streams_add_up_to_the_generated_text(served):
     server, _ = served
     for text in ("Triton serves", "Ünïcödé 🚀 ç"):
