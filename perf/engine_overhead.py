@@ -50,7 +50,7 @@ def main() -> int:
         tok = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
     config, weights = hf2decoder.convert(model, (hf_tok.eos_token_id,))
     ids = tok.encode("Triton serves models").ids
-    clean = [t for t in range(3, config.vocab_size) if tok.decode([t]).strip() and "\ufffd" not in tok.decode([t])][:16]
+    clean = [t for t in range(3, config.vocab_size) if (text := tok.decode([t])).strip() and "\ufffd" not in text][:16]
     for rows in (int(r) for r in args.rows.split(",")):
         engine = eng.Engine(Decoder(config, weights), tok, max_sequences=rows, max_total_tokens=1024, prefill_chunk=512)
         # no model: the engine alone. The logits pick whole-text tokens, a different one each step (fixed random

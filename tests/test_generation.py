@@ -161,18 +161,24 @@ def test_a_step_that_fails_outside_the_model_answers_every_request_and_the_engin
         thread.join(10)
 
 
+def _on_cuda(llama):
+    """The tiny llama's tokenizer, decoder config and weights on the GPU (the test is skipped without one)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    tok, model = llama
+    config, weights = hf2decoder.convert(model, (tok.eos_token_id,))
+    return tok, config, {k: v.cuda() for k, v in weights.items()}
+
+
 @pytest.mark.gpu
 def test_overlapped_steps_with_cuda_graphs_give_the_same_outputs(llama):
     """The served GPU setup: graphed steps, prompts through the graphs, overlap with pinned copies and events."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
     from builder.generation.decoder import Graphs
 
-    tok, model = llama
-    config, weights = hf2decoder.convert(model, (tok.eos_token_id,))
+    tok, config, weights = _on_cuda(llama)
 
     def engine(overlap):
-        dec = Decoder(config, {k: v.cuda() for k, v in weights.items()})
+        dec = Decoder(config, weights)
         e = eng.Engine(dec, tok, max_sequences=3, max_total_tokens=48, prefill_chunk=5)
         e.decode_step, e.graphed_prompts, e.overlap = Graphs(dec, length_bucket=16, max_rows=3 + 5), True, overlap
         return e
@@ -453,13 +459,10 @@ def test_the_gpu_bench_spec_is_valid_for_every_variant(tmp_path):
 
 @pytest.mark.gpu
 def test_cuda_graph_replays_equal_the_eager_decode_step(llama):
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
     from builder.generation.decoder import Graphs
 
-    tok, model = llama
-    config, weights = hf2decoder.convert(model, (tok.eos_token_id,))
-    dec = Decoder(config, {k: v.cuda() for k, v in weights.items()})
+    _, config, weights = _on_cuda(llama)
+    dec = Decoder(config, weights)
     dec.allocate(4, 64)
     for slot in range(4):
         dec(torch.randint(3, 200, (9,), device="cuda"), [(slot, 0, 9)])

@@ -125,6 +125,12 @@ class Detokenizer:
         return ""
 
 
+def rows_of(seqs: list[tuple[int, int, int]]) -> tuple[list[int], list[int]]:
+    """The cache slot and the position of every row of (slot, start position, count) sequences."""
+    return ([slot for slot, _, n in seqs for _ in range(n)],
+            [p for _, start, n in seqs for p in range(start, start + n)])
+
+
 def sample(logits: torch.Tensor, req: Request) -> int:
     """Greedy when temperature is 0; else temperature, top-k, top-p, then a draw from the request's generator."""
     if req.temperature <= 0:
@@ -195,10 +201,7 @@ class Engine:
                 self.step()
             except Exception as exc:  # noqa: BLE001 - every request gets an answer; the engine goes on
                 self.ahead = None
-                self._fail_running(exc)
-                for req in self.waiting:
-                    self._emit(req, Output("", True, "", len(req.prompt), 0,
-                                           f"generation failed: {type(exc).__name__}: {exc}", []))
+                self._fail(self.running + self.waiting, exc)
                 self.waiting.clear()
 
     # -- one scheduler step (engine thread) --
@@ -237,39 +240,29 @@ class Engine:
         decoding = [r for r in self.running if not r.prefilling]
         prompting = [r for r in self.running if r.prefilling]
         tokens, seqs, last, sampled = self._plan(decoding, prompting)
-        counts = [n for _, _, n in seqs]
         dev = self.decoder.device
         t1 = time.perf_counter()
         try:
             if not prompting or self.graphed_prompts:  # the tensor-only step, a row per token (CUDA graphs where set)
-                positions = [p for _, start, n in seqs for p in range(start, start + n)]
-                logits = self.decode_step(torch.tensor(tokens, device=dev),
-                                          torch.tensor([slot for slot, _, n in seqs for _ in range(n)], device=dev),
+                slots, positions = rows_of(seqs)
+                logits = self.decode_step(torch.tensor(tokens, device=dev), torch.tensor(slots, device=dev),
                                           torch.tensor(positions, device=dev), max(positions) + 1)
                 if prompting:  # a row per sequence: its last token's
                     logits = logits[torch.tensor(last, device=dev)]
             else:  # the ragged forward: decoding rows together, then each prompt chunk over its own prefix
                 logits = self.decoder(torch.tensor(tokens, dtype=torch.long, device=dev), seqs, last)
         except Exception as exc:  # noqa: BLE001 - the requests get the error; the engine keeps serving
-            self._fail_running(exc)
+            self._fail(self.running, exc)
             return
         t2 = time.perf_counter()
         self.steps += 1
-        rows = [i for i, (req, n) in enumerate(zip(sampled, counts)) if req.fed + n >= len(req.prompt)]
-        for req, n in zip(sampled, counts):
-            if req.prefilling:
-                req.fed += n
+        rows = self._feed(sampled, seqs)
         greedy = [i for i in rows if sampled[i].temperature <= 0]
         picked = dict(zip(greedy, logits[greedy].argmax(-1).tolist())) if greedy else {}  # one sync for all greedy rows
         t3 = time.perf_counter()
         for i in rows:
             self._advance(sampled[i], picked[i] if i in picked else sample(logits[i], sampled[i]))
-        t4 = time.perf_counter()
-        for key, dt in zip(self.clock, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
-            self.clock[key] += dt
-        self.clocked += 1
-        self.clocked_rows += len(tokens)
-        self.ended = t4 if self.running else None
+        self._tally((t0, t1, t2, t3, time.perf_counter()), len(tokens))
 
     def _overlapped(self, t0: float) -> bool:
         """The overlapped step (see `overlap`): launch the next step, its decoding rows fed from the step ahead's
@@ -292,26 +285,39 @@ class Engine:
                 picked = ahead.host.tolist()
         except Exception as exc:  # noqa: BLE001 - as in a plain step: the requests get the error, serving goes on
             self.ahead = None
-            self._fail_running(exc)
+            self._fail(self.running, exc)
             return True
         t3 = time.perf_counter()
         for req, token in zip(ahead.reqs if ahead else [], picked):
             if id(req) in running:  # finished earlier rows have no next row; a request appears once
                 self._advance(req, token)
         self.ahead = nxt
-        t4 = time.perf_counter()
-        for key, dt in zip(self.clock, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
-            self.clock[key] += dt
-        if nxt is None:
-            return False
-        self.clocked += 1
-        self.clocked_rows += nxt.rows
-        self.ended = t4
-        return True
+        self._tally((t0, t1, t2, t3, time.perf_counter()), nxt.rows if nxt else 0)
+        return nxt is not None
 
-    def _fail_running(self, exc: Exception) -> None:
-        for req in list(self.running):
+    def _tally(self, marks: tuple[float, ...], rows: int) -> None:
+        """Add a step's phases (plan, model, wait, advance: the gaps between `marks`) to the clock; a step that
+        ran `rows` rows counts as one, and the time to the next step is `between` while sequences run."""
+        for key, start, end in zip(self.clock, marks, marks[1:]):
+            self.clock[key] += end - start
+        if rows:
+            self.clocked += 1
+            self.clocked_rows += rows
+            self.ended = marks[-1] if self.running else None
+
+    def _fail(self, reqs: list[Request], exc: Exception) -> None:
+        """Answer `reqs` (running or waiting) with the error; their slots come back."""
+        for req in list(reqs):
             self._finish(req, "", error=f"generation failed: {type(exc).__name__}: {exc}", flush=False)
+
+    def _feed(self, sampled: list[Request], seqs: list[tuple[int, int, int]]) -> list[int]:
+        """After a step of `_plan`'s sequences: the prompt tokens fed count as fed; returns the indexes of the
+        sequences that sample a token (decoding ones, and those whose prompt ended in this step)."""
+        rows = [i for i, (req, (_, _, n)) in enumerate(zip(sampled, seqs)) if req.fed + n >= len(req.prompt)]
+        for req, (_, _, n) in zip(sampled, seqs):
+            if req.prefilling:
+                req.fed += n
+        return rows
 
     def _launch(self, ahead: "Ahead | None", running: set[int]) -> "Ahead | None":
         """Launch a greedy step: first the rows of the step ahead that go on (their tokens are on the device),
@@ -327,28 +333,18 @@ class Engine:
             from_device = ahead.tokens if len(keep) == len(ahead.reqs) else \
                 ahead.tokens[torch.tensor(keep, dtype=torch.long, device=ahead.tokens.device)]
         flying = set(map(id, ahead.reqs)) if ahead is not None else set()
-        tokens, slots, rows = [], [r.slot for r in reqs], list(range(len(reqs)))
-        for req in self.running:
-            if not req.prefilling and id(req) not in flying:
-                rows.append(len(slots))
-                reqs.append(req)
-                tokens.append(req.output[-1])
-                slots.append(req.slot)
-                positions.append(len(req.prompt) + len(req.output) - 1)
-        fed = list(positions)  # the position of each row; prompt rows are added below
-        budget = self.prefill_chunk
-        for req in self.running:
-            if req.prefilling and budget > 0:
-                n = min(budget, len(req.prompt) - req.fed)
-                budget -= n
-                tokens.extend(req.prompt[req.fed:req.fed + n])
-                slots.extend([req.slot] * n)
-                fed.extend(range(req.fed, req.fed + n))
-                req.fed += n
-                if not req.prefilling:  # its last prompt row samples its first token
-                    rows.append(len(slots) - 1)
-                    reqs.append(req)
-                    positions.append(req.fed - 1)
+        # after the device-fed rows: decoding rows whose last token is on the host, then prompt chunks
+        tokens, seqs, last, sampled = self._plan(
+            [r for r in self.running if not r.prefilling and id(r) not in flying],
+            [r for r in self.running if r.prefilling])
+        host_slots, host_fed = rows_of(seqs)
+        offset = len(reqs)
+        slots, fed, rows = [r.slot for r in reqs] + host_slots, positions + host_fed, list(range(offset))
+        for i in self._feed(sampled, seqs):  # decoding rows, and prompts that end here (their first token)
+            _, start, n = seqs[i]
+            rows.append(offset + last[i])
+            reqs.append(sampled[i])
+            positions.append(start + n - 1)
         if not slots:
             return None
         host = torch.tensor(tokens, dtype=torch.long, device=dev)
