@@ -130,6 +130,12 @@ def serve(
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
+        if log is not None:  # a log that cannot be written is a one-line error before anything starts
+            try:
+                log.parent.mkdir(parents=True, exist_ok=True)
+                log.touch()
+            except OSError as exc:
+                raise UserError(f"--log {log}: {exc.strerror}; give a file path that can be written") from None
         validate_repository(repo)
         chosen = _pick_runtime(runtime, repo)
         if (repo / "triton-builder.json").is_file():

@@ -423,6 +423,14 @@ def test_serve_has_the_stub_python_flag_its_messages_name(factories, tmp_path):
     assert "give --stub-python" in line and str(tmp_path / "no-python") in line
 
 
+def test_serve_refuses_a_log_it_cannot_write_in_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    result = CliRunner().invoke(app, ["serve", str(tmp_path / "repo"), "--once", "--log", str(tmp_path / "file" / "x.log")])
+    assert result.exit_code == 2, result.output
+    [line] = error_lines(result.output)
+    assert line.startswith(f"error: --log {tmp_path / 'file' / 'x.log'}: ") and "can be written" in line
+
+
 def test_docs_named_in_code_and_config_exist():
     import re
 
