@@ -415,9 +415,36 @@ def test_batched_decode_and_its_padding_give_the_rows_of_the_ragged_step(llama):
     torch.testing.assert_close(batched, ragged, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(padded[:3], batched, rtol=1e-5, atol=1e-5)
     graphs = Graphs.__new__(Graphs)
-    graphs.dec, graphs.length_bucket = dec, 16
-    graphs.batches = sorted({b for b in Graphs.BATCHES if b < dec.scratch} | {dec.scratch})
-    assert [graphs.bucket(b, n) for b, n in [(1, 1), (2, 17), (3, 64)]] == [(1, 16), (2, 32), (3, 64)]
+    Graphs.__init__(graphs, dec, length_bucket=16, max_rows=3 + 8)  # capture() needs CUDA; bucketing does not
+    assert [graphs.bucket(b, n) for b, n in [(1, 1), (2, 17), (3, 64)]] == [(1, 16, False), (2, 32, False), (3, 64, False)]
+    assert graphs.bucket(9, 5, True) == (11, 16, True) and graphs.decode_batches == [1, 2, 3]
+    assert graphs.keys() == [(b, 16, False) for b in (1, 2, 3)] + [(b, 16, True) for b in (1, 2, 4, 8, 11)]
+
+
+def test_a_mixed_step_gives_the_logits_of_the_ragged_step(llama):
+    """decode() with prompt rows (`decoding`, `picks`: how graphed steps run prompt chunks): decoding rows, then
+    a chunk that continues a prompt (its prefix is in the cache), then a new prompt's first chunk, padded as a
+    graph bucket pads them: the picked rows' logits equal the ragged forward's, and so does the cache after it."""
+    tok, model = llama
+    config, weights = hf2decoder.convert(model, (tok.eos_token_id,))
+    dec = Decoder(config, weights)
+    dec.allocate(4, 64)
+    for slot, n in [(0, 7), (1, 12), (2, 6)]:  # slot 2: a prompt whose first 6 tokens went in an earlier step
+        dec(torch.randint(3, 200, (n,)), [(slot, 0, n)])
+    snapshot = [c.clone() for c in dec.k_cache + dec.v_cache]
+    seqs = [(0, 7, 1), (1, 12, 1), (2, 6, 5), (3, 0, 4)]
+    tokens = torch.randint(3, 200, (11,))
+    ragged = dec(tokens, seqs)
+    after = [c.clone() for c in dec.k_cache + dec.v_cache]
+    for c, saved in zip(dec.k_cache + dec.v_cache, snapshot):
+        c.copy_(saved)
+    slots, positions = eng.rows_of(seqs)
+    pad = lambda t, value: torch.nn.functional.pad(torch.tensor(t), (0, 3), value=value)  # noqa: E731
+    mixed = dec.decode(pad(tokens.tolist(), 0), pad(slots, dec.scratch), pad(positions, 0), 16,
+                       torch.tensor([2]), torch.tensor([0, 1, 6, 10]))
+    torch.testing.assert_close(mixed, ragged, rtol=1e-5, atol=1e-5)
+    for c, want in zip(dec.k_cache + dec.v_cache, after):
+        torch.testing.assert_close(c[:4], want[:4])  # every real slot; the scratch slot took the padding
 
 
 def test_prompt_steps_through_the_tensor_only_step_give_the_same_tokens(llama):
@@ -436,6 +463,19 @@ def test_prompt_steps_through_the_tensor_only_step_give_the_same_tokens(llama):
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert max(calls) > 3  # prompt tokens went through decode(), several rows of one sequence in a call
     assert not flat.running and len(flat.free) == 3
+
+
+def test_only_the_first_chunk_of_a_step_continues_a_prompt(llama):
+    """Mixed steps give the cached prefix to the step's first prompt chunk only (Decoder.decode): a prompt that
+    is under way and not first waits for the next step, whatever the budget."""
+    tok, model = llama
+    engine = _engine(tok, model, slots=3, total=96, chunk=64)
+    new, started, other = (eng.Request(list(range(5, 5 + n)), 4, emit=lambda o: None) for n in (6, 9, 7))
+    started.fed = 4
+    _, seqs, _, _ = engine._plan([], [new, started, other])
+    assert [n for _, _, n in seqs] == [6]  # `started` waits, and `other` behind it
+    _, seqs, _, _ = engine._plan([], [started, new, other])
+    assert [(start, n) for _, start, n in seqs] == [(4, 5), (0, 6), (0, 7)]
 
 
 def test_the_gpu_bench_spec_is_valid_for_every_variant(tmp_path):
@@ -472,13 +512,15 @@ def test_cuda_graph_replays_equal_the_eager_decode_step(llama):
         slots, positions = torch.arange(rows, device="cuda"), torch.full((rows,), 9, device="cuda")
         eager = dec.decode(tokens, slots, positions, 10).clone()
         torch.testing.assert_close(graphs(tokens, slots, positions, 10), eager, rtol=1e-4, atol=1e-4)
-    # a prompt chunk of 8 tokens of slot 0 plus 2 decoding rows: 10 rows, above the slots (the engine's prompt steps)
+    # 2 decoding rows, then a chunk of 8 tokens continuing slot 0's prompt: 10 rows, above the slots (a mixed step)
     graphs = Graphs(dec, length_bucket=16, max_rows=4 + 8)
     tokens = torch.randint(3, 200, (10,), device="cuda")
     slots = torch.tensor([1, 2] + [0] * 8, device="cuda")
     positions = torch.tensor([9, 9] + list(range(9, 17)), device="cuda")
-    eager = dec.decode(tokens, slots, positions, 17).clone()
-    torch.testing.assert_close(graphs(tokens, slots, positions, 17), eager, rtol=1e-4, atol=1e-4)
+    mixed = (torch.tensor([2], device="cuda"), torch.tensor([0, 1, 9], device="cuda"))
+    eager = dec.decode(tokens, slots, positions, 17, *mixed).clone()
+    torch.testing.assert_close(graphs(tokens, slots, positions, 17, *mixed), eager, rtol=1e-4, atol=1e-4)
+    assert list(graphs.graphs) == [(12, 32, True)]  # the mixed bucket of 10 rows
 
 
 def test_graph_buckets_above_compiled_rows_capture_the_plain_step(llama):
@@ -516,3 +558,11 @@ def test_inductor_compiled_decode_step_equals_eager(llama):
         tokens, slots, positions = torch.randint(3, 200, (rows,)), torch.arange(rows), torch.full((rows,), 9)
         eager = dec.decode(tokens, slots, positions, length)
         torch.testing.assert_close(compiled(tokens, slots, positions, length), eager, rtol=1e-4, atol=1e-4)
+    # mixed steps (prompt rows after decoding ones), below and above the slots: the rows past them never decode
+    for rows, decoding in [(4, 2), (8, 1)]:
+        tokens = torch.randint(3, 200, (rows,))
+        slots = torch.tensor(list(range(decoding)) + [3] * (rows - decoding))
+        positions = torch.tensor([9] * decoding + list(range(9, 9 + rows - decoding)))
+        args = (tokens, slots, positions, 32, torch.tensor([decoding]), torch.tensor(list(range(decoding)) + [rows - 1]))
+        eager = dec.decode(*args)
+        torch.testing.assert_close(compiled(*args), eager, rtol=1e-4, atol=1e-4)

@@ -13,10 +13,11 @@ slot for padding rows); new keys and values are written in place.
 
 `decode` is the step where every row is one token at its own (slot, position): tensors in, logits out, no
 Python lists, so it can be captured as a CUDA graph (`Graphs`: one per batch bucket and cache-length bucket,
-padded rows write into the scratch slot) and compiled by inductor. A prompt chunk fits it too, one row per
-token (same slot, consecutive positions): each row writes its key and value before any row attends, and the
-per-row mask (keys up to the row's own position) makes the chunk causal. The engine runs prompt steps that way
-on a GPU with graphs (an eager prompt step cost ~15 ms of launches on the H100, a graphed one ~2 ms).
+padded rows write into the scratch slot) and compiled by inductor. Prompt chunks fit it too, one row per
+token, packed after the decoding rows (a mixed step): a decoding row attends over its slot's cache, a prompt
+row over this step's rows of its own sequence (and, for the step's first chunk, the cached prefix), so a
+prompt row never gathers a whole cache slot of its own. The engine runs prompt steps that way on a GPU with
+graphs (an eager prompt step cost ~15 ms of launches on the H100; a graphed one ~2 ms).
 """
 
 from __future__ import annotations
@@ -177,29 +178,72 @@ class Decoder(torch.nn.Module):
                 logits_rows.append(total - 1)
         return self._logits(x[logits_rows])
 
-    def decode(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
-        """Every row decodes one token: tokens, slots, positions [B]; keys up to `length` (> every position).
-        Returns logits [B, vocab] in fp32. Shapes depend on B and `length` only (CUDA graphs, inductor).
-        no_grad rather than inference_mode: torch.compile cannot trace inference tensors."""
+    def decode(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, length: int,
+               decoding: torch.Tensor | None = None, picks: torch.Tensor | None = None) -> torch.Tensor:
+        """Every row is one token at its own (slot, position): tokens, slots, positions [B]; keys up to `length`
+        (> every position). Shapes depend on B, `length` and whether `decoding`/`picks` are given only (CUDA
+        graphs, inductor); no_grad rather than inference_mode: torch.compile cannot trace inference tensors.
+
+        decoding: None when every row decodes (attends over its slot's cache). Else a [1] tensor D: rows from D on
+        are prompt chunks (a row per token), which attend over this step's own rows of their sequence, and the
+        first of them (row D) over its sequence's cached prefix too: only the first chunk of a step may continue
+        a prompt (Engine._plan). So a prompt row does not gather its sequence's cache as a decoding row does.
+        picks: the rows whose logits are wanted (default: every row). Returns logits [len(picks), vocab] in fp32."""
         with torch.no_grad():
-            x = self._layers(tokens, positions,
-                             lambda layer, q, k, v: self._attend_decoding(layer, q, k, v, slots, positions, length))
-            return self._logits(x)
+            if decoding is None:
+                def attend(layer, q, k, v):
+                    return self._attend_decoding(layer, q, k, v, slots, positions, length)
+            else:
+                attend = self._mixed(slots, positions, length, decoding)
+            x = self._layers(tokens, positions, attend)
+            return self._logits(x if picks is None else x[picks])
 
     def _attend_decoding(self, layer: int, q, k, v, slots, positions, length: int) -> torch.Tensor:
-        """Rows with one new token each: write k/v at (slot, position), then attend every row at once over its
-        slot's first `length` cache entries, masked to the row's own prefix. Grouped-query attention by
-        folding each kv head's query heads into the query axis."""
+        """Rows with one new token each: write k/v at (slot, position) (unless k is None: written already), then
+        attend every row at once over its slot's first `length` cache entries, masked to the row's own prefix.
+        Grouped-query attention by folding each kv head's query heads into the query axis."""
         c = self.config
         kc, vc = self.k_cache[layer], self.v_cache[layer]
-        kc[slots, :, positions] = k
-        vc[slots, :, positions] = v
+        if k is not None:
+            kc[slots, :, positions] = k
+            vc[slots, :, positions] = v
         keys, values = kc[slots, :, :length], vc[slots, :, :length]  # [B, kv_heads, length, d]
         group = c.num_heads // c.num_kv_heads
         qs = q.view(-1, c.num_kv_heads, group, c.head_dim)
         mask = (torch.arange(length, device=q.device)[None, :] <= positions[:, None])[:, None, None, :]
         o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask)
         return o.reshape(q.shape[0], -1)
+
+    def _mixed(self, slots, positions, length: int, decoding: torch.Tensor):
+        """attend() for a step of decoding rows then prompt rows (see `decode`). The mask is built once for all
+        layers: a prompt row sees the cached prefix (positions before the first chunk's start) if it belongs to
+        the first chunk's sequence, and this step's rows of its own sequence up to its own position."""
+        c = self.config
+        rows = torch.arange(slots.shape[0], device=slots.device)
+        first = torch.minimum(decoding, rows[-1:])  # the first prompt row (in a step without one: the last row)
+        owner, start = slots[first], positions[first]
+        prefix = (slots[:, None] == owner) & (torch.arange(length, device=slots.device)[None, :] < start)
+        own = (slots[:, None] == slots[None, :]) & (positions[None, :] <= positions[:, None])
+        group = c.num_heads // c.num_kv_heads
+        mask = torch.cat((prefix, own), dim=1).repeat_interleave(group, dim=0)[None, None]  # [1, 1, B*group, L+B]
+        prompt_row = (rows >= decoding)[:, None]
+        top = self.scratch  # at most one decoding row per cache slot: only the first `top` rows can decode
+
+        def attend(layer, q, k, v):
+            kc, vc = self.k_cache[layer], self.v_cache[layer]
+            kc[slots, :, positions] = k
+            vc[slots, :, positions] = v
+            n = q.shape[0]
+            decoded = self._attend_decoding(layer, q[:top], None, None, slots[:top], positions[:top], length)
+            keys = torch.cat((kc[owner, :, :length], k.transpose(0, 1)[None]), dim=2)  # [1, kv, L+B, d]
+            values = torch.cat((vc[owner, :, :length], v.transpose(0, 1)[None]), dim=2)
+            qs = q.view(n, c.num_kv_heads, group, c.head_dim).transpose(0, 1).reshape(1, c.num_kv_heads, -1, c.head_dim)
+            o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask)  # [1, kv, B*group, d]
+            prompted = o[0].view(c.num_kv_heads, n, group, c.head_dim).transpose(0, 1).reshape(n, -1)
+            decoded = torch.cat((decoded, prompted[top:]))  # rows past the slots never decode
+            return torch.where(prompt_row, prompted, decoded)
+
+        return attend
 
     def _attend_prompts(self, layer: int, q, k, v, seqs, first: int) -> list[torch.Tensor]:
         """Sequences from index `first` on, one at a time: write k/v into the cache, attend over the filled prefix."""
@@ -222,10 +266,12 @@ class Decoder(torch.nn.Module):
 
 
 class Graphs:
-    """Decode steps replayed as CUDA graphs, one per (batch bucket, cache-length bucket), captured on first use
-    into one shared memory pool. Rows are padded to the bucket with the scratch slot at position 0; keys are
-    read up to the length bucket, so a step reads the filled cache and not all of it. The logits returned
-    are valid until the next call (the engine reads them before its next step).
+    """Decode steps replayed as CUDA graphs, one per (batch bucket, cache-length bucket, kind), captured on first
+    use into one shared memory pool. Rows are padded to the bucket with the scratch slot at position 0; keys are
+    read up to the length bucket, so a step reads the filled cache and not all of it. Two kinds: steps where
+    every row decodes (buckets up to the slots), and mixed steps of decoding rows then prompt chunks (`decode`'s
+    `decoding` and `picks`; buckets up to `max_rows`), whose logits are only the picked rows'. The logits
+    returned are valid until the next call (the engine reads them before its next step).
 
     `step` is the function captured: the decoder's `decode`, or that function compiled by inductor (without
     inductor's own CUDA graphs: the capture is done here). `compiled_rows`: the largest bucket that captures
@@ -238,52 +284,62 @@ class Graphs:
         """max_rows: the most rows one step replays (default: the cache slots). The engine also feeds prompt
         chunks through the graphs, one row per prompt token (Engine.graphed_prompts): slots + prefill_chunk."""
         self.dec, self.step = decoder, step or decoder.decode
-        top = max(max_rows or decoder.scratch, 1)
-        self.batches = sorted({b for b in self.BATCHES if b < top} | {top})
+        slots = decoder.scratch
+        top = max(max_rows or slots, 1)
+        self.batches = sorted({b for b in self.BATCHES if b < top} | {top})  # mixed steps
+        self.decode_batches = sorted({b for b in self.BATCHES if b < min(top, slots)} | {min(top, slots)})
         self.length_bucket = length_bucket
         self.compiled_rows = compiled_rows
         self.pool = None  # one memory pool for every graph, made at the first capture
-        self.graphs: dict[tuple[int, int], tuple] = {}
+        self.graphs: dict[tuple[int, int, bool], tuple] = {}
 
-    def bucket(self, rows: int, length: int) -> tuple[int, int]:
-        b = next(x for x in self.batches if x >= rows)
-        return b, min(-(-length // self.length_bucket) * self.length_bucket, self.dec.max_len)
+    def bucket(self, rows: int, length: int, mixed: bool = False) -> tuple[int, int, bool]:
+        b = next(x for x in (self.batches if mixed else self.decode_batches) if x >= rows)
+        return b, min(-(-length // self.length_bucket) * self.length_bucket, self.dec.max_len), mixed
+
+    def keys(self, length: int = 1) -> list[tuple[int, int, bool]]:
+        """Every graph at one length bucket: what the server captures when it loads."""
+        return [self.bucket(b, length) for b in self.decode_batches] + [self.bucket(b, length, True) for b in self.batches]
 
     def step_for(self, batch: int):
         """The function a bucket of `batch` rows captures."""
         return self.step if self.compiled_rows is None or batch <= self.compiled_rows else self.dec.decode
 
-    def capture(self, batch: int, length: int) -> tuple:
+    def capture(self, batch: int, length: int, mixed: bool = False) -> tuple:
         dev = self.dec.device
         step = self.step_for(batch)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        tokens = torch.zeros(batch, dtype=torch.long, device=dev)
-        slots = torch.full((batch,), self.dec.scratch, dtype=torch.long, device=dev)
-        positions = torch.zeros(batch, dtype=torch.long, device=dev)
+        zeros = lambda n: torch.zeros(n, dtype=torch.long, device=dev)  # noqa: E731
+        inputs = [zeros(batch), torch.full((batch,), self.dec.scratch, dtype=torch.long, device=dev), zeros(batch)]
+        extra = (zeros(1), zeros(min(batch, self.dec.scratch))) if mixed else ()  # decoding, picks
         side = torch.cuda.Stream(device=dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
             for _ in range(2):  # warm-up outside the capture: kernel selection, inductor's autotuning, allocations
-                step(tokens, slots, positions, length)
+                step(*inputs, length, *extra)
         torch.cuda.current_stream(dev).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = step(tokens, slots, positions, length)
-        return graph, tokens, slots, positions, logits
+            logits = step(*inputs, length, *extra)
+        return graph, inputs + list(extra), logits
 
-    def __call__(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, length: int):
+    def __call__(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, length: int,
+                 decoding: torch.Tensor | None = None, picks: torch.Tensor | None = None):
+        """As `Decoder.decode`; a mixed step (`decoding` given) needs `picks` (at most one row per cache slot)."""
         rows = tokens.shape[0]
-        key = self.bucket(rows, length)
+        key = self.bucket(rows, length, decoding is not None)
         if key not in self.graphs:
             self.graphs[key] = self.capture(*key)
-        graph, t, s, p, logits = self.graphs[key]
+        graph, static, logits = self.graphs[key]
         pad = key[0] - rows
-        t.copy_(F.pad(tokens, (0, pad)), non_blocking=True)
-        s.copy_(F.pad(slots, (0, pad), value=self.dec.scratch), non_blocking=True)
-        p.copy_(F.pad(positions, (0, pad)), non_blocking=True)
+        values = [F.pad(tokens, (0, pad)), F.pad(slots, (0, pad), value=self.dec.scratch), F.pad(positions, (0, pad))]
+        if decoding is not None:
+            values += [decoding, F.pad(picks, (0, static[4].shape[0] - picks.shape[0]))]
+        for buffer, value in zip(static, values):
+            buffer.copy_(value, non_blocking=True)
         graph.replay()
-        return logits[:rows]
+        return logits[:rows if decoding is None else picks.shape[0]]
 
 
 # The most rows a compiled (inductor) step may have, per weight quantization. int8: torchao's weight-only int8

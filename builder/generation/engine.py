@@ -240,17 +240,14 @@ class Engine:
         decoding = [r for r in self.running if not r.prefilling]
         prompting = [r for r in self.running if r.prefilling]
         tokens, seqs, last, sampled = self._plan(decoding, prompting)
-        dev = self.decoder.device
         t1 = time.perf_counter()
         try:
             if not prompting or self.graphed_prompts:  # the tensor-only step, a row per token (CUDA graphs where set)
                 slots, positions = rows_of(seqs)
-                logits = self.decode_step(torch.tensor(tokens, device=dev), torch.tensor(slots, device=dev),
-                                          torch.tensor(positions, device=dev), max(positions) + 1)
-                if prompting:  # a row per sequence: its last token's
-                    logits = logits[torch.tensor(last, device=dev)]
+                mixed = len(tokens) > len(seqs)  # prompt rows after the decoding ones: logits of each sequence's last
+                logits = self._step(tokens, slots, positions, len(decoding) if mixed else None, last if mixed else None)
             else:  # the ragged forward: decoding rows together, then each prompt chunk over its own prefix
-                logits = self.decoder(torch.tensor(tokens, dtype=torch.long, device=dev), seqs, last)
+                logits = self.decoder(self._on_device(tokens)[0], seqs, last)
         except Exception as exc:  # noqa: BLE001 - the requests get the error; the engine keeps serving
             self._fail(self.running, exc)
             return
@@ -324,14 +321,12 @@ class Engine:
         then decoding rows whose last token is on the host, then prompt chunks within `prefill_chunk` (a
         request whose prompt ends here samples its first token). Its tokens stay on the device; a copy to the
         host is queued behind it. None when there is no row to run."""
-        dev = self.decoder.device
         reqs, positions = [], []
+        keep: list[int] = []
         if ahead is not None:  # not the rows whose token in flight is their last: they end at `length` on reading
             keep = [i for i, r in enumerate(ahead.reqs) if id(r) in running and len(r.output) + 1 < r.max_tokens
                     and len(r.prompt) + len(r.output) + 1 < self.max_total]
             reqs, positions = [ahead.reqs[i] for i in keep], [ahead.positions[i] + 1 for i in keep]
-            from_device = ahead.tokens if len(keep) == len(ahead.reqs) else \
-                ahead.tokens[torch.tensor(keep, dtype=torch.long, device=ahead.tokens.device)]
         flying = set(map(id, ahead.reqs)) if ahead is not None else set()
         # after the device-fed rows: decoding rows whose last token is on the host, then prompt chunks
         tokens, seqs, last, sampled = self._plan(
@@ -340,6 +335,7 @@ class Engine:
         host_slots, host_fed = rows_of(seqs)
         offset = len(reqs)
         slots, fed, rows = [r.slot for r in reqs] + host_slots, positions + host_fed, list(range(offset))
+        decoding = offset + sum(1 for r in sampled if not r.prefilling)  # before _feed: the rows that were decoding
         for i in self._feed(sampled, seqs):  # decoding rows, and prompts that end here (their first token)
             _, start, n = seqs[i]
             rows.append(offset + last[i])
@@ -347,11 +343,10 @@ class Engine:
             positions.append(start + n - 1)
         if not slots:
             return None
-        host = torch.tensor(tokens, dtype=torch.long, device=dev)
-        inputs = host if ahead is None or not len(from_device) else torch.cat((from_device, host))
-        logits = self.decode_step(inputs, torch.tensor(slots, device=dev), torch.tensor(fed, device=dev), max(fed) + 1)
-        if len(rows) != len(slots):
-            logits = logits[torch.tensor(rows, device=dev)]
+        mixed = len(rows) != len(slots)  # prompt rows: logits of the picked rows only
+        ahead_tokens = ahead.tokens if keep else None
+        logits = self._step(tokens, slots, fed, decoding if mixed else None, rows if mixed else None, ahead_tokens,
+                            None if ahead is None or len(keep) == len(ahead.reqs) else keep)
         picked = logits.argmax(-1)
         self.steps += 1
         if picked.is_cuda:
@@ -362,16 +357,41 @@ class Engine:
             return Ahead(reqs, picked, copy, ready, positions, len(slots))
         return Ahead(reqs, picked, picked, None, positions, len(slots))
 
+    def _step(self, tokens: list[int], slots: list[int], positions: list[int], decoding: int | None = None,
+              picks: list[int] | None = None, ahead_tokens: torch.Tensor | None = None,
+              keep: list[int] | None = None) -> torch.Tensor:
+        """decode_step over rows given as lists (see Decoder.decode; `decoding`/`picks` for a step with prompt
+        rows). ahead_tokens: the step ahead's tokens on the device, which feed the first rows (those at `keep`
+        only, if given); `tokens` feed the rest. The lists go to the device in one copy from pinned memory
+        that does not wait for the device: a plain torch.tensor(..., device="cuda") waits for every step
+        queued before it, which undid most of the overlap (session 5)."""
+        lists = [tokens, slots, positions, [decoding] if decoding is not None else [], picks or [], keep or []]
+        tokens_t, slots_t, positions_t, decoding_t, picks_t, keep_t = self._on_device(*lists)
+        if ahead_tokens is not None:
+            tokens_t = torch.cat((ahead_tokens if keep is None else ahead_tokens[keep_t], tokens_t))
+        if decoding is None:
+            return self.decode_step(tokens_t, slots_t, positions_t, max(positions) + 1)
+        return self.decode_step(tokens_t, slots_t, positions_t, max(positions) + 1, decoding_t, picks_t)
+
+    def _on_device(self, *lists: list[int]) -> list[torch.Tensor]:
+        """Lists of ints as int64 tensors on the decoder's device, through one pinned host tensor on a GPU."""
+        dev = self.decoder.device
+        host = torch.tensor([v for x in lists for v in x], dtype=torch.long, pin_memory=dev.type == "cuda")
+        return list(host.to(dev, non_blocking=True).split([len(x) for x in lists]))
+
     def _plan(self, decoding: list[Request], prompting: list[Request]):
         """One step's inputs: decoding sequences first (one token each), then prompt chunks within the step's
         budget. Returns the packed tokens, (slot, start position, count) per sequence, the packed index of each
-        sequence's last token, and the sequences."""
+        sequence's last token, and the sequences. Only the first chunk may continue a prompt (Decoder.decode's
+        mixed steps rely on it; FIFO admission makes it so, the check keeps it so)."""
         tokens, seqs, last, sampled = [], [], [], []
         budget = self.prefill_chunk
+        chunks = 0
         for req in decoding + prompting:
             if req.prefilling:
-                if budget <= 0:
+                if budget <= 0 or (chunks and req.fed):
                     break
+                chunks += 1
                 n = min(budget, len(req.prompt) - req.fed)
                 budget -= n
                 tokens.extend(req.prompt[req.fed:req.fed + n])

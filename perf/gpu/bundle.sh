@@ -24,8 +24,9 @@ $VENV/bin/python -m pip download -q --no-deps $PLAT -d "$OUT/wheels" \
 # torchao: weight-only int8/int4 of the LLM runtime (0.17 is built for torch 2.11, the GPU machine's)
 $VENV/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
   -d "$OUT/wheels" torchao==0.17.0 2>&1 | grep -v "^WARNING: Location" || true
+# pytest: the tests marked gpu run there too (perf/gpu/gpu_tests.sh)
 $VENV/bin/python -m pip download -q --no-deps --only-binary=:all: --platform any --python-version 3.12 \
-  -d "$OUT/wheels" tritonclient==2.50.0 2>&1 | grep -v "^WARNING: Location" || true
+  -d "$OUT/wheels" tritonclient==2.50.0 pytest pluggy iniconfig 2>&1 | grep -v "^WARNING: Location" || true
 du -sh "$OUT"/* | sed 's/^/  /'
 total=$(du -sm "$OUT" | cut -f1)
 echo "bundle: $OUT ($total MiB)"

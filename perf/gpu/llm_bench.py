@@ -82,7 +82,8 @@ def _sync(device: str) -> None:
 
 def step_times(repo: Path, names: list[str], device: str, batches: list[int], prompt: int, slots: int) -> dict:
     """Our decode step in-process, per variant and batch: eager, CUDA graphs, inductor + graphs (GPU); decoding
-    at position prompt + 64, and a whole prompt of `prompt` tokens in one step."""
+    at position prompt + 64; a whole prompt of `prompt` tokens in one step; and the served mixed steps at
+    c=`slots`: slots - 1 decoding rows and one prompt, slots - 2 and two prompts (prefill_chunk is 2 prompts)."""
     import torch
 
     from builder.generation import decoder  # the file served beside each model is a copy of this one
@@ -97,27 +98,45 @@ def step_times(repo: Path, names: list[str], device: str, batches: list[int], pr
         dec = decoder.load(folder, device=device, dtype=dtype, quantization=quant)
         dec.allocate(slots, position + 64)
         modes = {"eager": dec.decode}
-        if device == "cuda":  # buckets up to slots + a prompt: the engine's prompt steps replay them too
-            modes["graphs"] = decoder.Graphs(dec, max_rows=slots + prompt)
+        if device == "cuda":  # buckets up to slots + two prompts: the engine's prompt steps replay them too
+            modes["graphs"] = decoder.Graphs(dec, max_rows=slots + 2 * prompt)
             if params.get("compile") == "inductor" and not any("inductor+graphs b1" in r for r in out.values()):
                 # once (the first compiled variant): compiling takes minutes and the served numbers cover the rest
                 modes["inductor+graphs"] = decoder.Graphs(dec, torch.compile(dec.decode, dynamic=True),
-                                                          max_rows=slots + prompt)
+                                                          max_rows=slots + 2 * prompt)
         row = {}
-        prompt_args = (torch.randint(1000, 20000, (prompt,), device=device),
-                       torch.zeros(prompt, dtype=torch.long, device=device), torch.arange(prompt, device=device), prompt)
+        cases = {f"b{batch}": _decoding_rows(torch, device, list(range(batch)), position, slots) for batch in batches}
+        # a prompt of `prompt` tokens in one step (a row per token, one sequence): the floor under TTFT
+        cases[f"prompt{prompt}"] = _mixed_rows(torch, device, [], position, [0], prompt)
+        for chunks in (1, 2):  # what a step at c=slots runs while requests turn over
+            cases[f"b{slots - chunks}+{chunks}x{prompt}"] = _mixed_rows(
+                torch, device, list(range(slots - chunks)), position, list(range(slots - chunks, slots)), prompt)
         for mode, fn in modes.items():
-            for batch in batches:
-                row[f"{mode} b{batch}"] = _step_ms(device, fn, torch.randint(1000, 20000, (batch,), device=device),
-                                                   torch.arange(batch, device=device) % slots,
-                                                   torch.full((batch,), position, device=device), position + 1)
-            # a prompt of `prompt` tokens in one step (a row per token, one sequence): the floor under TTFT
-            row[f"{mode} prompt{prompt}"] = _step_ms(device, fn, *prompt_args)
+            for case, args in cases.items():
+                row[f"{mode} {case}"] = _step_ms(device, fn, *args)
         out[name] = row
         del dec, modes
         if device == "cuda":
             torch.cuda.empty_cache()
     return out
+
+
+def _decoding_rows(torch, device: str, slots: list[int], position: int, n_slots: int) -> tuple:
+    """decode() arguments: a row per slot decoding at `position`."""
+    n = len(slots)
+    return (torch.randint(1000, 20000, (n,), device=device), torch.tensor(slots, device=device) % n_slots,
+            torch.full((n,), position, device=device), position + 1)
+
+
+def _mixed_rows(torch, device: str, decoding: list[int], position: int, prompts: list[int], prompt: int) -> tuple:
+    """decode() arguments of a mixed step: a row per decoding slot, then a whole prompt per prompt slot; logits
+    for every decoding row and each prompt's last row (as the engine asks)."""
+    slots = decoding + [s for s in prompts for _ in range(prompt)]
+    positions = [position] * len(decoding) + list(range(prompt)) * len(prompts)
+    picks = list(range(len(decoding))) + [len(decoding) + (i + 1) * prompt - 1 for i in range(len(prompts))]
+    t = lambda v: torch.tensor(v, device=device)  # noqa: E731
+    return (torch.randint(1000, 20000, (len(slots),), device=device), t(slots), t(positions), max(positions) + 1,
+            t([len(decoding)]), t(picks))
 
 
 def _step_ms(device: str, fn, *args) -> float:
@@ -230,9 +249,7 @@ def main() -> int:
     env["hf_generate"] = {} if "hf" in skip else \
         hf_baseline(model_dir, device, args.prompt_tokens, args.output_tokens, [1, slots])
     log(f"HF generate (static cache): {env['hf_generate'] or 'skipped'}")
-    env["decode_step_ms"] = {} if "steps" in skip else \
-        step_times(repo, names, device, sorted({1, 8, slots}), args.prompt_tokens, slots)
-    log(f"decode step in-process (ms): {json.dumps(env['decode_step_ms'], indent=1) if env['decode_step_ms'] else 'skipped'}")
+    env["decode_step_ms"] = {}
     results = work / "results"
     shutil.rmtree(results, ignore_errors=True)
     results.mkdir(parents=True)
@@ -246,14 +263,24 @@ def main() -> int:
             env["selfcheck"] = {"error": str(exc)}
         run_llm_perf(repo, {n: manifest[n] for n in names}, server, concurrency, results,
                      prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens)
+    server_log = work / "tritonserver.log"  # each served model logs its step clock when it unloads (Engine.summary)
+    env["step_clock"] = [line.split("generation engine of ", 1)[1].rstrip('"') for line in
+                         (server_log.read_text(errors="replace").splitlines() if server_log.exists() else [])
+                         if "generation engine of " in line]
+    report(out, work, results, env, args, names, t0)  # the served numbers are safe before the in-process part
+    if "steps" not in skip:  # after the server: a call cut short keeps what was served
+        env["decode_step_ms"] = step_times(repo, names, device, sorted({1, 8, slots}), args.prompt_tokens, slots)
+        log(f"decode step in-process (ms): {json.dumps(env['decode_step_ms'], indent=1)}")
+        report(out, work, results, env, args, names, t0)
+    return 0
+
+
+def report(out: Path, work: Path, results: Path, env: dict, args, names: list[str], t0: float) -> None:
+    """summary.md, env.json, llm.csv and results.tar.gz from what has been measured so far."""
     import pandas as pd
 
-    log = work / "tritonserver.log"  # each served model logs its step clock when it unloads (Engine.summary)
-    env["step_clock"] = [line.split("generation engine of ", 1)[1].rstrip('"') for line in
-                         (log.read_text(errors="replace").splitlines() if log.exists() else [])
-                         if "generation engine of " in line]
     frame = pd.read_csv(results / "llm.csv")
-    lines = [f"# GPU LLM bench ({env.get('nvidia_smi') or device})", "",
+    lines = [f"# GPU LLM bench ({env.get('nvidia_smi') or env['device']})", "",
              f"Llama-3.2-1B shape, {args.layers} layers, random weights; prompt {args.prompt_tokens} tokens, "
              f"output {args.output_tokens} tokens (forced); {time.strftime('%Y-%m-%d')}", "",
              "| variant | c | TTFT p50 ms | ITL p50 ms | ITL p99 ms | tok/s per stream | tok/s in all |",
@@ -279,8 +306,7 @@ def main() -> int:
         if (work / "tritonserver.log").exists():
             tar.add(work / "tritonserver.log", arcname="tritonserver.log")
     print("\n".join(lines))
-    print(f"bench done in {env['total_seconds']} s: {out}")
-    return 0
+    print(f"bench report at {env['total_seconds']} s: {out}")
 
 
 if __name__ == "__main__":

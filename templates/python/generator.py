@@ -121,8 +121,8 @@ class TritonPythonModel:
         # prompt chunks run through the graphs too (a row per prompt token): buckets up to slots + prefill_chunk
         graphs = decoder_module.Graphs(model, step, max_rows=model.scratch + self.engine.prefill_chunk,
                                        compiled_rows=decoder_module.COMPILED_ROWS.get(quantization))
-        for batch in graphs.batches:
-            graphs.graphs[graphs.bucket(batch, 1)] = graphs.capture(*graphs.bucket(batch, 1))
+        for key in graphs.keys():  # decode-only buckets up to the slots, mixed ones up to slots + prefill_chunk
+            graphs.graphs[key] = graphs.capture(*key)
         self.engine.decode_step = graphs
         self.engine.graphed_prompts = True
         self.engine.overlap = True  # greedy decode steps launched before the previous one is read
