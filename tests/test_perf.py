@@ -476,3 +476,22 @@ def test_unstable_rows_are_flagged_and_never_best(recorded_run):
     assert "**toy_onnx_fp32** is the best choice: the highest stable throughput (768.6 infer/s at concurrency 4)" in text
     assert "| toy_onnx_int8 | 16 | 1811.1 |" in text and "⚠ unstable |" in text
     assert "no stable measurement" in text
+
+
+def test_llm_timeline_finds_the_windows_and_gaps_where_tokens_stopped():
+    """perf/llm_timeline.py: output tokens per window (counts in responses are cumulative, as our endpoint sends
+    them) and the longest gaps per token, from a perf_analyzer profile export."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("llm_timeline", Path(__file__).resolve().parents[1] / "perf" / "llm_timeline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    ms = 1_000_000
+    request = lambda start, stamps, counts: {  # noqa: E731
+        "timestamp": start * ms, "response_timestamps": [t * ms for t in stamps],
+        "response_outputs": [{"num_output_tokens": c} for c in counts]}
+    export = {"experiments": [{"requests": [request(0, [2, 4, 6, 36], [1, 3, 5, 7]),  # a 30 ms stall for 2 tokens
+                                            request(1, [5, 15], [1, 2])]}]}
+    rates, gaps = module.timeline(export, window_ms=10)
+    assert rates == [600.0, 100.0, 0.0, 200.0]  # 6 tokens in 0-10 ms, 1 in 10-20, none in 20-30, 2 in 30-40
+    assert gaps[0] == (15.0, 36) and gaps[1] == (10.0, 15)

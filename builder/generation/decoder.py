@@ -285,9 +285,12 @@ class Graphs:
         chunks through the graphs, one row per prompt token (Engine.graphed_prompts): slots + prefill_chunk."""
         self.dec, self.step = decoder, step or decoder.decode
         slots = decoder.scratch
-        top = max(max_rows or slots, 1)
-        self.batches = sorted({b for b in self.BATCHES if b < top} | {top})  # mixed steps
-        self.decode_batches = sorted({b for b in self.BATCHES if b < min(top, slots)} | {min(top, slots)})
+        top = max(max_rows or slots, slots + 1)
+        self.decode_batches = sorted({b for b in self.BATCHES if b < slots} | {slots})
+        # mixed steps: every bucket above the slots and `picks` of `slots` rows, so one compiled graph (dynamic
+        # shapes) serves them all; buckets that reach below the slots or vary `picks` each compiled again
+        # (5 compilations instead of 3: the H100 took over 6 minutes to load, session 5)
+        self.batches = sorted({b for b in self.BATCHES if slots < b < top} | {top})
         self.length_bucket = length_bucket
         self.compiled_rows = compiled_rows
         self.pool = None  # one memory pool for every graph, made at the first capture
@@ -312,7 +315,7 @@ class Graphs:
             self.pool = torch.cuda.graph_pool_handle()
         zeros = lambda n: torch.zeros(n, dtype=torch.long, device=dev)  # noqa: E731
         inputs = [zeros(batch), torch.full((batch,), self.dec.scratch, dtype=torch.long, device=dev), zeros(batch)]
-        extra = (zeros(1), zeros(min(batch, self.dec.scratch))) if mixed else ()  # decoding, picks
+        extra = (zeros(1), zeros(self.dec.scratch)) if mixed else ()  # decoding, picks
         side = torch.cuda.Stream(device=dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):

@@ -3,9 +3,7 @@ decoder with random weights (no transformers), CUDA graphs, 32 slots, keys up to
 
 - decode steps of 1 and 32 rows; a 128-token prompt alone; 31 / 30 decoding rows with one / two 128-token
   prompts, each as a mixed step (prompt rows attend over their own chunk) and as before session 5 (every row
-  gathers its slot's cache, logits for every row);
-- what building a step's inputs costs the host while a step runs: torch.tensor(list, device="cuda") (waits for
-  the queued step) against one pinned copy with non_blocking (does not).
+  gathers its slot's cache, logits for every row). Measured on the H100: docs/PERFORMANCE.md, LLM run 3.
 
     python perf/gpu/mixed_probe.py     (on the GPU machine, from the repository root)
 """
@@ -87,19 +85,6 @@ def main() -> None:
             out[f"{name} mixed"] = ms(graphed(dec.decode, tokens, slots, positions, length, decoding, picks))
         out[f"{name} per-row"] = ms(graphed(dec.decode, tokens, slots, positions, length))  # before session 5
         print(name, {k: v for k, v in out.items() if k.startswith(name + " ")}, flush=True)
-    # the host's cost of a step's inputs while a 32-row step runs on the device
-    replay = graphed(dec.decode, *case(32, 0)[:4])
-    rows = list(range(160))
-    for label, make in {"torch.tensor(device=cuda)": lambda: torch.tensor(rows, device="cuda"),
-                        "pinned, non_blocking": lambda: torch.tensor(rows, pin_memory=True).to("cuda", non_blocking=True)}.items():
-        spent = []
-        for _ in range(20):
-            replay()
-            t0 = time.perf_counter()
-            make()
-            spent.append(time.perf_counter() - t0)
-            torch.cuda.synchronize()
-        out[f"inputs {label} (host ms, a step queued)"] = round(sorted(spent)[10] * 1e3, 3)
     print(json.dumps(out, indent=1))
 
 
