@@ -495,3 +495,38 @@ def test_llm_timeline_finds_the_windows_and_gaps_where_tokens_stopped():
     rates, gaps = module.timeline(export, window_ms=10)
     assert rates == [600.0, 100.0, 0.0, 200.0]  # 6 tokens in 0-10 ms, 1 in 10-20, none in 20-30, 2 in 30-40
     assert gaps[0] == (15.0, 36) and gaps[1] == (10.0, 15)
+
+
+HANGING_PA = textwrap.dedent('''
+    import signal, sys, time
+    print("*** Measurement Settings ***", flush=True)
+    print("Request concurrency: 128", flush=True)
+    interrupts = []
+    def on_int(signum, frame):
+        interrupts.append(signum)
+        print(f"Interrupt signal ({signum}) received.", flush=True)
+        if len(interrupts) == 2:  # as perf_analyzer: the second one exits at once
+            print("Exiting immediately...", flush=True)
+            sys.exit(0)
+    signal.signal(signal.SIGINT, on_int)
+    while True:  # a server that stopped answering: the requests in flight never complete
+        time.sleep(0.05)
+''')
+
+
+def test_a_perf_analyzer_past_its_limit_is_interrupted_and_its_output_kept(tmp_path, monkeypatch):
+    """Run 11: perf_analyzer timed out on a stalled model and everything it printed was lost. Now it gets SIGINT
+    (it stops and reports), a second one if it still waits (it exits), and what it printed is kept."""
+    import builder.perf.analyzer as pa
+
+    fake = tmp_path / "perf_analyzer"
+    fake.write_text(f"#!{sys.executable}\n" + HANGING_PA)
+    fake.chmod(0o755)
+    monkeypatch.setattr(pa, "INTERRUPT_WAIT_S", (0.5, 5.0))
+    flags = pa.PerfFlags(model="clip_image", url="127.0.0.1:1", concurrency=(128, 128, 1))
+    with pytest.raises(pa.PerfAnalyzerError) as err:
+        pa.run_once(flags, tmp_path / "c128", binary=fake, timeout_s=1.0)
+    assert str(err.value).startswith("perf_analyzer -m clip_image timed out after 1 s (interrupted")
+    kept = (tmp_path / "c128" / "stdout.txt").read_text()
+    assert "Request concurrency: 128" in kept and kept.count("Interrupt signal (2) received.") == 2
+    assert "Exiting immediately..." in str(err.value)

@@ -14,6 +14,7 @@ import importlib.metadata
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -278,6 +279,24 @@ class PerfAnalyzerError(RunError):
         self.attempts = attempts
 
 
+# At its time limit perf_analyzer gets SIGINT: it stops sending and waits for the requests in flight, then
+# reports; a second SIGINT makes it exit at once (a server that stopped answering); then SIGKILL. Seconds to
+# wait after each.
+INTERRUPT_WAIT_S = (10.0, 5.0)
+
+
+def _interrupt(proc: subprocess.Popen) -> tuple[str, str]:
+    """Stop a perf_analyzer past its time limit and return what it printed (stdout, stderr)."""
+    for wait in INTERRUPT_WAIT_S:
+        proc.send_signal(signal.SIGINT)
+        try:
+            return proc.communicate(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+    proc.kill()
+    return proc.communicate()
+
+
 def _tail(text: str, lines: int = 12) -> str:
     return "\n".join([ln for ln in text.strip().splitlines() if ln.strip()][-lines:])
 
@@ -299,20 +318,25 @@ def run_once(flags: PerfFlags, workdir: Path, *, binary: Path | None = None,
     timeout_s = timeout_s or flags.timeout_s()
     started = time.monotonic()
     try:
-        proc = subprocess.run(argv, cwd=workdir, env=env or perf_env(), capture_output=True, text=True,
-                              timeout=timeout_s, errors="replace")
-    except subprocess.TimeoutExpired as exc:
-        out = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
-        raise PerfAnalyzerError(
-            f"perf_analyzer -m {flags.model} timed out after {timeout_s:.0f} s\n{_tail(out)}", [], []) from exc
+        proc = subprocess.Popen(argv, cwd=workdir, env=env or perf_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, errors="replace")
     except OSError as exc:
         raise PerfAnalyzerError(f"perf_analyzer could not start ({binary}): {exc}", [], []) from exc
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        stdout, stderr = _interrupt(proc)  # what it saw before the limit is kept (run 11 lost it)
+        (workdir / "stdout.txt").write_text(stdout)
+        (workdir / "stderr.txt").write_text(stderr)
+        raise PerfAnalyzerError(
+            f"perf_analyzer -m {flags.model} timed out after {timeout_s:.0f} s (interrupted; its output is in "
+            f"{workdir})\n{_tail(stdout + stderr)}", [], []) from None
     seconds = time.monotonic() - started
-    (workdir / "stdout.txt").write_text(proc.stdout)
-    (workdir / "stderr.txt").write_text(proc.stderr)
-    unstable = UNSTABLE_MARK in proc.stderr or UNSTABLE_MARK in proc.stdout
+    (workdir / "stdout.txt").write_text(stdout)
+    (workdir / "stderr.txt").write_text(stderr)
+    unstable = UNSTABLE_MARK in stderr or UNSTABLE_MARK in stdout
     rows = parse_csv(csv_path) if csv_path.is_file() else []
-    attempt = Attempt(argv, workdir, proc.returncode, rows, unstable, _tail(proc.stderr or proc.stdout), seconds)
+    attempt = Attempt(argv, workdir, proc.returncode, rows, unstable, _tail(stderr or stdout), seconds)
     if proc.returncode != 0 and not unstable:
         raise PerfAnalyzerError(
             f"perf_analyzer -m {flags.model} failed (exit {proc.returncode}); command in {workdir / 'command.txt'}\n"
