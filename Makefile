@@ -20,7 +20,7 @@ COMPOSE_SCHEMA := .tools/compose_spec.json
 MA_DIR ?= model_analyzer
 
 .DEFAULT_GOAL := help
-.PHONY: help setup build validate serve perf report deploy profile compare tune analyzer-files demo demo-llm bench-llm-cpu test test-all test-reliability test-matrix bench-bundle bench-gpu bench-gpu-llm bench-gpu-scaling clean
+.PHONY: help setup build validate serve perf report deploy profile compare tune analyzer-files demo demo-llm bench-llm-cpu test test-all test-reliability test-matrix bench-bundle bench-gpu bench-gpu-llm bench-gpu-scaling test-gpu clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -116,8 +116,11 @@ bench-bundle: setup ## Prepare .bundle/ (server + wheels, < 64 MiB) for the GPU 
 bench-gpu: ## On a GPU machine (no registry needed): build, serve, measure, report into RESULTS_GPU
 	perf/gpu/bench.sh $(RESULTS_GPU)
 
-bench-gpu-llm: ## On a GPU machine: Llama-3.2-1B shape, our torch endpoint (bf16 inductor + graphs, int8, int4; eager and graphs timed in-process) vs HF generate, into RESULTS_GPU-llm
+bench-gpu-llm: ## On a GPU machine: Llama-3.2-1B shape, our torch endpoint served (bf16 inductor + graphs, int8, int4) vs HF generate, then bf16's steps in-process, into RESULTS_GPU-llm
 	DRIVER=perf/gpu/llm_bench.py perf/gpu/bench.sh $(RESULTS_GPU)-llm
+
+test-gpu: ## On a GPU machine (no registry needed): the tests marked gpu, pytest from the bundle
+	perf/gpu/gpu_tests.sh
 
 bench-gpu-scaling: ## On the 2-GPU machine: BERT-base bf16 graphs on 1 GPU vs 2 GPUs, one run, into RESULTS_GPU-scaling
 	perf/gpu/bench.sh $(RESULTS_GPU)-scaling --spec perf/gpu/scaling.yaml --concurrency 16,64,128,256,512 \

@@ -1,7 +1,9 @@
 """GPU LLM bench (issue 11), one run: a Llama-3.2-1B-shaped model (perf/gpu/llm_model.py, random weights) built
-as our torch endpoint in several variants, HF `generate` (static cache) in-process as the baseline, the decode
-step in-process (eager / CUDA graphs / inductor + graphs, per batch), and every variant served by Triton and
-measured with perf_analyzer --streaming (TTFT, ITL, tokens/s) at concurrency 1 and 32, against the targets.
+as our torch endpoint in several variants, HF `generate` (static cache) in-process as the baseline, every variant
+served by Triton and measured with perf_analyzer --streaming (TTFT, ITL, tokens/s) at concurrency 1 and 32 against
+the targets, and then the first variant's step in-process (eager / CUDA graphs / inductor + graphs: decode steps
+per batch and the mixed steps of prompt arrivals; `--steps-all` for every variant). The report is written after
+the served part and again after the in-process one, so a call cut short keeps what was served.
 
 Run through perf/gpu/bench.sh (DRIVER=perf/gpu/llm_bench.py; `make bench-gpu-llm`). Results go to --out as at
 most 8 files: summary.md, summary.json, llm.csv, build.json, env.json, results.tar.gz (everything) and the log.
@@ -191,6 +193,8 @@ def main() -> int:
     p.add_argument("--variants", default="", help="indexes into VARIANTS, e.g. 0,2 (default: 2,3,4, the ones that fit "
                                                   "one 10-minute call; eager and graphs-only are timed in-process anyway)")
     p.add_argument("--skip", default="", help="parts already measured in an earlier call: hf, steps (comma list)")
+    p.add_argument("--steps-all", action="store_true", help="time the in-process steps of every served variant, "
+                                                            "not only the first (bf16): ~1 min more each on the H100")
     args = p.parse_args()
     if args.smoke:
         args.layers, args.prompt_tokens, args.output_tokens, args.concurrency = 2, 16, 8, "1,4"
@@ -269,7 +273,8 @@ def main() -> int:
                          if "generation engine of " in line]
     report(out, work, results, env, args, names, t0)  # the served numbers are safe before the in-process part
     if "steps" not in skip:  # after the server: a call cut short keeps what was served
-        env["decode_step_ms"] = step_times(repo, names, device, sorted({1, 8, slots}), args.prompt_tokens, slots)
+        timed = names if args.steps_all else names[:1]
+        env["decode_step_ms"] = step_times(repo, timed, device, sorted({1, 8, slots}), args.prompt_tokens, slots)
         log(f"decode step in-process (ms): {json.dumps(env['decode_step_ms'], indent=1)}")
         report(out, work, results, env, args, names, t0)
     return 0
