@@ -93,7 +93,7 @@ def _scenario(engine, tok, sampled: bool):
 def test_overlapped_decode_steps_give_the_same_outputs(llama, sampled, monkeypatch):
     """Engine.overlap (on with CUDA graphs): step N+1 is launched from step N's tokens on the device before N is
     read. Same outputs as the plain engine through arrivals, a wait for a slot, cancellation, a stop string,
-    max_tokens and max_total_tokens, and a sampled request (which turns the overlap off while it runs)."""
+    max_tokens and max_total_tokens, and a sampled request (drawn on the device in overlapped steps too)."""
     tok, model = llama
     plain = _scenario(_engine(tok, model, slots=3, total=48), tok, sampled)
     engine = _engine(tok, model, slots=3, total=48)
@@ -183,7 +183,8 @@ def test_overlapped_steps_with_cuda_graphs_give_the_same_outputs(llama):
         e.decode_step, e.graphed_prompts, e.overlap = Graphs(dec, length_bucket=16, max_rows=3 + 5), True, overlap
         return e
 
-    assert _scenario(engine(True), tok, False) == _scenario(engine(False), tok, False)
+    for sampled in (False, True):  # a sampled request's draws happen on the device, overlapped or not
+        assert _scenario(engine(True), tok, sampled) == _scenario(engine(False), tok, sampled)
 
 
 def test_streamed_pieces_add_up_to_the_text_and_never_split_a_character(llama):
@@ -310,6 +311,45 @@ def test_cancelled_request_frees_its_slot_for_a_waiting_one(llama):
         engine.step()
     assert "c" in done and done["c"].num_output_tokens == 5  # served in the slot a gave back
     assert "a" not in done and "b" not in done  # a was dropped silently; b still decodes
+
+
+def _draws(logits: list[float], n: int, **options) -> torch.Tensor:
+    """n draws of one request over fixed logits, one row per position (as n decode steps would draw them)."""
+    req = eng.Request([1], n, emit=lambda o: None, seed=11, **options)
+    return eng.pick(torch.tensor([logits] * n), [req] * n, list(range(n)))
+
+
+@pytest.mark.parametrize("options, want", [
+    ({"temperature": 1.0}, torch.softmax(torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0]), 0)),
+    ({"temperature": 0.5}, torch.softmax(torch.tensor([4.0, 2.0, 1.0, 0.0, -2.0]), 0)),
+    ({"temperature": 1.0, "top_k": 2}, torch.tensor([0.7311, 0.2689, 0, 0, 0])),  # softmax over the top two
+    # top_p 0.8 over probs .563/.207/.126/.076/.028: the third crosses 0.8 and is kept, the fourth is not
+    ({"temperature": 1.0, "top_p": 0.8}, torch.tensor([0.5630, 0.2071, 0.1256, 0, 0]) / 0.8957),
+], ids=["t1", "t0.5", "top_k", "top_p"])
+def test_device_sampling_draws_from_the_cut_softmax(options, want):
+    """pick(): temperature, top-k and top-p on the device for all rows at once, drawn by Gumbel-max from hashed
+    noise: 20,000 draws match the distribution each option defines (tokens outside it never come)."""
+    drawn = _draws([2.0, 1.0, 0.5, 0.0, -1.0], 20000, **options)
+    freq = torch.bincount(drawn, minlength=5).float() / len(drawn)
+    assert torch.allclose(freq, want.float(), atol=0.012), (freq, want)
+    assert (freq[want == 0] == 0).all()
+
+
+def test_device_sampling_depends_on_seed_and_position_only():
+    """A request draws the same tokens alone or beside others (greedy or sampled), so overlapped and plain steps,
+    and any batch, give a seeded request the same text; greedy rows stay argmax; another seed draws otherwise."""
+    logits = torch.randn(4, 50)
+    a = eng.Request([1], 9, emit=lambda o: None, temperature=1.2, top_p=0.9, seed=5)
+    greedy = eng.Request([1], 9, emit=lambda o: None)
+    other = eng.Request([1], 9, emit=lambda o: None, temperature=0.7, top_k=5, seed=6)
+    alone = eng.pick(logits[:1], [a], [30])
+    mixed = eng.pick(logits[[3, 1, 0, 2]], [greedy, other, a, other], [7, 8, 30, 9])
+    assert mixed[2] == alone[0] and mixed[0] == logits[3].argmax()
+    draws = {int(eng.pick(logits[:1], [eng.Request([1], 9, emit=lambda o: None, temperature=1.2, seed=s)], [30])[0])
+             for s in range(40)}
+    assert len(draws) > 5  # the seed matters
+    top = eng.Request([1], 9, emit=lambda o: None, temperature=1.0, seed=2**64 - 1)  # the largest UINT64 seed
+    assert 0 <= int(eng.pick(logits[:1], [top], [3])[0]) < 50
 
 
 def test_sampling_is_reproducible_with_a_seed(llama):

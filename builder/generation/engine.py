@@ -16,8 +16,12 @@ and then one response per `stream_interval` tokens (0: automatic, about ROWS_PER
 all), and cancellation is polled every step only while requests wait for a slot, else every CANCEL_EVERY steps.
 
 With `overlap` (the server turns it on with CUDA graphs), the host's work for a step runs while the device runs
-the next one: step N+1 is launched with step N's greedy tokens still on the device, then N's tokens are read and
+the next one: step N+1 is launched with step N's tokens still on the device, then N's tokens are read and
 its rows advanced (`_overlapped`, `_launch`); a row that N turns out to end is dropped from N+1's results.
+
+Tokens are picked on the device for every row at once (`pick`): argmax, or temperature, top-k, top-p and a
+Gumbel-max draw whose noise is a hash of (the request's seed, the position drawn, the token id), so sampled
+requests overlap too and a seed gives the same tokens whatever else shares the steps.
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ class Request:
     sent: int = 0  # characters of `text` already streamed
     streamed: int = 0  # output tokens when the last streamed response went out
     detok: "Detokenizer | None" = None
-    generator: torch.Generator | None = None
+    draws: int = -1  # the seed of this request's draws (`seed`, or a random one when sampling starts)
 
     @property
     def prefilling(self) -> bool:
@@ -81,7 +85,7 @@ class Ahead:
     """A decode step launched but not read yet (Engine.overlap)."""
 
     reqs: list[Request]  # the requests it samples a token for, in order
-    tokens: torch.Tensor  # the greedy tokens, on the device (the next step's input)
+    tokens: torch.Tensor  # the picked tokens, on the device (the next step's input)
     host: torch.Tensor  # the same, copied to the host once `ready` has passed
     ready: object  # a CUDA event recorded after that copy; None on the CPU
     positions: list[int]  # the position each request's sampled row fed
@@ -131,23 +135,63 @@ def rows_of(seqs: list[tuple[int, int, int]]) -> tuple[list[int], list[int]]:
             [p for _, start, n in seqs for p in range(start, start + n)])
 
 
-def sample(logits: torch.Tensor, req: Request) -> int:
-    """Greedy when temperature is 0; else temperature, top-k, top-p, then a draw from the request's generator."""
-    if req.temperature <= 0:
-        return int(torch.argmax(logits))
-    logits = logits / req.temperature
-    if 0 < req.top_k < logits.numel():
-        kth = torch.topk(logits, req.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if req.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        outside = sorted_probs.cumsum(0) - sorted_probs > req.top_p  # keeps the token that crosses top_p
-        sorted_probs[outside] = 0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    if req.generator is None:
-        req.generator = torch.Generator().manual_seed(req.seed if req.seed is not None else random.getrandbits(63))
-    return int(torch.multinomial(probs.cpu(), 1, generator=req.generator))
+def on_device(device: torch.device, dtype: torch.dtype, *lists: list) -> list[torch.Tensor]:
+    """Lists of numbers as tensors on `device`: one host tensor (pinned on a GPU) and one copy that does not wait
+    for the device. A plain torch.tensor(..., device="cuda") waits for every step queued before it, which undid
+    most of the overlap of steps (session 5)."""
+    host = torch.tensor([v for x in lists for v in x], dtype=dtype, pin_memory=device.type == "cuda")
+    return list(host.to(device, non_blocking=True).split([len(x) for x in lists]))
+
+
+MIX = (0x7FEB352D, 0x2C1B3C6D)  # odd multipliers below 2**31: 32-bit products stay inside int64
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xor-shift-multiply rounds) on int64 tensors holding values below 2**32."""
+    for c in MIX:
+        x = x ^ (x >> 16)
+        x = (x * c) & 0xFFFFFFFF
+    return x ^ (x >> 15)
+
+
+def gumbel(seeds: torch.Tensor, counters: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Gumbel noise for token `ids` [R, V] of rows with `seeds` and draw `counters` [R, 1] (int64): a function of
+    the three only, so a request draws the same tokens whatever else shares its steps."""
+    x = _mix(_mix(_mix(ids ^ (counters & 0xFFFFFFFF)) ^ (seeds & 0xFFFFFFFF)) ^ (seeds >> 32))
+    u = ((x >> 8).float() + 0.5) / float(1 << 24)  # in (0, 1)
+    return -torch.log(-torch.log(u))
+
+
+def pick(logits: torch.Tensor, reqs: list[Request], positions: list[int]) -> torch.Tensor:
+    """The next token of every row, on the logits' device, without a sync: argmax for greedy requests; for the
+    others temperature, top-k, top-p (over the top-k renormalized, keeping the token that crosses top_p) and a
+    draw by the Gumbel-max trick, noise from (the request's seed, the position drawn, the token id). All rows in
+    one batch; `positions`: the position each row fed (the token drawn goes after it)."""
+    tokens = logits.argmax(-1)
+    hot = [i for i, r in enumerate(reqs) if r.temperature > 0]
+    if not hot:
+        return tokens
+    for i in hot:
+        if reqs[i].draws < 0:
+            seed = reqs[i].seed if reqs[i].seed is not None else random.getrandbits(63)
+            reqs[i].draws = seed & (2**63 - 1)  # a UINT64 seed fits an int64 tensor
+    dev, vocab = logits.device, logits.shape[-1]
+    hr = [reqs[i] for i in hot]
+    temperature, top_p = on_device(dev, torch.float32, [r.temperature for r in hr], [r.top_p for r in hr])
+    top_k, seeds, counters, rows = on_device(dev, torch.long, [r.top_k if 0 < r.top_k < vocab else vocab for r in hr],
+                                             [r.draws for r in hr], [positions[i] + 1 for i in hot], hot)
+    x = logits[rows].float() / temperature[:, None]
+    if all(r.top_p >= 1.0 and not 0 < r.top_k < vocab for r in hr):  # no cut: every token may come
+        ids = torch.arange(vocab, device=dev)[None, :]
+        drawn = (x + gumbel(seeds[:, None], counters[:, None], ids)).argmax(-1)
+    else:  # the cuts need the rows in order: sort once, cut by rank, draw, map back to token ids
+        x, order = torch.sort(x, dim=-1, descending=True)
+        keep = torch.arange(vocab, device=dev)[None, :] < top_k[:, None]
+        probs = torch.softmax(x.masked_fill(~keep, float("-inf")), dim=-1)
+        keep &= (probs.cumsum(-1) - probs) <= top_p[:, None]
+        noise = gumbel(seeds[:, None], counters[:, None], order)
+        drawn = order.gather(-1, (x.masked_fill(~keep, float("-inf")) + noise).argmax(-1, keepdim=True))[:, 0]
+    return tokens.index_copy(0, rows, drawn)
 
 
 class Engine:
@@ -162,8 +206,7 @@ class Engine:
         self.eos = set(decoder.config.eos_token_ids)
         decoder.allocate(max_sequences, max_total_tokens)
         self.decode_step = decoder.decode  # the server may swap in decoder.Graphs(decoder) on a GPU
-        # decode steps overlap the host's work (on with CUDA graphs): while all running sequences decode greedily,
-        # step N+1 is launched with step N's tokens still on the device, then N's tokens are read and its rows
+        # decode steps overlap the host's work (on with CUDA graphs): step N+1 is launched with step N's tokens still on the device, then N's tokens are read and its rows
         # advanced while the device runs N+1 (`ahead` is the launched step not read yet)
         self.overlap = False
         self.ahead: Ahead | None = None
@@ -247,27 +290,27 @@ class Engine:
                 mixed = len(tokens) > len(seqs)  # prompt rows after the decoding ones: logits of each sequence's last
                 logits = self._step(tokens, slots, positions, len(decoding) if mixed else None, last if mixed else None)
             else:  # the ragged forward: decoding rows together, then each prompt chunk over its own prefix
-                logits = self.decoder(self._on_device(tokens)[0], seqs, last)
+                logits = self.decoder(on_device(self.decoder.device, torch.long, tokens)[0], seqs, last)
         except Exception as exc:  # noqa: BLE001 - the requests get the error; the engine keeps serving
             self._fail(self.running, exc)
             return
         t2 = time.perf_counter()
         self.steps += 1
         rows = self._feed(sampled, seqs)
-        greedy = [i for i in rows if sampled[i].temperature <= 0]
-        picked = dict(zip(greedy, logits[greedy].argmax(-1).tolist())) if greedy else {}  # one sync for all greedy rows
+        fed = [start + n - 1 for _, start, n in seqs]
+        picked = pick(logits[rows] if len(rows) < len(seqs) else logits, [sampled[i] for i in rows],
+                      [fed[i] for i in rows]).tolist()  # one sync for every row
         t3 = time.perf_counter()
-        for i in rows:
-            self._advance(sampled[i], picked[i] if i in picked else sample(logits[i], sampled[i]))
+        for i, token in zip(rows, picked):
+            self._advance(sampled[i], token)
         self._tally((t0, t1, t2, t3, time.perf_counter()), len(tokens))
 
     def _overlapped(self, t0: float) -> bool:
         """The overlapped step (see `overlap`): launch the next step, its decoding rows fed from the step ahead's
         tokens on the device, then read the step ahead and advance its rows. False when a plain step must run
-        now (a sampled request, or prompts without graphed prompts); the step ahead has then been read."""
+        now (prompts without graphed prompts); the step ahead has then been read."""
         ahead = self.ahead
-        can = self.overlap and all(r.temperature <= 0 for r in self.running) and (
-            self.graphed_prompts or not any(r.prefilling for r in self.running))
+        can = self.overlap and (self.graphed_prompts or not any(r.prefilling for r in self.running))
         if ahead is None and not can:
             return False
         running = set(map(id, self.running))  # cancelled requests have left already
@@ -317,7 +360,7 @@ class Engine:
         return rows
 
     def _launch(self, ahead: "Ahead | None", running: set[int]) -> "Ahead | None":
-        """Launch a greedy step: first the rows of the step ahead that go on (their tokens are on the device),
+        """Launch a step: first the rows of the step ahead that go on (their tokens are on the device),
         then decoding rows whose last token is on the host, then prompt chunks within `prefill_chunk` (a
         request whose prompt ends here samples its first token). Its tokens stay on the device; a copy to the
         host is queued behind it. None when there is no row to run."""
@@ -347,7 +390,7 @@ class Engine:
         ahead_tokens = ahead.tokens if keep else None
         logits = self._step(tokens, slots, fed, decoding if mixed else None, rows if mixed else None, ahead_tokens,
                             None if ahead is None or len(keep) == len(ahead.reqs) else keep)
-        picked = logits.argmax(-1)
+        picked = pick(logits, reqs, positions)  # sampled rows too: the draws happen on the device
         self.steps += 1
         if picked.is_cuda:
             copy = torch.empty(picked.shape, dtype=picked.dtype, pin_memory=True)
@@ -362,22 +405,14 @@ class Engine:
               keep: list[int] | None = None) -> torch.Tensor:
         """decode_step over rows given as lists (see Decoder.decode; `decoding`/`picks` for a step with prompt
         rows). ahead_tokens: the step ahead's tokens on the device, which feed the first rows (those at `keep`
-        only, if given); `tokens` feed the rest. The lists go to the device in one copy from pinned memory
-        that does not wait for the device: a plain torch.tensor(..., device="cuda") waits for every step
-        queued before it, which undid most of the overlap (session 5)."""
+        only, if given); `tokens` feed the rest (all through `on_device`: no wait for the device)."""
         lists = [tokens, slots, positions, [decoding] if decoding is not None else [], picks or [], keep or []]
-        tokens_t, slots_t, positions_t, decoding_t, picks_t, keep_t = self._on_device(*lists)
+        tokens_t, slots_t, positions_t, decoding_t, picks_t, keep_t = on_device(self.decoder.device, torch.long, *lists)
         if ahead_tokens is not None:
             tokens_t = torch.cat((ahead_tokens if keep is None else ahead_tokens[keep_t], tokens_t))
         if decoding is None:
             return self.decode_step(tokens_t, slots_t, positions_t, max(positions) + 1)
         return self.decode_step(tokens_t, slots_t, positions_t, max(positions) + 1, decoding_t, picks_t)
-
-    def _on_device(self, *lists: list[int]) -> list[torch.Tensor]:
-        """Lists of ints as int64 tensors on the decoder's device, through one pinned host tensor on a GPU."""
-        dev = self.decoder.device
-        host = torch.tensor([v for x in lists for v in x], dtype=torch.long, pin_memory=dev.type == "cuda")
-        return list(host.to(dev, non_blocking=True).split([len(x) for x in lists]))
 
     def _plan(self, decoding: list[Request], prompting: list[Request]):
         """One step's inputs: decoding sequences first (one token each), then prompt chunks within the step's
