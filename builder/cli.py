@@ -184,6 +184,9 @@ def perf(
     perf_analyzer: Optional[Path] = typer.Option(None, help="perf_analyzer binary (default: PATH, then the tritonclient wheel's)."),
     prompt_tokens: int = typer.Option(32, help="Text generation: tokens of the synthetic prompt."),
     output_tokens: int = typer.Option(64, help="Text generation: tokens generated per request (forced)."),
+    temperature: float = typer.Option(0.0, help="Text generation: sample at this temperature (0: greedy), as chat "
+                                                "clients do."),
+    top_p: float = typer.Option(1.0, help="Text generation: nucleus sampling bound with --temperature."),
     stability_pct: float = typer.Option(25.0, help="perf_analyzer stability threshold in % (-s); also the noise "
                                                    "band 'compare' allows each run."),
     repeats: int = typer.Option(1, help="Measure each variant N times; results.csv keeps the median, repeats.csv all "
@@ -200,6 +203,9 @@ def perf(
         levels = [int(c) for c in concurrency.split(",") if c.strip()]
     except ValueError:
         _fail(UserError(f"--concurrency {concurrency!r}: give integers separated by commas, e.g. 1,4,16"))
+    if temperature < 0 or not 0 < top_p <= 1:
+        _fail(UserError(f"--temperature {temperature} / --top-p {top_p}: temperature must be >= 0 and top-p in (0, 1]"))
+    sampling = {"temperature": temperature, **({"top_p": top_p} if top_p < 1 else {})} if temperature > 0 else None
     server = None
     if url:
         from types import SimpleNamespace
@@ -210,7 +216,8 @@ def perf(
             results = run_perf(repo, server=server, models=model, concurrency=levels, out=out, protocol=protocol,
                                measurement_ms=measurement_ms, batch_size=batch_size, perf_analyzer=perf_analyzer,
                                prompt_tokens=prompt_tokens, output_tokens=output_tokens,
-                               repeats=repeats, stability_pct=stability_pct, keep_going=keep_going)
+                               repeats=repeats, stability_pct=stability_pct, keep_going=keep_going,
+                               sampling=sampling)
     except BuilderError as exc:
         _fail(exc)
     err.print(f"results: {results}")

@@ -198,3 +198,27 @@ def test_smollm2_real_weights_match_hf_and_serve(tmp_path):
         answer = generate(server.http_url, "smollm", "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
                           "<|im_start|>assistant\n", max_tokens=16, add_special_tokens=False)
         assert answer["text_output"] == "The capital of France is Paris." and answer["finish_reason"] == "stop"
+
+
+def test_perf_measures_a_sampled_load(served, tmp_path):
+    """perf --temperature/--top-p: every request sampled, as chat clients send them; the server draws on its
+    device for all rows at once. Greedy, the four identical prompts give one text; sampled, they differ."""
+    import json
+
+    import pandas as pd
+
+    from builder.perf import run_perf
+
+    server, repo = served
+    texts = {}
+    for label, sampling in (("greedy", None), ("sampled", {"temperature": 1.0, "top_p": 0.95})):
+        results = run_perf(repo, server=server, concurrency=[2], out=tmp_path / label, prompt_tokens=12,
+                           output_tokens=20, sampling=sampling)
+        assert list(pd.read_csv(results / "llm.csv")["status"]) == ["ok"]
+        sent = json.loads((results / "inputs" / "tiny.json").read_text())["data"][0]
+        assert sent.get("temperature") == ([1.0] if sampling else None)
+        export = json.loads((results / "raw" / "tiny" / "c2.json").read_text())
+        texts[label] = {"".join(o["text_output"] for o in r["response_outputs"]) for r in export["experiments"][0]["requests"]}
+        assert json.loads((results / "manifest.json").read_text())["settings"]["sampling"] == (sampling or "greedy")
+    assert len(texts["greedy"]) == 1 and len(texts["sampled"]) > 1
+

@@ -332,6 +332,14 @@ def test_perf_writes_each_endpoint_its_own_request():
         "text_input": ["hi"], "streaming": [True], "sampling_param_max_tokens": [8],
         "sampling_param_exclude_input_from_output": [True]}
     assert request_entry("hi", 8, "tensorrt-llm", "engine") == {"text_input": ["hi"], "max_tokens": [8], "stream": [True]}
+    # a sampled load (perf --temperature/--top-p), in each backend's names
+    hot = {"temperature": 0.7, "top_p": 0.9}
+    assert request_entry("hi", 8, sampling=hot) == {"text_input": ["hi"], "max_tokens": [8], "stream": [True],
+                                                    "temperature": [0.7], "top_p": [0.9], "ignore_eos": [True]}
+    assert json.loads(request_entry("hi", 8, "vllm", sampling=hot)["sampling_parameters"][0])["top_p"] == 0.9
+    trt = request_entry("hi", 8, "tensorrt-llm", sampling=hot)
+    assert trt["sampling_param_temperature"] == [0.7] and trt["sampling_param_top_p"] == [0.9]
+    assert request_entry("hi", 8, "tensorrt-llm", "engine", sampling=hot)["temperature"] == [0.7]
 
 
 def test_perf_counts_tokens_from_responses_when_the_backend_sends_no_counts():

@@ -409,6 +409,12 @@ def test_perf_cli_passes_keep_going(tmp_path, monkeypatch):
         result = CliRunner().invoke(app, ["perf", str(tmp_path), "--url", "127.0.0.1:1", *args])
         assert result.exit_code == 0, result.output
         assert seen["keep_going"] is want
+    for args, want in (([], None), (["--temperature", "0.7"], {"temperature": 0.7}),
+                       (["--temperature", "0.7", "--top-p", "0.9"], {"temperature": 0.7, "top_p": 0.9})):
+        assert CliRunner().invoke(app, ["perf", str(tmp_path), "--url", "127.0.0.1:1", *args]).exit_code == 0
+        assert seen["sampling"] == want
+    bad = CliRunner().invoke(app, ["perf", str(tmp_path), "--url", "127.0.0.1:1", "--top-p", "1.5"])
+    assert bad.exit_code == 2 and "top-p in (0, 1]" in bad.output and "Traceback" not in bad.output
 
 
 # --------------------------------------------------------------------------- report (recorded run)

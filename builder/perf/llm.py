@@ -40,26 +40,31 @@ def synthetic_prompt(tokenizer_file: Path, tokens: int) -> tuple[str, int]:
     return text, len(tok.encode(text, add_special_tokens=True).ids)
 
 
-def request_entry(text: str, output_tokens: int, fmt: str = "torch", flow: str = "llmapi") -> dict:
+def request_entry(text: str, output_tokens: int, fmt: str = "torch", flow: str = "llmapi",
+                  sampling: dict[str, float] | None = None) -> dict:
     """One streaming request in each endpoint's own tensor names, the output length forced where the backend can:
     ours and vLLM ignore the end token; TensorRT-LLM gets max_tokens only (its output may stop earlier; tokens are
-    then counted from the responses)."""
+    then counted from the responses). `sampling`: temperature and/or top_p (default: greedy), as a chat client
+    would send them."""
+    sampling = {k: float(v) for k, v in (sampling or {}).items()}
     if fmt == "vllm":  # sampling settings travel as one JSON string; streaming needs exclude_input_in_output
-        params = {"max_tokens": output_tokens, "min_tokens": output_tokens, "ignore_eos": True}
+        params = {"max_tokens": output_tokens, "min_tokens": output_tokens, "ignore_eos": True, **sampling}
         return {"text_input": [text], "stream": [True], "sampling_parameters": [json.dumps(params)],
                 "exclude_input_in_output": [True], "return_num_output_tokens": [True]}
     if fmt == "tensorrt-llm" and flow == "llmapi":
         return {"text_input": [text], "streaming": [True], "sampling_param_max_tokens": [output_tokens],
-                "sampling_param_exclude_input_from_output": [True]}
-    entry = {"text_input": [text], "max_tokens": [output_tokens], "stream": [True]}
+                "sampling_param_exclude_input_from_output": [True],
+                **{f"sampling_param_{k}": [v] for k, v in sampling.items()}}
+    entry = {"text_input": [text], "max_tokens": [output_tokens], "stream": [True], **{k: [v] for k, v in sampling.items()}}
     if fmt == "torch":
         entry["ignore_eos"] = [True]
     return entry
 
 
-def input_data(path: Path, text: str, output_tokens: int, fmt: str = "torch", flow: str = "llmapi") -> Path:
+def input_data(path: Path, text: str, output_tokens: int, fmt: str = "torch", flow: str = "llmapi",
+               sampling: dict[str, float] | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"data": [request_entry(text, output_tokens, fmt, flow)]}, ensure_ascii=False))
+    path.write_text(json.dumps({"data": [request_entry(text, output_tokens, fmt, flow, sampling)]}, ensure_ascii=False))
     return path
 
 
@@ -116,8 +121,10 @@ def _tokenizer_file(repo: Path, name: str) -> Path:
 
 def run_llm_perf(repo: Path, variants: dict[str, dict], server, concurrency: list[int], out: Path,
                  prompt_tokens: int = 32, output_tokens: int = 64, requests_per_level: int | None = None,
-                 perf_analyzer: Path | None = None, console: Console | None = None) -> Path:
-    """Measure every generation endpoint in `variants` (name -> manifest entry) on a running server."""
+                 perf_analyzer: Path | None = None, console: Console | None = None,
+                 sampling: dict[str, float] | None = None) -> Path:
+    """Measure every generation endpoint in `variants` (name -> manifest entry) on a running server; every
+    request greedy, or sampled with `sampling` (temperature, top_p)."""
     console = console or Console(highlight=False)
     binary = find_perf_analyzer(perf_analyzer)
     env = perf_env()
@@ -131,7 +138,7 @@ def run_llm_perf(repo: Path, variants: dict[str, dict], server, concurrency: lis
                             f"{gen.get('max_total_tokens')})")
         text, actual = synthetic_prompt(_tokenizer_file(repo, name), prompt_tokens)
         data = input_data(out / "inputs" / f"{name}.json", text, output_tokens, entry.get("format", "torch"),
-                          entry.get("flow", "llmapi"))
+                          entry.get("flow", "llmapi"), sampling)
         console.print(f"[bold]{name}[/bold] ({entry.get('precision')}): prompt {actual} tokens, output {output_tokens} "
                       f"tokens, concurrency {', '.join(map(str, concurrency))}")
         for level in concurrency:
@@ -162,7 +169,7 @@ def run_llm_perf(repo: Path, variants: dict[str, dict], server, concurrency: lis
 
 def measure_generators(repo: Path, variants: dict[str, dict], *, server, concurrency: list[int], out: Path | None,
                        prompt_tokens: int, output_tokens: int, perf_analyzer: Path | None = None,
-                       console: Console | None = None) -> Path:
+                       console: Console | None = None, sampling: dict[str, float] | None = None) -> Path:
     """run_llm_perf with a results directory (llm.csv + manifest.json) and, when none is given, a server."""
     import contextlib
     from datetime import datetime, timezone
@@ -175,7 +182,8 @@ def measure_generators(repo: Path, variants: dict[str, dict], *, server, concurr
     results = _new_results_dir(out, started)
     manifest = {"schema": 1, "kind": "generation", "run": results.name, "repo": str(Path(repo).resolve()),
                 "started": started.isoformat(timespec="seconds"), "complete": False,
-                "settings": {"concurrency": concurrency, "prompt_tokens": prompt_tokens, "output_tokens": output_tokens},
+                "settings": {"concurrency": concurrency, "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
+                             "sampling": sampling or "greedy"},
                 "versions": tool_versions(), "machine": machine_info(),
                 "variants": {n: {**_variant_record(n, e), "generation": e.get("generation")} for n, e in variants.items()}}
     try:
@@ -187,7 +195,7 @@ def measure_generators(repo: Path, variants: dict[str, dict], *, server, concurr
                 server = stack.enter_context(start_server(repo))
             manifest["server"] = _server_record(server)
             run_llm_perf(Path(repo), variants, server, concurrency, results, prompt_tokens, output_tokens,
-                         perf_analyzer=perf_analyzer, console=console)
+                         perf_analyzer=perf_analyzer, console=console, sampling=sampling)
         manifest["complete"] = True
     finally:
         manifest["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")

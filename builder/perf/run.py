@@ -168,7 +168,8 @@ def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concur
              relaxed_stability_pct: float | None = 100.0, input_entries: int = 4,
              perf_analyzer: Path | None = None, runtime: str = "local", console: Console | None = None,
              prompt_tokens: int = 32, output_tokens: int = 64, repeats: int = 1,
-             input_files: dict[str, Path] | None = None, keep_going: bool = False) -> Path:
+             input_files: dict[str, Path] | None = None, keep_going: bool = False,
+             sampling: dict[str, float] | None = None) -> Path:
     """Measure the repository's variants at each concurrency level and return the results directory.
 
     `server`: a running server (anything with `grpc_url` / `http_url`); when None one is started on
@@ -207,7 +208,7 @@ def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concur
 
         return measure_generators(repo, generators, server=server, concurrency=levels, out=out,
                                   prompt_tokens=prompt_tokens, output_tokens=output_tokens,
-                                  perf_analyzer=perf_analyzer, console=console)
+                                  perf_analyzer=perf_analyzer, console=console, sampling=sampling)
     signatures = {}
     for name, entry in variants.items():
         if "signature" not in entry:

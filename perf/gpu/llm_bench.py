@@ -26,6 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+SAMPLING = {"temperature": 0.8, "top_p": 0.95}  # the sampled load measured beside the greedy one
 TARGETS = {"c1_tokens_per_s": 450.0, "c1_itl_p50_ms": 2.2, "c1_ttft_p50_ms": 15.0, "c32_tokens_per_s": 10000.0,
            "c32_itl_p99_ms": 10.0}
 VARIANTS = ["{format: torch, precision: bf16}",
@@ -267,6 +268,15 @@ def main() -> int:
             env["selfcheck"] = {"error": str(exc)}
         run_llm_perf(repo, {n: manifest[n] for n in names}, server, concurrency, results,
                      prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens)
+        # the first variant again at the highest concurrency with every request sampled (as chat clients send)
+        sampled = results / "sampled"
+        run_llm_perf(repo, {names[0]: manifest[names[0]]}, server, concurrency[-1:], sampled,
+                     prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens, sampling=SAMPLING)
+        import pandas as pd
+
+        label = f"{names[0]} sampled (T {SAMPLING['temperature']}, top-p {SAMPLING['top_p']})"
+        pd.concat([pd.read_csv(results / "llm.csv"), pd.read_csv(sampled / "llm.csv").assign(variant=label)]).to_csv(
+            results / "llm.csv", index=False)
     server_log = work / "tritonserver.log"  # each served model logs its step clock when it unloads (Engine.summary)
     env["step_clock"] = [line.split("generation engine of ", 1)[1].rstrip('"') for line in
                          (server_log.read_text(errors="replace").splitlines() if server_log.exists() else [])
