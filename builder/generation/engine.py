@@ -189,6 +189,9 @@ def pick(logits: torch.Tensor, reqs: list[Request], positions: list[int]) -> tor
         keep = torch.arange(vocab, device=dev)[None, :] < top_k[:, None]
         probs = torch.softmax(x.masked_fill(~keep, float("-inf")), dim=-1)
         keep &= (probs.cumsum(-1) - probs) <= top_p[:, None]
+        if dev.type == "cpu":  # a sync costs nothing here: draw among the widest kept prefix, not the vocabulary
+            width = int(keep.sum(-1).max())
+            x, order, keep = x[:, :width], order[:, :width], keep[:, :width]
         noise = gumbel(seeds[:, None], counters[:, None], order)
         drawn = order.gather(-1, (x.masked_fill(~keep, float("-inf")) + noise).argmax(-1, keepdim=True))[:, 0]
     return tokens.index_copy(0, rows, drawn)
