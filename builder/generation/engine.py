@@ -209,8 +209,9 @@ class Engine:
         self.eos = set(decoder.config.eos_token_ids)
         decoder.allocate(max_sequences, max_total_tokens)
         self.decode_step = decoder.decode  # the server may swap in decoder.Graphs(decoder) on a GPU
-        # decode steps overlap the host's work (on with CUDA graphs): step N+1 is launched with step N's tokens still on the device, then N's tokens are read and its rows
-        # advanced while the device runs N+1 (`ahead` is the launched step not read yet)
+        # decode steps overlap the host's work (on with CUDA graphs): step N+1 is launched with step N's tokens
+        # still on the device, then N's tokens are read and its rows advanced while the device runs N+1 (`ahead`
+        # is the launched step not read yet)
         self.overlap = False
         self.ahead: Ahead | None = None
         # prompt steps through decode_step too, a row per prompt token (on with CUDA graphs: one replay instead
