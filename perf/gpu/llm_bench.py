@@ -290,6 +290,22 @@ def main() -> int:
     return 0
 
 
+def timelines(results: Path, names: list[str], window_ms: float = 20.0) -> list[str]:
+    """Per variant at its highest concurrency: output tokens/s per 20 ms window (perf/llm_timeline.py) and the
+    longest gaps, where a run lost its rate (run 3 found the prompt steps this way)."""
+    sys.path.insert(0, str(HERE.parent))
+    from llm_timeline import timeline
+
+    lines = ["", f"Output tokens/s per {window_ms:g} ms window, highest concurrency:"]
+    for name in names:
+        exports = sorted((results / "raw" / name).glob("c*.json"), key=lambda f: int(f.stem[1:]))
+        if exports:
+            rates, gaps = timeline(json.loads(exports[-1].read_text()), window_ms)
+            lines.append(f"- {name} {exports[-1].stem}: " + " ".join(f"{r:.0f}" for r in rates) + "; longest gaps "
+                         + ", ".join(f"{g:.1f} ms/token @ {at:.0f} ms" for g, at in gaps[:3]))
+    return lines
+
+
 def report(out: Path, work: Path, results: Path, env: dict, args, names: list[str], t0: float) -> None:
     """summary.md, env.json, llm.csv and results.tar.gz from what has been measured so far."""
     import pandas as pd
@@ -312,6 +328,7 @@ def report(out: Path, work: Path, results: Path, env: dict, args, names: list[st
         lines.append(f"- {name}: " + "; ".join(verdict(frame[frame["variant"] == name].to_dict("records"))))
     lines += ["", "Decode step in-process (ms): " + json.dumps(env["decode_step_ms"]), "",
               "Served step clock (whole run, each model): " + ("; ".join(env["step_clock"]) or "not in the log")]
+    lines += timelines(results, names)
     env["total_seconds"] = round(time.time() - t0, 1)
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     (out / "env.json").write_text(json.dumps(env, indent=1, default=str))
