@@ -198,15 +198,21 @@ class Decoder(torch.nn.Module):
             x = self._layers(tokens, positions, attend)
             return self._logits(x if picks is None else x[picks])
 
+    def _write(self, layer: int, k, v, slots, positions) -> None:
+        """Each row's key and value into the cache at (slot, position)."""
+        self.k_cache[layer][slots, :, positions] = k
+        self.v_cache[layer][slots, :, positions] = v
+
     def _attend_decoding(self, layer: int, q, k, v, slots, positions, length: int) -> torch.Tensor:
-        """Rows with one new token each: write k/v at (slot, position) (unless k is None: written already), then
-        attend every row at once over its slot's first `length` cache entries, masked to the row's own prefix.
+        """Rows with one new token each: write k/v at (slot, position), then attend (`_attend_cached`)."""
+        self._write(layer, k, v, slots, positions)
+        return self._attend_cached(layer, q, slots, positions, length)
+
+    def _attend_cached(self, layer: int, q, slots, positions, length: int) -> torch.Tensor:
+        """Every row at once over its slot's first `length` cache entries, masked to the row's own prefix.
         Grouped-query attention by folding each kv head's query heads into the query axis."""
         c = self.config
         kc, vc = self.k_cache[layer], self.v_cache[layer]
-        if k is not None:
-            kc[slots, :, positions] = k
-            vc[slots, :, positions] = v
         keys, values = kc[slots, :, :length], vc[slots, :, :length]  # [B, kv_heads, length, d]
         group = c.num_heads // c.num_kv_heads
         qs = q.view(-1, c.num_kv_heads, group, c.head_dim)
@@ -231,10 +237,9 @@ class Decoder(torch.nn.Module):
 
         def attend(layer, q, k, v):
             kc, vc = self.k_cache[layer], self.v_cache[layer]
-            kc[slots, :, positions] = k
-            vc[slots, :, positions] = v
+            self._write(layer, k, v, slots, positions)
             n = q.shape[0]
-            decoded = self._attend_decoding(layer, q[:top], None, None, slots[:top], positions[:top], length)
+            decoded = self._attend_cached(layer, q[:top], slots[:top], positions[:top], length)
             keys = torch.cat((kc[owner, :, :length], k.transpose(0, 1)[None]), dim=2)  # [1, kv, L+B, d]
             values = torch.cat((vc[owner, :, :length], v.transpose(0, 1)[None]), dim=2)
             qs = q.view(n, c.num_kv_heads, group, c.head_dim).transpose(0, 1).reshape(1, c.num_kv_heads, -1, c.head_dim)
@@ -270,7 +275,7 @@ class Graphs:
     use into one shared memory pool. Rows are padded to the bucket with the scratch slot at position 0; keys are
     read up to the length bucket, so a step reads the filled cache and not all of it. Two kinds: steps where
     every row decodes (buckets up to the slots), and mixed steps of decoding rows then prompt chunks (`decode`'s
-    `decoding` and `picks`; buckets up to `max_rows`), whose logits are only the picked rows'. The logits
+    `decoding` and `picks`; buckets above the slots up to `max_rows`), whose logits are only the picked rows'. The logits
     returned are valid until the next call (the engine reads them before its next step).
 
     `step` is the function captured: the decoder's `decode`, or that function compiled by inductor (without
@@ -338,7 +343,7 @@ class Graphs:
         pad = key[0] - rows
         values = [F.pad(tokens, (0, pad)), F.pad(slots, (0, pad), value=self.dec.scratch), F.pad(positions, (0, pad))]
         if decoding is not None:
-            values += [decoding, F.pad(picks, (0, static[4].shape[0] - picks.shape[0]))]
+            values += [decoding, F.pad(picks, (0, self.dec.scratch - picks.shape[0]))]  # picks: `slots` rows
         for buffer, value in zip(static, values):
             buffer.copy_(value, non_blocking=True)
         graph.replay()

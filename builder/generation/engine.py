@@ -391,9 +391,8 @@ class Engine:
         if not slots:
             return None
         mixed = len(rows) != len(slots)  # prompt rows: logits of the picked rows only
-        ahead_tokens = ahead.tokens if keep else None
-        logits = self._step(tokens, slots, fed, decoding if mixed else None, rows if mixed else None, ahead_tokens,
-                            None if ahead is None or len(keep) == len(ahead.reqs) else keep)
+        logits = self._step(tokens, slots, fed, decoding if mixed else None, rows if mixed else None,
+                            ahead.tokens if keep else None, keep if keep and len(keep) < len(ahead.reqs) else None)
         picked = pick(logits, reqs, positions)  # sampled rows too: the draws happen on the device
         self.steps += 1
         if picked.is_cuda:

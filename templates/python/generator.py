@@ -125,7 +125,7 @@ class TritonPythonModel:
             graphs.graphs[key] = graphs.capture(*key)
         self.engine.decode_step = graphs
         self.engine.graphed_prompts = True
-        self.engine.overlap = True  # greedy decode steps launched before the previous one is read
+        self.engine.overlap = True  # each step launched before the previous one is read
         limit = f", compiled up to {graphs.compiled_rows} row(s)" if step and graphs.compiled_rows else ""
         pb_utils.Logger.log_info(f"captured {len(graphs.graphs)} decode graphs (compile: {compile_mode}{limit}) in "
                                  f"{time.time() - t0:.1f} s")
