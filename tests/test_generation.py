@@ -181,10 +181,23 @@ def test_overlapped_steps_with_cuda_graphs_give_the_same_outputs(llama):
         dec = Decoder(config, weights)
         e = eng.Engine(dec, tok, max_sequences=3, max_total_tokens=48, prefill_chunk=5)
         e.decode_step, e.graphed_prompts, e.overlap = Graphs(dec, length_bucket=16, max_rows=3 + 5), True, overlap
+        if overlap:
+            e.warm()  # as the server does at load on a GPU
         return e
 
     for sampled in (False, True):  # a sampled request's draws happen on the device, overlapped or not
         assert _scenario(engine(True), tok, sampled) == _scenario(engine(False), tok, sampled)
+
+
+def test_warming_the_sampler_changes_nothing(llama):
+    """Engine.warm (the server runs it at load on a GPU) leaves the slots free and a seeded draw as it was."""
+    tok, model = llama
+    ids = tok(PROMPTS[0])["input_ids"]
+    cold, warm = _engine(tok, model), _engine(tok, model)
+    warm.warm()
+    assert warm.free == cold.free and warm.steps == 0 and not warm.running and not warm.waiting
+    kw = dict(temperature=1.0, top_p=0.9, seed=3, ignore_eos=True)
+    assert eng.generate(warm, [ids], 8, **kw)[0].token_ids == eng.generate(cold, [ids], 8, **kw)[0].token_ids
 
 
 def test_streamed_pieces_add_up_to_the_text_and_never_split_a_character(llama):
@@ -327,8 +340,8 @@ def _draws(logits: list[float], n: int, **options) -> torch.Tensor:
     ({"temperature": 1.0, "top_p": 0.8}, torch.tensor([0.5630, 0.2071, 0.1256, 0, 0]) / 0.8957),
 ], ids=["t1", "t0.5", "top_k", "top_p"])
 def test_device_sampling_draws_from_the_cut_softmax(options, want):
-    """pick(): temperature, top-k and top-p on the device for all rows at once, drawn by Gumbel-max from hashed
-    noise: 20,000 draws match the distribution each option defines (tokens outside it never come)."""
+    """pick(): temperature, top-k and top-p on the device for all rows at once, drawn at a hashed uniform number
+    through the kept probabilities' running sum: 20,000 draws match the distribution each option defines (tokens outside it never come)."""
     drawn = _draws([2.0, 1.0, 0.5, 0.0, -1.0], 20000, **options)
     freq = torch.bincount(drawn, minlength=5).float() / len(drawn)
     assert torch.allclose(freq, want.float(), atol=0.012), (freq, want)

@@ -115,8 +115,17 @@ def step_times(repo: Path, names: list[str], device: str, batches: list[int], pr
             cases[f"b{slots - chunks}+{chunks}x{prompt}"] = _mixed_rows(
                 torch, device, list(range(slots - chunks)), position, list(range(slots - chunks, slots)), prompt)
         for mode, fn in modes.items():
+            t0 = time.perf_counter()
             for case, args in cases.items():
                 row[f"{mode} {case}"] = _step_ms(device, fn, *args)
+            row[f"{mode} seconds"] = round(time.perf_counter() - t0, 1)  # with its compiles and captures
+        if not out:  # the token choice after a step at `slots` rows, greedy and sampled (the served sampled row)
+            from builder.generation import engine
+
+            logits = torch.randn(slots, dec.config.vocab_size, device=device, dtype=dec.dtype)
+            for label, options in (("greedy", {}), ("sampled", SAMPLING)):
+                reqs = [engine.Request([0], 1, emit=None, seed=i, **options) for i in range(slots)]
+                row[f"pick {label} b{slots}"] = _step_ms(device, engine.pick, logits, reqs, [position] * slots)
         out[name] = row
         del dec, modes
         if device == "cuda":

@@ -101,6 +101,8 @@ class TritonPythonModel:
                                            stream_interval=int(p.get("stream_interval", "0")))
         if gpu and p.get("cuda_graphs", "0") == "1":
             self._graphs(torch, model, p.get("compile", "none"), quantization)
+        if gpu:
+            self.engine.warm()  # the sampling kernels load now, not on the first sampled request
         self.stop = threading.Event()
         self.outbox = queue.SimpleQueue()  # (sender, engine Output, gone) for the sending thread
         self.sending = threading.Thread(target=self._send_loop, name="generation-responses", daemon=True)
