@@ -594,6 +594,12 @@ def test_cuda_graph_replays_equal_the_eager_decode_step(llama):
     eager = dec.decode(tokens, slots, positions, 17, *mixed).clone()
     torch.testing.assert_close(graphs(tokens, slots, positions, 17, *mixed), eager, rtol=1e-4, atol=1e-4)
     assert list(graphs.graphs) == [(12, 32, True)]  # the mixed bucket of 10 rows
+    # the replay times the server logs at load: every graph timed, no sequence's cache touched (slots 0-3)
+    before = [c[:4].clone() for c in dec.k_cache + dec.v_cache]
+    graphs.graphs[(4, 16, False)] = graphs.capture(4, 16)
+    times = graphs.replay_ms(repeats=3)
+    assert set(times) == {(12, 32, True), (4, 16, False)} and all(t > 0 for t in times.values())
+    assert all(torch.equal(c[:4], b) for c, b in zip(dec.k_cache + dec.v_cache, before))
 
 
 def test_graph_buckets_above_compiled_rows_capture_the_plain_step(llama):

@@ -332,6 +332,25 @@ class Graphs:
             logits = step(*inputs, length, *extra)
         return graph, inputs + list(extra), logits
 
+    def replay_ms(self, repeats: int = 10) -> dict[tuple[int, int, bool], float]:
+        """Each captured graph's replay in ms (the mean of `repeats` after one warm-up) on padding inputs (the
+        scratch slot at position 0, so no sequence's cache changes): the GPU's time per step of each bucket
+        without serving. The server logs it at load, so a bench compares served with in-process for every
+        variant without compiling again (session 6)."""
+        out = {}
+        for key, (graph, static, _) in sorted(self.graphs.items()):
+            for i, buffer in enumerate(static):
+                buffer.fill_(self.dec.scratch if i == 1 else 0)  # tokens, slots, positions, [decoding, picks]
+            graph.replay()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(repeats):
+                graph.replay()
+            end.record()
+            end.synchronize()
+            out[key] = start.elapsed_time(end) / repeats
+        return out
+
     def __call__(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, length: int,
                  decoding: torch.Tensor | None = None, picks: torch.Tensor | None = None):
         """As `Decoder.decode`; a mixed step (`decoding` given) needs `picks` (at most one row per cache slot)."""

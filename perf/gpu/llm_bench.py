@@ -83,8 +83,11 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def step_times(repo: Path, names: list[str], device: str, batches: list[int], prompt: int, slots: int) -> dict:
-    """Our decode step in-process, per variant and batch: eager, CUDA graphs, inductor + graphs (GPU); decoding
+def step_times(repo: Path, names: list[str], device: str, batches: list[int], prompt: int, slots: int,
+               inductor: bool = False) -> dict:
+    """Our decode step in-process, per variant and batch: eager, CUDA graphs, with `inductor` inductor + graphs
+    (GPU; compiling again takes ~100 s: the served model's own graph replay times, in the server's log, give
+    the compiled steps without it); decoding
     at position prompt + 64; a whole prompt of `prompt` tokens in one step; and the served mixed steps at
     c=`slots`: slots - 1 decoding rows and one prompt, slots - 2 and two prompts (prefill_chunk is 2 prompts)."""
     import torch
@@ -103,7 +106,7 @@ def step_times(repo: Path, names: list[str], device: str, batches: list[int], pr
         modes = {"eager": dec.decode}
         if device == "cuda":  # buckets up to slots + two prompts: the engine's prompt steps replay them too
             modes["graphs"] = decoder.Graphs(dec, max_rows=slots + 2 * prompt)
-            if params.get("compile") == "inductor" and not any("inductor+graphs b1" in r for r in out.values()):
+            if inductor and params.get("compile") == "inductor" and not any("inductor+graphs b1" in r for r in out.values()):
                 # once (the first compiled variant): compiling takes minutes and the served numbers cover the rest
                 modes["inductor+graphs"] = decoder.Graphs(dec, torch.compile(dec.decode, dynamic=True),
                                                           max_rows=slots + 2 * prompt)
@@ -204,7 +207,9 @@ def main() -> int:
                                                   "one 10-minute call; eager and graphs-only are timed in-process anyway)")
     p.add_argument("--skip", default="", help="parts already measured in an earlier call: hf, steps (comma list)")
     p.add_argument("--steps-all", action="store_true", help="time the in-process steps of every served variant, "
-                                                            "not only the first (bf16): ~1 min more each on the H100")
+                                                            "not only the first (bf16): ~20 s more each on the H100")
+    p.add_argument("--steps-inductor", action="store_true", help="time the in-process steps compiled by inductor too "
+                   "(~100 s more; the server's log has each compiled graph's replay time anyway)")
     args = p.parse_args()
     if args.smoke:
         args.layers, args.prompt_tokens, args.output_tokens, args.concurrency = 2, 16, 8, "1,4"
@@ -287,13 +292,17 @@ def main() -> int:
         pd.concat([pd.read_csv(results / "llm.csv"), pd.read_csv(sampled / "llm.csv").assign(variant=label)]).to_csv(
             results / "llm.csv", index=False)
     server_log = work / "tritonserver.log"  # each served model logs its step clock when it unloads (Engine.summary)
-    env["step_clock"] = [line.split("generation engine of ", 1)[1].rstrip('"') for line in
-                         (server_log.read_text(errors="replace").splitlines() if server_log.exists() else [])
+    lines = server_log.read_text(errors="replace").splitlines() if server_log.exists() else []
+    env["step_clock"] = [line.split("generation engine of ", 1)[1].rstrip('"') for line in lines
                          if "generation engine of " in line]
+    # each served model's CUDA graphs replayed at load (ms per step per bucket): the compiled steps in-process
+    env["graph_replay_ms"] = [line.split("decode graph replay of ", 1)[1].rstrip('"') for line in lines
+                              if "decode graph replay of " in line]
     report(out, work, results, env, args, names, t0)  # the served numbers are safe before the in-process part
     if "steps" not in skip:  # after the server: a call cut short keeps what was served
         timed = names if args.steps_all else names[:1]
-        env["decode_step_ms"] = step_times(repo, timed, device, sorted({1, 8, slots}), args.prompt_tokens, slots)
+        env["decode_step_ms"] = step_times(repo, timed, device, sorted({1, 8, slots}), args.prompt_tokens, slots,
+                                           inductor=args.steps_inductor)
         log(f"decode step in-process (ms): {json.dumps(env['decode_step_ms'], indent=1)}")
         report(out, work, results, env, args, names, t0)
     return 0
@@ -336,7 +345,9 @@ def report(out: Path, work: Path, results: Path, env: dict, args, names: list[st
     for name in names:
         lines.append(f"- {name}: " + "; ".join(verdict(frame[frame["variant"] == name].to_dict("records"))))
     lines += ["", "Decode step in-process (ms): " + json.dumps(env["decode_step_ms"]), "",
-              "Served step clock (whole run, each model): " + ("; ".join(env["step_clock"]) or "not in the log")]
+              "Served step clock (whole run, each model): " + ("; ".join(env["step_clock"]) or "not in the log"), "",
+              "Graph replay at load, per served model (b: decode bucket, m: mixed bucket; rows@cache length, ms): "
+              + ("; ".join(env.get("graph_replay_ms", [])) or "not in the log")]
     lines += timelines(results, names)
     env["total_seconds"] = round(time.time() - t0, 1)
     (out / "summary.md").write_text("\n".join(lines) + "\n")

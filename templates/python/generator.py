@@ -131,6 +131,10 @@ class TritonPythonModel:
         limit = f", compiled up to {graphs.compiled_rows} row(s)" if step and graphs.compiled_rows else ""
         pb_utils.Logger.log_info(f"captured {len(graphs.graphs)} decode graphs (compile: {compile_mode}{limit}) in "
                                  f"{time.time() - t0:.1f} s")
+        replays = ", ".join(f"{'m' if mixed else 'b'}{rows}@{length} {ms:.3f}"
+                            for (rows, length, mixed), ms in graphs.replay_ms().items())
+        # m: a mixed bucket (decoding and prompt rows); read by perf/gpu/llm_bench.py
+        pb_utils.Logger.log_info(f"decode graph replay of {self.name} (ms per step, rows@length): {replays}")
 
     def _run(self):
         try:
