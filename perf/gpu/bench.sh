@@ -20,5 +20,15 @@ $PY -m venv "$W/stub"
 STUB_SITE=$("$W/stub/bin/python3" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 $PY -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > "$STUB_SITE/host-packages.pth"
 export PYTHONPATH="$PWD:$W/extra" PATH="$W/extra/bin:$PATH" PYTHONUNBUFFERED=1
-exec $PY "${DRIVER:-perf/gpu/bench.py}" --out "$OUT" --work "$W" \
+# MPS=1: the server's instances share the GPU through CUDA MPS (each python-backend instance is a process with
+# its own CUDA context; without MPS their kernels take turns on the GPU, with it they run side by side)
+if [ "${MPS:-0}" = 1 ]; then
+  command -v nvidia-cuda-mps-control >/dev/null || { echo "error: MPS=1 but no nvidia-cuda-mps-control here" >&2; exit 2; }
+  export CUDA_MPS_PIPE_DIRECTORY="$W/mps-pipe" CUDA_MPS_LOG_DIRECTORY="$W/mps-log"
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  nvidia-cuda-mps-control -d
+  trap 'echo quit | nvidia-cuda-mps-control; cat "$CUDA_MPS_LOG_DIRECTORY"/control.log > "$OUT/mps-control.log" 2>/dev/null' EXIT
+  echo "CUDA MPS on (pipe $CUDA_MPS_PIPE_DIRECTORY)"
+fi
+$PY "${DRIVER:-perf/gpu/bench.py}" --out "$OUT" --work "$W" \
   --tritonserver "$W/site/pytriton/tritonserver/bin/tritonserver" --stub-python "$W/stub/bin/python3" "${@:2}"
