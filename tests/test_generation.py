@@ -474,10 +474,12 @@ def test_batched_decode_and_its_padding_give_the_rows_of_the_ragged_step(llama):
     assert graphs.keys() == [(b, 16, False) for b in (1, 2, 3)] + [(b, 16, True) for b in (4, 8, 11)]
 
 
-def test_the_graphs_a_server_captures_take_three_compilations(llama):
-    """Loading a model with compile: inductor compiles decode() once per distinct guard set, minutes each on
-    the H100: the 1-row bucket, the other decode-only buckets, and every mixed bucket together (above the
-    slots, `picks` of `slots` rows). Counted with a backend that only records what dynamo hands it."""
+@pytest.mark.parametrize("min_rows, compilations", [(1, 3), (2, 2)])
+def test_the_graphs_a_server_captures_take_two_compilations(llama, min_rows, compilations):
+    """Loading a model with compile: inductor compiles decode() once per distinct guard set, a minute or more
+    each on the H100: a 1-row bucket, the other decode-only buckets, and every mixed bucket together (above the
+    slots, `picks` of `slots` rows); the server starts its buckets at 2 rows (min_rows) and so compiles twice.
+    Counted with a backend that only records what dynamo hands it."""
     from builder.generation.decoder import Graphs
 
     tok, model = llama
@@ -486,12 +488,13 @@ def test_the_graphs_a_server_captures_take_three_compilations(llama):
     dec.allocate(8, 512)
     compiled = []
     step = torch.compile(dec.decode, dynamic=True, backend=lambda gm, _: compiled.append(gm) or gm.forward)
-    graphs = Graphs(dec, step, max_rows=8 + 128)
+    graphs = Graphs(dec, step, max_rows=8 + 128, min_rows=min_rows)
     for rows, length, mixed in graphs.keys():
         zeros = lambda n: torch.zeros(n, dtype=torch.long)  # noqa: E731 - what capture() feeds
         extra = (zeros(1), zeros(dec.scratch)) if mixed else ()
         step(zeros(rows), torch.full((rows,), dec.scratch), zeros(rows), length, *extra)
-    assert len(graphs.keys()) == 12 and len(compiled) == 3
+    assert len(graphs.keys()) == 13 - min_rows and len(compiled) == compilations
+    assert graphs.bucket(1, 5) == (min_rows, 256, False)  # one stream's steps replay the smallest bucket
 
 
 def test_a_mixed_step_gives_the_logits_of_the_ragged_step(llama):

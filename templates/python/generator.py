@@ -121,8 +121,10 @@ class TritonPythonModel:
             # inductor fuses the elementwise work (norms, rotary, activation); its own CUDA graphs stay off
             step = torch.compile(model.decode, dynamic=True)  # the default mode: no CUDA graphs of its own
         # prompt chunks run through the graphs too (a row per prompt token): buckets up to slots + prefill_chunk
+        compiled_rows = decoder_module.COMPILED_ROWS.get(quantization)
+        # every bucket compiled: no 1-row bucket (a compilation of its own); int8 compiles only that one
         graphs = decoder_module.Graphs(model, step, max_rows=model.scratch + self.engine.prefill_chunk,
-                                       compiled_rows=decoder_module.COMPILED_ROWS.get(quantization))
+                                       compiled_rows=compiled_rows, min_rows=2 if step and not compiled_rows else 1)
         for key in graphs.keys():  # decode-only buckets up to the slots, mixed ones up to slots + prefill_chunk
             graphs.graphs[key] = graphs.capture(*key)
         self.engine.decode_step = graphs
