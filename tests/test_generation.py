@@ -608,7 +608,7 @@ def test_cuda_graph_replays_equal_the_eager_decode_step(llama):
 def test_graph_buckets_above_compiled_rows_capture_the_plain_step(llama):
     """int8 weights: only the 1-row bucket captures the inductor-compiled step (COMPILED_ROWS: inductor's fused
     int8 kernel scales with the rows); bigger buckets, prompt chunks included, capture the plain decode."""
-    from builder.generation.decoder import COMPILED_ROWS, Graphs
+    from builder.generation.decoder import COMPILED_ROWS, UNCOMPILED_MIXED, Graphs
 
     tok, model = llama
     config, weights = hf2decoder.convert(model, (tok.eos_token_id,))
@@ -623,6 +623,8 @@ def test_graph_buckets_above_compiled_rows_capture_the_plain_step(llama):
     assert [graphs.step_for(b) == compiled for b in buckets] == [True] + [False] * 5
     unlimited = Graphs(dec, compiled, max_rows=4 + 16, compiled_rows=COMPILED_ROWS.get("none"))
     assert all(unlimited.step_for(b) == compiled for b in buckets)
+    int4 = Graphs(dec, compiled, max_rows=4 + 16, compile_mixed="int4" not in UNCOMPILED_MIXED)
+    assert [int4.step_for(b, mixed) == compiled for b, _, mixed in int4.keys()] == [not m for _, _, m in int4.keys()]
 
 
 @pytest.mark.slow

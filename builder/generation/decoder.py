@@ -285,13 +285,13 @@ class Graphs:
     BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 
     def __init__(self, decoder: Decoder, step=None, length_bucket: int = 256, max_rows: int | None = None,
-                 compiled_rows: int | None = None, min_rows: int = 1):
+                 compiled_rows: int | None = None, min_rows: int = 1, compile_mixed: bool = True):
         """max_rows: the most rows one step replays (default: the cache slots). The engine also feeds prompt
         chunks through the graphs, one row per prompt token (Engine.graphed_prompts): slots + prefill_chunk.
         min_rows: the smallest decode bucket. Dynamo compiles a 1-row step apart from the others (it specializes
         sizes 1), so with every bucket compiled the server uses 2: one compilation less (a minute or more of
         loading on the H100, session 6) for ~0.01 ms more per step at one stream (in-process: 1.51 ms at 1 row,
-        1.56 at 8)."""
+        1.56 at 8). compile_mixed: False captures the plain `decode` for the mixed buckets (UNCOMPILED_MIXED)."""
         self.dec, self.step = decoder, step or decoder.decode
         slots = decoder.scratch
         top = max(max_rows or slots, slots + 1)
@@ -302,6 +302,7 @@ class Graphs:
         self.batches = sorted({b for b in self.BATCHES if slots < b < top} | {top})
         self.length_bucket = length_bucket
         self.compiled_rows = compiled_rows
+        self.compile_mixed = compile_mixed
         self.pool = None  # one memory pool for every graph, made at the first capture
         self.graphs: dict[tuple[int, int, bool], tuple] = {}
 
@@ -313,13 +314,15 @@ class Graphs:
         """Every graph at one length bucket: what the server captures when it loads."""
         return [self.bucket(b, length) for b in self.decode_batches] + [self.bucket(b, length, True) for b in self.batches]
 
-    def step_for(self, batch: int):
+    def step_for(self, batch: int, mixed: bool = False):
         """The function a bucket of `batch` rows captures."""
+        if mixed and not self.compile_mixed:
+            return self.dec.decode
         return self.step if self.compiled_rows is None or batch <= self.compiled_rows else self.dec.decode
 
     def capture(self, batch: int, length: int, mixed: bool = False) -> tuple:
         dev = self.dec.device
-        step = self.step_for(batch)
+        step = self.step_for(batch, mixed)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         zeros = lambda n: torch.zeros(n, dtype=torch.long, device=dev)  # noqa: E731
@@ -380,6 +383,10 @@ class Graphs:
 # prompt ~283 ms: ~2.2 ms per row, where the uncompiled int8 graphs take 5.9 ms for 32 rows and 6.9 ms for a
 # 128-token prompt. So only the 1-row bucket is compiled for int8 (docs/PERFORMANCE.md, session 4).
 COMPILED_ROWS = {"int8": 1}
+# Weight quantizations whose mixed steps (decoding rows and prompt chunks) are captured uncompiled. int4: inductor
+# compiling the mixed step around torchao's int4 kernel kept the model loading for over 6 minutes on the H100
+# (session 6, the full bench; bf16 and int8 loaded in ~180 s beside it), past a 10-minute bench call.
+UNCOMPILED_MIXED = {"int4"}
 
 QUANTIZED = (".qkv.weight", ".o.weight", ".gate_up.weight", ".down.weight")  # the projections; not embeddings
 

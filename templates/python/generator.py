@@ -124,7 +124,8 @@ class TritonPythonModel:
         compiled_rows = decoder_module.COMPILED_ROWS.get(quantization)
         # every bucket compiled: no 1-row bucket (a compilation of its own); int8 compiles only that one
         graphs = decoder_module.Graphs(model, step, max_rows=model.scratch + self.engine.prefill_chunk,
-                                       compiled_rows=compiled_rows, min_rows=2 if step and not compiled_rows else 1)
+                                       compiled_rows=compiled_rows, min_rows=2 if step and not compiled_rows else 1,
+                                       compile_mixed=quantization not in decoder_module.UNCOMPILED_MIXED)
         for key in graphs.keys():  # decode-only buckets up to the slots, mixed ones up to slots + prefill_chunk
             graphs.graphs[key] = graphs.capture(*key)
         self.engine.decode_step = graphs
