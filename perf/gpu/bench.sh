@@ -9,6 +9,10 @@ PY=${PYTHON:-python3}
 B=.bundle
 W=${BENCH_WORK:-/tmp/triton-builder-bench}
 [ -f "$B/tritonserver.tar.xz" ] || { echo "error: no $B/; run 'make bench-bundle' on a connected machine" >&2; exit 2; }
+if [ "${MPS:-0}" = 1 ] && ! command -v nvidia-cuda-mps-control >/dev/null; then
+  echo "error: MPS=1 but nvidia-cuda-mps-control is not on PATH; run without MPS=1 or install the NVIDIA driver's MPS tools" >&2
+  exit 2
+fi
 rm -rf "$W" && mkdir -p "$W" "$OUT"
 tar -xJf "$B/tritonserver.tar.xz" -C "$W"
 $PY -m pip install -q --no-index --no-deps --no-compile --target "$W/extra" \
@@ -23,7 +27,6 @@ export PYTHONPATH="$PWD:$W/extra" PATH="$W/extra/bin:$PATH" PYTHONUNBUFFERED=1
 # MPS=1: the server's instances share the GPU through CUDA MPS (each python-backend instance is a process with
 # its own CUDA context; without MPS their kernels take turns on the GPU, with it they run side by side)
 if [ "${MPS:-0}" = 1 ]; then
-  command -v nvidia-cuda-mps-control >/dev/null || { echo "error: MPS=1 but no nvidia-cuda-mps-control here" >&2; exit 2; }
   export CUDA_MPS_PIPE_DIRECTORY="$W/mps-pipe" CUDA_MPS_LOG_DIRECTORY="$W/mps-log"
   mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
   nvidia-cuda-mps-control -d
