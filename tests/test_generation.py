@@ -348,6 +348,26 @@ def test_device_sampling_draws_from_the_cut_softmax(options, want):
     assert (freq[want == 0] == 0).all()
 
 
+def test_rows_with_different_cuts_in_one_step_each_draw_from_their_own():
+    """One pick() over rows whose options differ (top-k, top-p, both, temperature only, greedy): the cuts are
+    computed per row, so each row's draws follow its own distribution, whatever the others ask for."""
+    base = [2.0, 1.0, 0.5, 0.0, -1.0]
+    groups = [({"temperature": 1.0, "top_k": 2}, torch.tensor([0.7311, 0.2689, 0, 0, 0])),
+              ({"temperature": 1.0, "top_p": 0.8}, torch.tensor([0.5630, 0.2071, 0.1256, 0, 0]) / 0.8957),
+              ({"temperature": 0.5}, torch.softmax(torch.tensor(base) * 2, 0)),
+              ({}, torch.tensor([1.0, 0, 0, 0, 0])),
+              # top-p over the top 3 renormalized (.629/.231/.140): the third's preceding sum .860 > .8, it goes; over
+              # the whole softmax it would stay (.770)
+              ({"temperature": 1.0, "top_k": 3, "top_p": 0.8}, torch.tensor([0.7311, 0.2689, 0, 0, 0]))]
+    k, n = len(groups), 10000 * len(groups)
+    reqs = [eng.Request([1], n, emit=lambda o: None, seed=11 + g, **groups[g][0]) for g in range(k)]
+    drawn = eng.pick(torch.tensor([base] * n), [reqs[i % k] for i in range(n)], list(range(n)))
+    for g, (_, want) in enumerate(groups):
+        freq = torch.bincount(drawn[g::k], minlength=5).float() / (n // k)
+        assert torch.allclose(freq, want.float(), atol=0.015), (g, freq, want)
+        assert (freq[want == 0] == 0).all()
+
+
 def test_device_sampling_depends_on_seed_and_position_only():
     """A request draws the same tokens alone or beside others (greedy or sampled), so overlapped and plain steps,
     and any batch, give a seeded request the same text; greedy rows stay argmax; another seed draws otherwise."""

@@ -143,60 +143,66 @@ def on_device(device: torch.device, dtype: torch.dtype, *lists: list) -> list[to
     return list(host.to(device, non_blocking=True).split([len(x) for x in lists]))
 
 
-MIX = (0x7FEB352D, 0x2C1B3C6D)  # odd multipliers below 2**31: 32-bit products stay inside int64
+M64 = 2**64 - 1
+GOLDEN = 0x9E3779B97F4A7C15
 
 
-def _mix(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (xor-shift-multiply rounds) on int64 tensors holding values below 2**32."""
-    for c in MIX:
-        x = x ^ (x >> 16)
-        x = (x * c) & 0xFFFFFFFF
-    return x ^ (x >> 15)
+def _mix64(x: int) -> int:
+    """SplitMix64's finalizer: a 64-bit integer hash whose output bits each depend on every input bit."""
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & M64
+    return x ^ (x >> 31)
 
 
-def uniform(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
-    """A uniform number in (0, 1) (float64, 32 bits) per row, from the row's `seeds` and draw `counters` (int64)
-    only, so a request draws the same tokens whatever else shares its steps."""
-    x = _mix(_mix(_mix(counters & 0xFFFFFFFF) ^ (seeds & 0xFFFFFFFF)) ^ (seeds >> 32))
-    return (x.double() + 0.5) / float(1 << 32)
+def uniform(seed: int, counter: int) -> float:
+    """A uniform number in (0, 1) with 53 bits, a hash of (seed, counter) only, so a request draws the same tokens
+    whatever else shares its steps. Computed on the host (~1 µs) and sent with the step's other per-row values:
+    on the device a hash took ~15 kernel launches a step (session 6)."""
+    x = _mix64(_mix64((counter + GOLDEN) & M64) ^ (seed & M64))
+    return ((x >> 11) + 0.5) / 2**53
 
 
 def pick(logits: torch.Tensor, reqs: list[Request], positions: list[int]) -> torch.Tensor:
     """The next token of every row, on the logits' device, without a sync: argmax for greedy requests; for the
     others temperature, top-k, top-p (over the top-k renormalized, keeping the token that crosses top_p) and a
-    draw by inverting the kept probabilities' running sum at a uniform number hashed from (the request's seed,
-    the position drawn). All rows in one batch, a few kernels over [rows, vocab]: no noise per token (a Gumbel-max
-    draw hashed every token id; sampled steps took 1.8 ms more than greedy ones at 32 rows on the H100, session 6);
-    `positions`: the position each row fed (the token drawn goes after it)."""
-    tokens = logits.argmax(-1)
+    draw that inverts the kept probabilities' running sum at a uniform number hashed from (the request's seed,
+    the position drawn). All rows in one batch; `positions`: the position each row fed (the token drawn goes
+    after it). Few operators, as each is a kernel launch on a GPU, where this runs every step: the kept tokens
+    are a prefix of the sorted row, so one float64 running sum serves the cuts and the draw alike."""
     hot = [i for i, r in enumerate(reqs) if r.temperature > 0]
     if not hot:
-        return tokens
+        return logits.argmax(-1)
     for i in hot:
         if reqs[i].draws < 0:
             seed = reqs[i].seed if reqs[i].seed is not None else random.getrandbits(63)
-            reqs[i].draws = seed & (2**63 - 1)  # a UINT64 seed fits an int64 tensor
+            reqs[i].draws = seed & (2**63 - 1)  # a UINT64 seed fits in 63 bits here
     dev, vocab = logits.device, logits.shape[-1]
     hr = [reqs[i] for i in hot]
-    temperature, top_p = on_device(dev, torch.float32, [r.temperature for r in hr], [r.top_p for r in hr])
-    top_k, seeds, counters, rows = on_device(dev, torch.long, [r.top_k if 0 < r.top_k < vocab else vocab for r in hr],
-                                             [r.draws for r in hr], [positions[i] + 1 for i in hot], hot)
-    x = logits[rows].float() / temperature[:, None]
+    cut_k, cut_p = any(0 < r.top_k < vocab for r in hr), any(r.top_p < 1.0 for r in hr)
+    every = len(hot) == len(reqs)
+    params = [[r.temperature for r in hr], [uniform(r.draws, positions[i] + 1) for i, r in zip(hot, hr)],
+              [r.top_p for r in hr] if cut_p else [], [r.top_k if 0 < r.top_k < vocab else vocab for r in hr] if cut_k
+              else [], [] if every else hot]
+    temperature, u, top_p, top_k, rows = on_device(dev, torch.float64, *params)  # one copy, no sync
+    x = (logits if every else logits[rows.long()]) / temperature.float()[:, None]
     order = None
-    if all(r.top_p >= 1.0 and not 0 < r.top_k < vocab for r in hr):  # no cut: every token may come, in any order
-        probs = torch.softmax(x, dim=-1)
-    else:  # the cuts need the rows in order: sort once, cut by rank (the kept tokens are a prefix)
+    if cut_k or cut_p:  # the cuts go by rank: sort once
         x, order = torch.sort(x, dim=-1, descending=True)
-        keep = torch.arange(vocab, device=dev)[None, :] < top_k[:, None]
-        probs = torch.softmax(x.masked_fill(~keep, float("-inf")), dim=-1)
-        keep &= (probs.cumsum(-1) - probs) <= top_p[:, None]
-        probs = probs.masked_fill(~keep, 0.0)
-    total = probs.double().cumsum(-1)  # float64: 128k terms summed without drift
-    # the first token whose running sum passes u * (the kept mass): it has a nonzero probability, as u < 1
-    at = torch.searchsorted(total, (uniform(seeds, counters) * total[:, -1])[:, None], right=True)
-    at = at.clamp_(max=vocab - 1)
+    probs = torch.softmax(x, dim=-1)
+    total = probs.cumsum(-1, dtype=torch.float64)  # float64: 128k terms summed without drift
+    if order is None:
+        kept = total[:, -1:]
+    else:  # how many tokens each row keeps: its top-k, then the top-p of those renormalized
+        count = top_k.long()[:, None] if cut_k else None
+        if cut_p:
+            limit = top_p[:, None] * (total.gather(-1, count - 1) if cut_k else 1.0)
+            within = ((total - probs) <= limit).sum(-1, keepdim=True)  # a prefix: the first always counts
+            count = within if count is None else torch.minimum(within, count)
+        kept = total.gather(-1, count - 1)
+    # the first token whose running sum passes u * (the kept mass): a kept token with a nonzero probability
+    at = torch.searchsorted(total, u[:, None] * kept, right=True).clamp_(max=vocab - 1)
     drawn = (at if order is None else order.gather(-1, at))[:, 0]
-    return tokens.index_copy(0, rows, drawn)
+    return drawn if every else logits.argmax(-1).index_copy(0, rows.long(), drawn)
 
 
 class Engine:
