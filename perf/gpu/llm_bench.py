@@ -349,6 +349,9 @@ def report(out: Path, work: Path, results: Path, env: dict, args, names: list[st
               "Graph replay at load, per served model (b: decode bucket, m: mixed bucket; rows@cache length, ms): "
               + ("; ".join(env.get("graph_replay_ms", [])) or "not in the log")]
     lines += timelines(results, names)
+    from llm_plots import plot  # perf/gpu/llm_plots.py: into results/, so inside results.tar.gz (files back are few)
+
+    lines += ["", "Plots (in results.tar.gz): " + ", ".join(f"results/{p.name}" for p in plot(results, results))]
     env["total_seconds"] = round(time.time() - t0, 1)
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     (out / "env.json").write_text(json.dumps(env, indent=1, default=str))
