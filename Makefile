@@ -113,7 +113,7 @@ clean: ## Remove the built repository and results (keeps .venv)
 bench-bundle: setup ## Prepare .bundle/ (server + wheels, < 64 MiB) for the GPU machine, on a connected one
 	perf/gpu/bundle.sh
 
-bench-gpu: ## On a GPU machine (no registry needed): build, serve, measure, report into RESULTS_GPU
+bench-gpu: ## On a GPU machine (no registry needed): build, serve, measure, report into RESULTS_GPU (MPS=1: instances share the GPU through CUDA MPS)
 	perf/gpu/bench.sh $(RESULTS_GPU)
 
 bench-gpu-llm: ## On a GPU machine: Llama-3.2-1B shape, our torch endpoint served (bf16 inductor + graphs, int8, int4) vs HF generate, then bf16's steps in-process, into RESULTS_GPU-llm
