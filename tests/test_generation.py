@@ -383,6 +383,11 @@ def test_device_sampling_depends_on_seed_and_position_only():
     assert len(draws) > 5  # the seed matters
     top = eng.Request([1], 9, emit=lambda o: None, temperature=1.0, seed=2**64 - 1)  # the largest UINT64 seed
     assert 0 <= int(eng.pick(logits[:1], [top], [3])[0]) < 50
+    def text(seed):  # 20 draws of one request
+        req = eng.Request([1], 9, emit=lambda o: None, temperature=1.2, seed=seed)
+        return [int(eng.pick(logits[:1], [req], [p])[0]) for p in range(20)]
+
+    assert text(5) != text(5 + 2**63)  # every bit of a UINT64 seed counts
 
 
 def test_sampling_is_reproducible_with_a_seed(llama):

@@ -174,8 +174,8 @@ def pick(logits: torch.Tensor, reqs: list[Request], positions: list[int]) -> tor
         return logits.argmax(-1)
     for i in hot:
         if reqs[i].draws < 0:
-            seed = reqs[i].seed if reqs[i].seed is not None else random.getrandbits(63)
-            reqs[i].draws = seed & (2**63 - 1)  # a UINT64 seed fits in 63 bits here
+            # hashed on the host (`uniform`): every UINT64 seed counts, none is cut to fit a tensor
+            reqs[i].draws = reqs[i].seed if reqs[i].seed is not None else random.getrandbits(64)
     dev, vocab = logits.device, logits.shape[-1]
     hr = [reqs[i] for i in hot]
     cut_k, cut_p = any(0 < r.top_k < vocab for r in hr), any(r.top_p < 1.0 for r in hr)
@@ -184,7 +184,8 @@ def pick(logits: torch.Tensor, reqs: list[Request], positions: list[int]) -> tor
               [r.top_p for r in hr] if cut_p else [], [r.top_k if 0 < r.top_k < vocab else vocab for r in hr] if cut_k
               else [], [] if every else hot]
     temperature, u, top_p, top_k, rows = on_device(dev, torch.float64, *params)  # one copy, no sync
-    x = (logits if every else logits[rows.long()]) / temperature.float()[:, None]
+    rows = None if every else rows.long()
+    x = (logits if every else logits[rows]) / temperature.float()[:, None]
     order = None
     if cut_k or cut_p:  # the cuts go by rank: sort once
         x, order = torch.sort(x, dim=-1, descending=True)
@@ -202,7 +203,7 @@ def pick(logits: torch.Tensor, reqs: list[Request], positions: list[int]) -> tor
     # the first token whose running sum passes u * (the kept mass): a kept token with a nonzero probability
     at = torch.searchsorted(total, u[:, None] * kept, right=True).clamp_(max=vocab - 1)
     drawn = (at if order is None else order.gather(-1, at))[:, 0]
-    return drawn if every else logits.argmax(-1).index_copy(0, rows.long(), drawn)
+    return drawn if every else logits.argmax(-1).index_copy(0, rows, drawn)
 
 
 class Engine:
@@ -411,7 +412,7 @@ class Engine:
         mixed = len(rows) != len(slots)  # prompt rows: logits of the picked rows only
         logits = self._step(tokens, slots, fed, decoding if mixed else None, rows if mixed else None,
                             ahead.tokens if keep else None, keep if keep and len(keep) < len(ahead.reqs) else None)
-        picked = pick(logits, reqs, positions)  # sampled rows too: the draws happen on the device
+        picked = pick(logits, reqs, positions)  # sampled rows too: pick does not sync
         self.steps += 1
         if picked.is_cuda:
             copy = torch.empty(picked.shape, dtype=picked.dtype, pin_memory=True)

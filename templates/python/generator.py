@@ -132,6 +132,7 @@ class TritonPythonModel:
         self.engine.graphed_prompts = True
         self.engine.overlap = True  # each step launched before the previous one is read
         limit = f", compiled up to {graphs.compiled_rows} row(s)" if step and graphs.compiled_rows else ""
+        limit += ", mixed steps uncompiled" if step and not graphs.compile_mixed else ""
         pb_utils.Logger.log_info(f"captured {len(graphs.graphs)} decode graphs (compile: {compile_mode}{limit}) in "
                                  f"{time.time() - t0:.1f} s")
         replays = ", ".join(f"{'m' if mixed else 'b'}{rows}@{length} {ms:.3f}"
