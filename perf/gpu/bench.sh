@@ -31,7 +31,10 @@ if [ "${MPS:-0}" = 1 ]; then
   mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
   nvidia-cuda-mps-control -d
   trap 'echo quit | nvidia-cuda-mps-control; cat "$CUDA_MPS_LOG_DIRECTORY"/control.log > "$OUT/mps-control.log" 2>/dev/null' EXIT
-  echo "CUDA MPS on (pipe $CUDA_MPS_PIPE_DIRECTORY)"
+  # a client through the daemon before the bench: a daemon that cannot start its server fails here, in one line
+  $PY -c 'import torch; torch.ones(1, device="cuda").sum().item()' \
+    || { echo "error: MPS=1 but a CUDA client could not start through the MPS daemon (see $OUT/mps-control.log)" >&2; exit 2; }
+  echo "CUDA MPS on (pipe $CUDA_MPS_PIPE_DIRECTORY; servers: $(echo get_server_list | nvidia-cuda-mps-control | tr '\n' ' '))"
 fi
 $PY "${DRIVER:-perf/gpu/bench.py}" --out "$OUT" --work "$W" \
   --tritonserver "$W/site/pytriton/tritonserver/bin/tritonserver" --stub-python "$W/stub/bin/python3" "${@:2}"
