@@ -51,8 +51,11 @@ def served(tmp_path_factory):
     config = repo / "enc_torch_fp32_anywhere" / "config.pbtxt"
     text = config.read_text().replace('name: "enc_torch_fp32"', 'name: "enc_torch_fp32_anywhere"')
     config.write_text(text + 'parameters { key: "FORCE_CPU_ONLY_INPUT_TENSORS" value: { string_value: "no" } }\n')
-    with start_server(repo, log_path=root / "server.log") as server:
-        yield repo, server
+    # every batch logs where its time went (the runner's clock, a window of 1 ms)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("TRITON_BUILDER_CLOCK", "0.001")
+        with start_server(repo, log_path=root / "server.log") as server:
+            yield repo, server
 
 
 def reference(repo, name, ids, mask):
@@ -125,6 +128,29 @@ def test_batched_requests_are_joined_once_and_split_back(served, model):
         want = reference(repo, variant, ids, mask)["last_hidden_state"]
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("model", ["enc_torch_fp32", "enc_onnx_fp32"])
+def test_the_clock_logs_where_each_batch_spent_its_time(served, model):
+    import re
+    import time
+
+    repo, server = served
+    send_together(server, model, [batch(rows, 10, 30 + rows) for rows in (1, 3)])  # 4 rows: the preferred batch
+    pattern = re.compile(rf"execute clock of {model} \([^)]*\): 1 batches, 4\.0 rows a batch; ms a batch: "
+                         r"requests ([\d.]+), join ([\d.]+), run ([\d.]+), outputs ([\d.]+), responses ([\d.]+), "
+                         r"in execute ([\d.]+), between executes ([\d.]+)")
+    deadline = time.monotonic() + 20
+    while not (found := pattern.findall(server.log_path.read_text())) and time.monotonic() < deadline:
+        time.sleep(0.2)  # the stub's log lines reach the server's log through its IPC
+    assert found, server.log_path.read_text()[-2000:]
+    *phases, inside, _ = (float(x) for x in found[-1])
+    assert phases[2] > 0 and all(p >= 0 for p in phases)  # the forward itself took time
+    assert inside == pytest.approx(sum(phases), abs=0.01)
+    # the GPU bench reads the same lines into env.json (perf/gpu/bench.py)
+    windows = bench_module("bench").execute_clock(server.log_path)[model]
+    assert any(w["rows"] == 4.0 and w["in execute"] == inside and w["run"] == phases[2] for w in windows)
 
 
 @pytest.mark.server
@@ -203,11 +229,15 @@ def test_shape_checks_read_numpy_and_torch_alike():
 # --- make bench-gpu: issue 14's targets (perf/gpu/targets.py, perf/gpu/bench.yaml) -------------------------
 
 def bench_targets():
+    return bench_module("targets")
+
+
+def bench_module(name):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "perf" / "gpu" / "targets.py"
-    spec = importlib.util.spec_from_file_location("bench_targets", path)
+    path = Path(__file__).resolve().parent.parent / "perf" / "gpu" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclass looks itself up there
     spec.loader.exec_module(module)

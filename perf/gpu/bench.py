@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -74,6 +76,9 @@ def main() -> int:
         from builder.perf.run import select_variants
 
         models = [m for m in models or select_variants(read_manifest(repo), None) if m not in skip]
+    # each instance logs every second where its batches' time went inside `execute` (templates/python/runner.py's
+    # clock): set against "compute infer" per batch, the rest is the python backend's own per-request work
+    os.environ.setdefault("TRITON_BUILDER_CLOCK", "1")
     with start_server(repo, tritonserver=args.tritonserver, stub_python=args.stub_python, gpus=True,
                       ready_timeout=600, log_path=work / "tritonserver.log") as server:
         env["server_ready_seconds"] = round(time.time() - t0, 1)
@@ -89,6 +94,7 @@ def main() -> int:
         except RunError as exc:  # the failed levels are in results.csv; report what was measured
             env["perf_error"] = str(exc)
             print(f"perf: {exc}", file=sys.stderr, flush=True)
+    env["execute_clock"] = execute_clock(work / "tritonserver.log")
     env["kernel_ms"] = kernel_times(repo, [m for m in args.kernel_models.split(",") if m])
     report = write_report(results_dir, latency_budget_ms=args.latency_budget_ms)
     import pandas as pd
@@ -109,6 +115,21 @@ def main() -> int:
             tar.add(work / "tritonserver.log", arcname="tritonserver.log")
     print(f"bench done in {env['total_seconds']} s: {out}")
     return 0
+
+
+CLOCK = re.compile(r"^I\d{4} (\d\d:\d\d:\d\d)\.\d+ .*execute clock of (\S+) \([^)]*\): (\d+) batches, ([\d.]+) rows "
+                   r"a batch; ms a batch: (.*)\"?$")
+
+
+def execute_clock(log: Path) -> dict[str, list[dict]]:
+    """The runner's clock lines (one per instance per second under load), per model: time, batches, rows a
+    batch and ms a batch in each phase."""
+    clock: dict[str, list[dict]] = {}
+    for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
+        if m := CLOCK.match(line):
+            phases = {k: float(v) for k, v in (part.rsplit(" ", 1) for part in m[5].rstrip('"').split(", "))}
+            clock.setdefault(m[2], []).append({"time": m[1], "batches": int(m[3]), "rows": float(m[4]), **phases})
+    return clock
 
 
 def kernel_times(repo: Path, models: list[str], batches=(1, 16, 64, 128), repeats: int = 20) -> dict:

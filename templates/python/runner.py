@@ -15,11 +15,18 @@ the requests of a batch are joined with one `torch.cat` (into pinned memory on a
 into the CUDA graph's static buffers (or moved once to the device), and each output is converted to
 its config dtype and brought to the CPU once per batch, then split into per-request views that go back
 through `Tensor.from_dlpack` without another copy.
+
+Clock. With TRITON_BUILDER_CLOCK=SECONDS in the server's environment, each instance logs (INFO) every
+SECONDS where its batches' time went inside `execute` (requests: fetch + shape checks; join; run: copies
+and launch, or the whole forward when eager; outputs: waiting for the device, the copy back and the
+split; responses) and between two `execute` calls. Set against the server's "compute infer" per batch,
+the rest is the python backend's own work per request (the stub's IPC), outside this file.
 """
 
 import json
 import math
 import os
+import time
 
 import numpy as np
 
@@ -29,6 +36,62 @@ except ImportError:  # imported by tests, outside the python backend
     pb_utils = None
 
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+class Clock:
+    """Milliseconds per batch in each phase of `execute`, logged every `seconds` (see the module doc)."""
+
+    PHASES = ("requests", "join", "run", "outputs", "responses")
+
+    def __init__(self, name, seconds, log):
+        self.name, self.seconds, self.log = name, seconds, log
+        self.last = self.started = self.ended = None
+        self._reset()
+
+    def _reset(self):
+        self.spent = dict.fromkeys(self.PHASES + ("between",), 0.0)
+        self.batches = self.rows = 0
+        self.window = time.perf_counter()
+
+    def start(self):
+        self.last = self.started = time.perf_counter()
+        if self.ended is not None and self.started - self.ended < self.seconds:  # longer: the instance was idle
+            self.spent["between"] += self.started - self.ended
+
+    def mark(self, phase):
+        now = time.perf_counter()
+        self.spent[phase] += now - self.last
+        self.last = now
+
+    def stop(self, rows):
+        self.ended = time.perf_counter()
+        self.batches += 1
+        self.rows += rows
+        if self.ended - self.window >= self.seconds:
+            self.flush()
+
+    def flush(self):
+        if self.batches:
+            n = self.batches
+            inside = sum(self.spent[p] for p in self.PHASES)
+            parts = ", ".join(f"{p} {1e3 * self.spent[p] / n:.3f}" for p in self.PHASES)
+            self.log(f"execute clock of {self.name}: {n} batches, {self.rows / n:.1f} rows a batch; ms a batch: "
+                     f"{parts}, in execute {1e3 * inside / n:.3f}, between executes {1e3 * self.spent['between'] / n:.3f}")
+        self._reset()
+
+
+class NoClock:
+    def start(self):
+        pass
+
+    def mark(self, phase):
+        pass
+
+    def stop(self, rows):
+        pass
+
+    def flush(self):
+        pass
 
 
 def _params(config):
@@ -295,9 +358,13 @@ class TritonPythonModel:
         if kind not in RUNNERS:
             raise pb_utils.TritonModelException(f"unknown runner {kind!r}; expected one of {sorted(RUNNERS)}")
         self.run = RUNNERS[kind](path, params)
+        seconds = float(os.environ.get("TRITON_BUILDER_CLOCK") or 0)
+        name = f"{args.get('model_name', '?')} ({args.get('model_instance_name', '?')})"
+        self.clock = Clock(name, seconds, pb_utils.Logger.log_info) if seconds > 0 else NoClock()
 
     def execute(self, requests):
-        run, names = self.run, self.inputs
+        run, names, clock = self.run, self.inputs, self.clock
+        clock.start()
         responses = [None] * len(requests)
         valid, checked = {}, {}  # checked: the shape check's verdict per distinct set of shapes (usually one)
         for i, r in enumerate(requests):
@@ -309,6 +376,7 @@ class TritonPythonModel:
                 responses[i] = self._invalid(checked[shapes])
             else:
                 valid[i] = arrays
+        clock.mark("requests")
         groups = []  # (request indices, their joined inputs): each runs once
         rows_apart = {tuple(s[1:] for s in shapes) for shapes, problem in checked.items() if not problem}
         if self.batched and len(valid) > 1 and len(rows_apart) == 1:
@@ -329,16 +397,27 @@ class TritonPythonModel:
                     responses[i] = self._invalid(problem)
                 else:
                     groups.append(([i], arrays))
+        clock.mark("join")
+        rows = 0
         for members, arrays in groups:
             try:
                 outputs = run(names, arrays, self.outputs)
-                tensors = run.respond(self.outputs, outputs, [valid[i][0].shape[0] for i in members], self.out_dtypes)
+                clock.mark("run")
+                sizes = [valid[i][0].shape[0] for i in members]
+                tensors = run.respond(self.outputs, outputs, sizes, self.out_dtypes)
+                clock.mark("outputs")
                 for i, answer in zip(members, tensors):
                     responses[i] = pb_utils.InferenceResponse(output_tensors=answer)
+                clock.mark("responses")
+                rows += sum(sizes)
             except Exception as exc:  # one failure answers every request of the batch with the reason
                 for i in members:
                     responses[i] = self._error(exc)
+        clock.stop(rows)
         return responses
+
+    def finalize(self):
+        self.clock.flush()
 
     @staticmethod
     def _invalid(text):
