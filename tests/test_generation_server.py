@@ -43,6 +43,9 @@ def test_serve_keeps_its_log_with_the_engine_step_clock(served, tmp_path):
     assert result.exit_code == 0, result.output
     [line] = [x for x in log.read_text().splitlines() if "generation engine of tiny: " in x]
     assert " steps, " in line and all(f"{k} " in line for k in ("plan", "model", "wait", "advance", "between"))
+    # loading's objects are frozen out of the garbage collector's full scans (a stall mid-serving otherwise)
+    [ready] = [x for x in log.read_text().splitlines() if "tiny ready: " in x]
+    assert int(ready.split("tiny ready: ", 1)[1].split(" objects", 1)[0]) > 10_000
 
 
 def test_streams_add_up_to_the_generated_text(served):

@@ -23,6 +23,7 @@ split; responses) and between two `execute` calls. Set against the server's "com
 the rest is the python backend's own work per request (the stub's IPC), outside this file.
 """
 
+import gc
 import json
 import math
 import os
@@ -92,6 +93,15 @@ class NoClock:
 
     def flush(self):
         pass
+
+
+def freeze_heap():
+    """Leave what loading made (torch, inductor's compiled code, CUDA graphs: ~0.5 M objects) out of the garbage
+    collector's scans (gc.freeze); returns how many. A full collection over it took 60-300 ms, a stall of every
+    request in flight when one strikes while serving (the H100's LLM run 6 had one 65 ms gap in every stream)."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 def _params(config):
@@ -361,6 +371,7 @@ class TritonPythonModel:
         seconds = float(os.environ.get("TRITON_BUILDER_CLOCK") or 0)
         name = f"{args.get('model_name', '?')} ({args.get('model_instance_name', '?')})"
         self.clock = Clock(name, seconds, pb_utils.Logger.log_info) if seconds > 0 else NoClock()
+        pb_utils.Logger.log_info(f"{name} ready: {freeze_heap()} objects left out of the garbage collector's scans")
 
     def execute(self, requests):
         run, names, clock = self.run, self.inputs, self.clock
