@@ -100,6 +100,16 @@ def test_finding_the_binary_and_its_environment(tmp_path):
     not_exec.write_text("")
     with pytest.raises(UserError, match="is not an executable file"):
         find_perf_analyzer(not_exec)
+    # a console-script wrapper on PATH (the perf-analyzer wheel's): the binary it would run is taken instead,
+    # so that the SIGINT at a time limit reaches perf_analyzer itself and it prints what it measured
+    wrapper = tmp_path / "bin" / "perf_analyzer"
+    wrapper.parent.mkdir()
+    wrapper.write_text("#!/usr/bin/env python3\nimport sys\n")
+    wrapper.chmod(0o755)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PATH", f"{wrapper.parent}{os.pathsep}{os.environ['PATH']}")
+        chosen = find_perf_analyzer()
+    assert chosen != wrapper and chosen.read_bytes()[:4] == b"\x7fELF"
     lib = cuda_runtime_lib_dir()
     assert lib is not None and (lib / "libcudart.so.12").exists()
     env = perf_env({"LD_LIBRARY_PATH": "/x"})

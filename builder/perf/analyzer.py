@@ -58,9 +58,16 @@ def _dist_binary(dist: str) -> Path | None:
     for f in files:
         if f.name == "perf_analyzer":
             path = Path(located.locate_file(f)).resolve()
-            if path.is_file() and os.access(path, os.X_OK):
+            if path.is_file() and os.access(path, os.X_OK) and not _is_script(path):
                 return path
     return None
+
+
+def _is_script(path: Path) -> bool:
+    """A console-script wrapper (the `perf-analyzer` wheel's bin/perf_analyzer is Python that runs the real
+    binary in a child): SIGINT stops the wrapper and kills its child before that prints what it measured."""
+    with open(path, "rb") as f:
+        return f.read(2) == b"#!"
 
 
 def find_perf_analyzer(explicit: str | Path | None = None) -> Path:
@@ -72,6 +79,8 @@ def find_perf_analyzer(explicit: str | Path | None = None) -> Path:
             raise UserError(f"perf_analyzer: {explicit} is not an executable file")
         return path
     on_path = shutil.which("perf_analyzer")
+    if on_path and _is_script(Path(on_path)):  # the binary the wrapper runs, so that SIGINT reaches it
+        on_path = next(filter(None, map(_dist_binary, ("perf-analyzer", "tritonclient"))), None) or on_path
     if on_path:
         return Path(on_path)
     venv_bin = Path(sys.executable).parent / "perf_analyzer"
