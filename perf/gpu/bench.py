@@ -40,6 +40,7 @@ def main() -> int:
                         "image tower fed fp32 pixels stalled at c=128 in runs 10-12 and no target reads it; the "
                         "eager text tower neither)")
     p.add_argument("--latency-budget-ms", type=float, default=50.0)
+    p.add_argument("--protocol", choices=["grpc", "http"], default="grpc", help="perf_analyzer's protocol")
     p.add_argument("--kernel-models", default="bert_torch_fp32,bert_torch_bf16_inductor_graphs,"
                                               "clip_u8_image_torch_fp16_graphs",
                    help="models whose GPU time per batch is measured in-process (what bounds the served numbers)")
@@ -92,7 +93,7 @@ def main() -> int:
             print(f"self-check failed: {exc}", file=sys.stderr)
         try:  # keep_going: a level that times out (CLIP image c=256, run 10) no longer ends the whole bench
             run_perf(repo, server=server, models=models, concurrency=[int(c) for c in args.concurrency.split(",")],
-                     out=results_dir, measurement_ms=args.measurement_ms, protocol="grpc", keep_going=True)
+                     out=results_dir, measurement_ms=args.measurement_ms, protocol=args.protocol, keep_going=True)
         except RunError as exc:  # the failed levels are in results.csv; report what was measured
             env["perf_error"] = str(exc)
             print(f"perf: {exc}", file=sys.stderr, flush=True)
