@@ -121,7 +121,7 @@ def main() -> int:
 
 
 CLOCK = re.compile(r"^I\d{4} (\d\d:\d\d:\d\d)\.\d+ .*execute clock of (\S+) \([^)]*\): (\d+) batches, ([\d.]+) rows "
-                   r"a batch; ms a batch: (.*)\"?$")
+                   r"a batch; ms a batch: (.*?)\"?$")
 
 
 def execute_clock(log: Path) -> dict[str, list[dict]]:
@@ -130,7 +130,7 @@ def execute_clock(log: Path) -> dict[str, list[dict]]:
     clock: dict[str, list[dict]] = {}
     for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
         if m := CLOCK.match(line):
-            phases = {k: float(v) for k, v in (part.rsplit(" ", 1) for part in m[5].rstrip('"').split(", "))}
+            phases = {k: float(v) for k, v in (part.rsplit(" ", 1) for part in m[5].split(", "))}
             clock.setdefault(m[2], []).append({"time": m[1], "batches": int(m[3]), "rows": float(m[4]), **phases})
     return clock
 

@@ -46,7 +46,7 @@ class Clock:
 
     def __init__(self, name, seconds, log):
         self.name, self.seconds, self.log = name, seconds, log
-        self.last = self.started = self.ended = None
+        self.last = self.ended = None
         self._reset()
 
     def _reset(self):
@@ -55,9 +55,9 @@ class Clock:
         self.window = time.perf_counter()
 
     def start(self):
-        self.last = self.started = time.perf_counter()
-        if self.ended is not None and self.started - self.ended < self.seconds:  # longer: the instance was idle
-            self.spent["between"] += self.started - self.ended
+        self.last = time.perf_counter()
+        if self.ended is not None and self.last - self.ended < self.seconds:  # longer: the instance was idle
+            self.spent["between"] += self.last - self.ended
 
     def mark(self, phase):
         now = time.perf_counter()
