@@ -157,6 +157,23 @@ def test_the_clock_logs_where_each_batch_spent_its_time(served, model):
 
 
 @pytest.mark.server
+def test_a_bad_clock_setting_fails_the_load_in_one_line(served, tmp_path, monkeypatch):
+    from builder.errors import RunError
+    from builder.runtime import start_server
+
+    repo, _ = served
+    one = tmp_path / "repo"
+    shutil.copytree(repo / "enc_onnx_fp32", one / "enc_onnx_fp32")
+    for f in repo.glob("*.json"):
+        shutil.copy2(f, one / f.name)
+    monkeypatch.setenv("TRITON_BUILDER_CLOCK", "soon")
+    with pytest.raises(RunError) as failed:
+        with start_server(one, log_path=tmp_path / "server.log", ready_timeout=60):
+            pass
+    assert "TRITON_BUILDER_CLOCK='soon': expected seconds between clock lines" in str(failed.value)
+
+
+@pytest.mark.server
 @pytest.mark.parametrize("model", ["enc_torch_fp32", "enc_onnx_fp32"])
 def test_an_id_outside_the_vocabulary_fails_only_its_own_request(served, model):
     repo, server = served

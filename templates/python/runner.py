@@ -368,7 +368,11 @@ class TritonPythonModel:
         if kind not in RUNNERS:
             raise pb_utils.TritonModelException(f"unknown runner {kind!r}; expected one of {sorted(RUNNERS)}")
         self.run = RUNNERS[kind](path, params)
-        seconds = float(os.environ.get("TRITON_BUILDER_CLOCK") or 0)
+        try:
+            seconds = float(os.environ.get("TRITON_BUILDER_CLOCK") or 0)
+        except ValueError:
+            raise pb_utils.TritonModelException(f"TRITON_BUILDER_CLOCK={os.environ['TRITON_BUILDER_CLOCK']!r}: "
+                                                "expected seconds between clock lines, e.g. 1 (or unset)") from None
         name = f"{args.get('model_name', '?')} ({args.get('model_instance_name', '?')})"
         self.clock = Clock(name, seconds, pb_utils.Logger.log_info) if seconds > 0 else NoClock()
         pb_utils.Logger.log_info(f"{name} ready: {freeze_heap()} objects left out of the garbage collector's scans")
