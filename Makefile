@@ -20,7 +20,7 @@ COMPOSE_SCHEMA := .tools/compose_spec.json
 MA_DIR ?= model_analyzer
 
 .DEFAULT_GOAL := help
-.PHONY: help setup build validate serve perf report deploy profile compare tune analyzer-files demo demo-llm bench-llm-cpu test test-all test-reliability test-matrix bench-bundle bench-gpu bench-gpu-llm bench-gpu-scaling test-gpu clean
+.PHONY: help setup build validate serve perf report deploy profile compare tune analyzer-files demo demo-llm bench-llm-cpu bench-admission test test-all test-reliability test-matrix bench-bundle bench-gpu bench-gpu-llm bench-gpu-scaling test-gpu clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -94,6 +94,10 @@ demo-llm: setup ## Build SmolLM2 (GGUF), stream an answer from Triton, measure T
 
 bench-llm-cpu: setup ## SmolLM2 served (c=1, 8) side by side with HF generate in-process (batch 1, 8): the CPU targets
 	$(BIN)/python perf/llm_cpu_bench.py --repo build/llm_bench --spec perf/llm_cpu.yaml --out perf/results/llm-cpu
+
+bench-admission: setup ## A 5 ms model at 400 requests/s open-loop, without and with each queue_policy bound (CPU, ~2 min)
+	PYTHONPATH=. $(BIN)/python perf/admission.py --rate 400 --seconds 10 --timeout-us 0
+	PYTHONPATH=. $(BIN)/python perf/admission.py --rate 400 --seconds 10 --max-queue-size 0
 
 test: setup ## The default suite: unit + real-server tests (CPU, < 15 min)
 	$(BIN)/pytest -q -m "not slow and not gpu and not docker and not matrix" $(PYTEST_ARGS)
