@@ -100,13 +100,13 @@ bench-admission: setup ## A 5 ms model at 400 requests/s open-loop, without and 
 	PYTHONPATH=. $(BIN)/python perf/admission.py --rate 400 --seconds 10 --max-queue-size 0
 
 test: setup ## The default suite: unit + real-server tests (CPU, < 15 min)
-	$(BIN)/pytest -q -m "not slow and not gpu and not docker and not matrix" $(PYTEST_ARGS)
+	$(BIN)/pytest -q -m "not slow and not gpu and not matrix" $(PYTEST_ARGS)
 
 test-all: setup ## Every CPU test, slow ones included (soak)
-	$(BIN)/pytest -q -m "not gpu and not docker" $(PYTEST_ARGS)
+	$(BIN)/pytest -q -m "not gpu" $(PYTEST_ARGS)
 
 test-reliability: setup ## The reliability harness (bad input, faults, ~3 min soak): "N cases tried, N handled as specified"
-	$(BIN)/pytest -q -m "reliability and not gpu and not docker" $(PYTEST_ARGS)
+	$(BIN)/pytest -q -m "reliability and not gpu" $(PYTEST_ARGS)
 
 test-matrix: setup ## Every architecture x precision (tests/architectures.py, ~4 min); result table -> docs/MATRIX.md
 	MATRIX_REPORT=docs/MATRIX.md $(BIN)/pytest -q -m matrix tests/test_matrix.py $(PYTEST_ARGS)

@@ -27,19 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder.errors import UserError
+from builder.paths import CACHE_ENV, PROJECT, cache_root
+from builder.spec import resolve_source_path
 
-ENV = "TRITON_BUILDER_CACHE"
+ENV = CACHE_ENV
 LAYOUT = "v1"
 ENTRY = "entry.json"
 CODE_ROOTS = ("builder", "templates")  # the builder's own code: any edit invalidates every entry
-_ROOT = Path(__file__).resolve().parent.parent
-
-
-def default_root() -> Path:
-    if os.environ.get(ENV):
-        return Path(os.environ[ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "triton-builder"
+default_root = cache_root
 
 
 def sha256_file(path: Path, memo: dict = {}) -> str:  # noqa: B006 - per-process memo on purpose
@@ -63,13 +58,11 @@ def tree_digest(root: Path, skip: tuple[str, ...] = (".git", "__pycache__")) -> 
 
 
 def code_digest() -> str:
-    return hashlib.sha256("".join(tree_digest(_ROOT / d) for d in CODE_ROOTS).encode()).hexdigest()
+    return hashlib.sha256("".join(tree_digest(PROJECT / d) for d in CODE_ROOTS).encode()).hexdigest()
 
 
 def source_fingerprint(spec_path: Path, source) -> dict:
     """What identifies a model's source: file hashes, the inline config, the hub id, the factory's code."""
-    from builder.spec import resolve_source_path
-
     if source.config is not None:
         return {"config": source.config}
     if source.hf is not None:

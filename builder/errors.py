@@ -10,7 +10,8 @@ import os
 import re
 import time
 import traceback
-from pathlib import Path
+
+from builder.paths import log_dir
 
 
 class BuilderError(Exception):
@@ -29,15 +30,6 @@ class RunError(BuilderError):
     """Something failed while running (export, verification, server, perf_analyzer)."""
 
     exit_code = 1
-
-
-def log_dir() -> Path:
-    """Where full tracebacks of unexpected errors go: $TRITON_BUILDER_LOGS, else <build cache>/logs."""
-    if os.environ.get("TRITON_BUILDER_LOGS"):
-        return Path(os.environ["TRITON_BUILDER_LOGS"]).expanduser()
-    from builder.cache import default_root
-
-    return default_root() / "logs"
 
 
 def unexpected(exc: BaseException, where: str) -> RunError:

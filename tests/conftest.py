@@ -1,4 +1,5 @@
-"""Shared pytest setup. Test layers: server, slow, gpu, docker, matrix; and the reliability
+"""Shared pytest setup. The test layers (server, slow, gpu, matrix, reliability) are registered in
+pyproject.toml; here, the reliability
 harness (`make test-reliability`): every test marked `reliability` is one case of issue 6, and the
 run ends with "N cases tried, M handled as specified"."""
 
@@ -6,15 +7,6 @@ import os
 import sys
 
 import pytest
-
-MARKERS = {
-    "server": "starts a real Triton server (the tritonserver from nvidia-pytriton)",
-    "slow": "long-running (soak, full demo); left out of make test",
-    "gpu": "needs an NVIDIA GPU",
-    "docker": "needs a Docker engine",
-    "matrix": "the architecture x precision matrix (make test-matrix); left out of make test",
-    "reliability": "a case of the reliability harness (bad input, faults, load); make test-reliability",
-}
 
 # Cases of the harness that live in other modules (tests/test_reliability.py marks its own).
 RELIABILITY_CASES = (
@@ -36,9 +28,6 @@ _counts: dict = {}
 
 
 def pytest_configure(config):
-    # Harmless when pyproject's [tool.pytest.ini_options] declares them too.
-    for name, text in MARKERS.items():
-        config.addinivalue_line("markers", f"{name}: {text}")
     _counts.update(tried=0, handled=0, skipped=0, failed=[], notes=[])
 
 

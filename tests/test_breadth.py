@@ -302,7 +302,7 @@ def test_the_report_compares_each_clip_tower_with_its_own_baseline(tmp_path):
 
 def test_classifier_ensembles_record_an_accuracy_the_budget_can_use():
     from builder.ensembles import compare_answers
-    from builder.perf.report import accuracy_of, evaluate
+    from builder.perf.select import accuracy_of, evaluate
     from builder.spec import Variant
 
     want = {"PROBABILITIES": np.array([[0.7, 0.2], [0.6, 0.3]], dtype=np.float32),

@@ -467,7 +467,8 @@ def test_report_accuracy_budget_and_no_fit(recorded_run):
 
 
 def test_report_baseline_choice(recorded_run):
-    from builder.perf.report import choose_baseline, write_report
+    from builder.perf.report import write_report
+    from builder.perf.select import choose_baseline
 
     variants = json.loads((recorded_run / "manifest.json").read_text())["variants"]
     assert choose_baseline(variants) == "toy_onnx_fp32"

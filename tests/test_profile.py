@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from builder.cli import app
 from builder.diagnose import advice as rules
-from builder.diagnose.profile import CATEGORIES, Run, VariantProfile, category
+from builder.diagnose.records import CATEGORIES, Run, VariantProfile, category
 
 TINY = {
     "defaults": {"max_batch_size": 8, "dynamic_batching": False, "instances": {"kind": "cpu", "count": 1, "threads": 1}},

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from builder.diagnose.profile import CATEGORIES, VariantProfile
+from builder import markdown as md
+from builder.diagnose.records import CATEGORIES, VariantProfile
 
 TOP_OPS = 8
 
@@ -24,8 +25,7 @@ def _si(value, unit: str) -> str:
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
-            *("| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows), ""]
+    return [*md.table(header, rows), ""]
 
 
 def summary_rows(p: VariantProfile) -> list[list[str]]:

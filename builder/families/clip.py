@@ -6,7 +6,7 @@ own and label embeddings can be reused; the similarity (logit scale x cosine) is
 
 from __future__ import annotations
 
-from builder.families import Part, Wrapped, register, token_inputs
+from builder.families.base import Part, Wrapped, register, token_inputs
 from builder.families.vision import pixel_input, pixels_in
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from builder.families import Part, Wrapped, accepts, register, token_inputs
+from builder.families.base import Part, Wrapped, accepts, register, token_inputs
 
 
 def _text_part(loaded, spec, outputs: tuple[str, ...], extra: dict | None = None) -> Part:

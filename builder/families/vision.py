@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from builder.families import Part, Wrapped, register
+from builder.families.base import Part, Wrapped, register
 from builder.signature import TensorSpec
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from builder.errors import UserError
-from builder.formats import Format, register
+from builder.formats.base import Format, register
 
 
 def _export(fmt: str):

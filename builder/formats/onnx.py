@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 from builder.errors import RunError, root_reason
-from builder.formats import Format, register
+from builder.formats.base import Format, register
 
 ONNX_TO_TRITON = {1: "TYPE_FP32", 10: "TYPE_FP16", 7: "TYPE_INT64", 6: "TYPE_INT32", 9: "TYPE_BOOL", 2: "TYPE_UINT8",
                   3: "TYPE_INT8", 11: "TYPE_FP64", 16: "TYPE_BF16", 8: "TYPE_STRING"}

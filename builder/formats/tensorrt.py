@@ -9,7 +9,7 @@ import shlex
 from pathlib import Path
 
 from builder.errors import UserError
-from builder.formats import Format, register
+from builder.formats.base import Format, register
 
 
 def preflight(where: str, runtime: str) -> None:

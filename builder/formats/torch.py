@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from builder.formats import Format, register
+from builder.formats.base import Format, register
 
 
 def export(job) -> tuple[Path, str]:

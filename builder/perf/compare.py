@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from builder import markdown as md
 from builder.errors import UserError
 from builder.perf.results import REPEATS_CSV, load_results
 
@@ -163,13 +164,10 @@ def markdown(c: Comparison, base_dir: Path, new_dir: Path) -> str:
     lines += [f"**{n_reg} regression(s)**" if n_reg else "**No regression.**", ""]
     if not c.table.empty:
         header = ["variant", "conc.", "throughput (infer/s)", "p50 (ms)", "p99 (ms)", "verdict", "noise from", "status"]
-        lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-        for _, r in c.table.iterrows():
-            cells = [r["variant"], str(r["concurrency"]), _cell(r, "throughput", ""), _cell(r, "p50", ""),
-                     _cell(r, "p99", ""), f"**{r['verdict']}**" if r["verdict"] != "same" else "same",
-                     r["noise_source"], r["status"]]
-            lines.append("| " + " | ".join(str(x).replace("|", "\\|") for x in cells) + " |")
-        lines.append("")
+        rows = [[r["variant"], str(r["concurrency"]), _cell(r, "throughput", ""), _cell(r, "p50", ""),
+                 _cell(r, "p99", ""), f"**{r['verdict']}**" if r["verdict"] != "same" else "same",
+                 r["noise_source"], r["status"]] for _, r in c.table.iterrows()]
+        lines += [*md.table(header, rows), ""]
     if c.not_compared:
         lines += ["Not compared:", ""] + [f"- {line}" for line in c.not_compared] + [""]
     return "\n".join(lines)

@@ -174,18 +174,17 @@ def measure_generators(repo: Path, variants: dict[str, dict], *, server, concurr
     import contextlib
     from datetime import datetime, timezone
 
-    from builder.perf.results import machine_info, tool_versions
-    from builder.perf.run import _new_results_dir, _server_record, _variant_record
+    from builder.perf.results import machine_info, new_results_dir, server_record, tool_versions, variant_record
 
     console = console or Console(highlight=False)
     started = datetime.now(timezone.utc)
-    results = _new_results_dir(out, started)
+    results = new_results_dir(out, started)
     manifest = {"schema": 1, "kind": "generation", "run": results.name, "repo": str(Path(repo).resolve()),
                 "started": started.isoformat(timespec="seconds"), "complete": False,
                 "settings": {"concurrency": concurrency, "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
                              "sampling": sampling or "greedy"},
                 "versions": tool_versions(), "machine": machine_info(),
-                "variants": {n: {**_variant_record(n, e), "generation": e.get("generation")} for n, e in variants.items()}}
+                "variants": {n: {**variant_record(n, e), "generation": e.get("generation")} for n, e in variants.items()}}
     try:
         with contextlib.ExitStack() as stack:
             if server is None:
@@ -193,7 +192,7 @@ def measure_generators(repo: Path, variants: dict[str, dict], *, server, concurr
 
                 console.print(f"starting a local Triton server on {repo}")
                 server = stack.enter_context(start_server(repo))
-            manifest["server"] = _server_record(server)
+            manifest["server"] = server_record(server)
             run_llm_perf(Path(repo), variants, server, concurrency, results, prompt_tokens, output_tokens,
                          perf_analyzer=perf_analyzer, console=console, sampling=sampling)
         manifest["complete"] = True

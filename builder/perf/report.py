@@ -8,18 +8,18 @@ and never chosen as best.
 
 from __future__ import annotations
 
-import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
+from builder import markdown as md
 from builder.errors import UserError
 from builder.perf.results import load_steps, load_results
+from builder.perf.select import Choice, best_of, choose_baseline, evaluate
+from builder.perf.tune import tuned_line
 
 REPORT = "report.md"
-BASELINE_FORMATS = ("onnx", "torch")  # the fp32 baseline, in order of preference
 BREAKDOWN = [  # (column(s), label) stacked bottom to top
     (("server_queue_ms",), "queue"),
     (("server_compute_input_ms",), "compute input"),
@@ -31,99 +31,7 @@ BREAKDOWN = [  # (column(s), label) stacked bottom to top
 FLAG = {"ok": "", "unstable": "⚠ unstable", "missing": "✗ missing", "failed": "✗ failed", "not_run": "✗ not run"}
 
 
-# --------------------------------------------------------------------------- accuracy and choice
-
-@dataclass(frozen=True)
-class Accuracy:
-    passed: bool | None
-    min_cosine: float | None
-    max_abs: float | None
-    max_rel: float | None
-
-
-def accuracy_of(record: dict | None) -> Accuracy:
-    """Worst numbers over a variant's outputs from its copied verification record."""
-    verification = (record or {}).get("verification") or {}
-    outputs = verification.get("outputs") or {}
-
-    def worst(key, pick):
-        values = [float(o[key]) for o in outputs.values()
-                  if isinstance(o, dict) and isinstance(o.get(key), (int, float)) and not math.isnan(float(o[key]))]
-        return pick(values) if values else None
-
-    return Accuracy(verification.get("passed"), worst("cosine", min), worst("max_abs", max), worst("max_rel", max))
-
-
-def choose_baseline(variants: dict[str, dict], baseline: str | None = None) -> str | None:
-    """The fp32 baseline among one model's variants: `baseline` if it names one of them (or a
-    format, meaning that format's fp32 variant), else the onnx fp32, else the torch fp32."""
-    if baseline is not None and baseline in variants:
-        return baseline
-    names_format = baseline is not None and any(v.get("format") == baseline for v in variants.values())
-    formats = (baseline,) if names_format else BASELINE_FORMATS  # a variant of another model: default here
-    for fmt in formats:
-        for name in sorted(variants):
-            info = variants[name]
-            if info.get("format") == fmt and info.get("precision") == "fp32" and info.get("role", "variant") == "variant":
-                return name
-    return None
-
-
-@dataclass
-class Choice:
-    variant: str
-    row: pd.Series | None  # the operating point: highest stable throughput within the latency budget
-    accuracy: Accuracy
-    fits: bool
-    why_not: str  # empty when it fits
-
-
-def operating_point(rows: pd.DataFrame, latency_budget_ms: float | None) -> tuple[pd.Series | None, str]:
-    """The stable row with the highest throughput whose p99 is within the budget, and why none if none."""
-    measured = rows[rows["throughput"].notna()]
-    stable = measured[measured["stable"]]
-    if stable.empty:
-        return None, "no stable measurement" if not measured.empty else "no measurement"
-    within = stable if latency_budget_ms is None else stable[stable["p99_ms"] <= latency_budget_ms]
-    if within.empty:
-        return None, f"p99 {stable['p99_ms'].min():.2f} ms at best exceeds the {latency_budget_ms:g} ms budget"
-    return within.loc[within["throughput"].idxmax()], ""
-
-
-def evaluate(rows: pd.DataFrame, variants: dict[str, dict], latency_budget_ms: float | None,
-             accuracy_budget: float | None) -> list[Choice]:
-    choices = []
-    for name in sorted(rows["variant"].unique()):
-        row, why = operating_point(rows[rows["variant"] == name], latency_budget_ms)
-        acc = accuracy_of(variants.get(name))
-        if not why and accuracy_budget is not None:
-            if acc.min_cosine is None:
-                why = "no accuracy numbers in the build manifest"
-            elif acc.min_cosine < accuracy_budget:
-                why = f"cosine {acc.min_cosine:.6f} is below the {accuracy_budget:g} accuracy budget"
-        choices.append(Choice(name, row, acc, not why, why))
-    return choices
-
-
-def best_of(choices: list[Choice]) -> Choice | None:
-    fitting = [c for c in choices if c.fits]
-    return max(fitting, key=lambda c: c.row["throughput"]) if fitting else None
-
-
 # --------------------------------------------------------------------------- formatting
-
-def _num(value, fmt: str = "{:.2f}", none: str = "–") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return none
-    return fmt.format(value)
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    escape = lambda s: str(s).replace("|", "\\|")  # noqa: E731
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(escape(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
 
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
@@ -268,8 +176,6 @@ def _model_section(model: str, rows: pd.DataFrame, variants: dict[str, dict], re
         out.append(f"**No variant of {model} fits the budget** ({_budget_text(latency_budget_ms, accuracy_budget)}): "
                    + "; ".join(f"{c.variant}: {c.why_not}" for c in choices) + ".")
     out.append("")
-    from builder.perf.tune import tuned_line  # `tune --out` this directory: the best variant's best configuration
-
     tuned = tuned_line(results_dir, names)
     if tuned:
         out += [tuned, ""]
@@ -287,25 +193,25 @@ def _model_section(model: str, rows: pd.DataFrame, variants: dict[str, dict], re
         name = f"**{c.variant}**" if best is not None and c.variant == best.variant else c.variant
         table.append([
             name, info.get("format", ""), info.get("precision", ""),
-            _num(r["concurrency"] if r is not None else None, "{:.0f}"),
-            _num(r["throughput"] if r is not None else None, "{:.1f}"),
-            _num(ratio, "{:.2f}×"), _num(r["p99_ms"] if r is not None else None),
-            _num(delta, "{:+.2f}"), _num(r["speedup"] if r is not None else None, "{:.2f}×"),
-            _num(c.accuracy.min_cosine, "{:.6f}"), _num(c.accuracy.max_abs, "{:.3g}"),
+            md.num(r["concurrency"] if r is not None else None, "{:.0f}"),
+            md.num(r["throughput"] if r is not None else None, "{:.1f}"),
+            md.num(ratio, "{:.2f}×"), md.num(r["p99_ms"] if r is not None else None),
+            md.num(delta, "{:+.2f}"), md.num(r["speedup"] if r is not None else None, "{:.2f}×"),
+            md.num(c.accuracy.min_cosine, "{:.6f}"), md.num(c.accuracy.max_abs, "{:.3g}"),
             "yes" if c.fits else "no", c.why_not,
         ])
     out += ["Each variant at its operating point (highest stable throughput within the latency budget):", "",
-            _table(header, table), ""]
+            *md.table(header, table), ""]
 
     detail_header = ["variant", "concurrency", "throughput (infer/s)", "p50 (ms)", "p90 (ms)", "p95 (ms)", "p99 (ms)",
                      "avg (ms)", "queue (ms)", "compute infer (ms)", "speedup", "attempts", "status"]
     detail = []
     for _, r in rows.sort_values(["variant", "concurrency"]).iterrows():
-        detail.append([r["variant"], str(int(r["concurrency"])), _num(r["throughput"], "{:.1f}"),
-                       _num(r["p50_ms"]), _num(r["p90_ms"]), _num(r["p95_ms"]), _num(r["p99_ms"]), _num(r["avg_ms"]),
-                       _num(r["server_queue_ms"]), _num(r["server_compute_infer_ms"]), _num(r["speedup"], "{:.2f}×"),
+        detail.append([r["variant"], str(int(r["concurrency"])), md.num(r["throughput"], "{:.1f}"),
+                       md.num(r["p50_ms"]), md.num(r["p90_ms"]), md.num(r["p95_ms"]), md.num(r["p99_ms"]), md.num(r["avg_ms"]),
+                       md.num(r["server_queue_ms"]), md.num(r["server_compute_infer_ms"]), md.num(r["speedup"], "{:.2f}×"),
                        str(int(r["attempts"])), FLAG.get(r["status"], r["status"]) or "ok"])
-    out += ["All measurements:", "", _table(detail_header, detail), ""]
+    out += ["All measurements:", "", *md.table(detail_header, detail), ""]
     if "throughput_vs_p99" in plots:
         out += [f"![throughput vs p99 latency]({plots['throughput_vs_p99']})", ""]
     if "latency_breakdown" in plots:
@@ -326,10 +232,10 @@ def _usage_section(rows: pd.DataFrame, choices: list[Choice]) -> list[str]:
     if not used:
         return []
     labels = {"server_cpu_pct": "server CPU (% of a core)", "gpu_util_pct": "GPU util (%)", "gpu_mem_mb": "GPU memory (MB)"}
-    table = [[r["variant"], str(int(r["concurrency"])), *(_num(r[c], "{:.0f}") for c in used)]
+    table = [[r["variant"], str(int(r["concurrency"])), *(md.num(r[c], "{:.0f}") for c in used)]
              for _, r in rows.sort_values(["variant", "concurrency"]).iterrows()]
     out = ["Resource use while measured (mean of samples every 0.5 s; CPU summed over the server and its "
-           "python-backend stubs):", "", _table(["variant", "concurrency", *(labels[c] for c in used)], table), ""]
+           "python-backend stubs):", "", *md.table(["variant", "concurrency", *(labels[c] for c in used)], table), ""]
     if "gpu_util_pct" in used:
         low = [(c.variant, c.row) for c in choices if c.row is not None and pd.notna(c.row.get("gpu_util_pct"))
                and c.row["gpu_util_pct"] < GPU_UTIL_BAR]
@@ -347,12 +253,12 @@ def _steps_section(steps: pd.DataFrame | None, names: list[str]) -> list[str]:
     if steps.empty:
         return []
     header = ["ensemble", "concurrency", "step", "requests", "queue (ms)", "compute infer (ms)", "share"]
-    table = [[r["variant"], str(int(r["concurrency"])), r["step"], str(int(r["requests"])), _num(r["avg_queue_ms"], "{:.3f}"),
-              _num(r["avg_compute_ms"], "{:.3f}"), _num(r["share"] * 100 if pd.notna(r["share"]) else None, "{:.1f} %")]
+    table = [[r["variant"], str(int(r["concurrency"])), r["step"], str(int(r["requests"])), md.num(r["avg_queue_ms"], "{:.3f}"),
+              md.num(r["avg_compute_ms"], "{:.3f}"), md.num(r["share"] * 100 if pd.notna(r["share"]) else None, "{:.1f} %")]
              for _, r in steps.iterrows()]
     return ["Where the time goes (ensembles): average queue and compute time per request of each step, "
             "from Triton's per-model statistics over the measured level; share of the steps' total.", "",
-            _table(header, table), ""]
+            *md.table(header, table), ""]
 
 
 def write_report(results_dir: Path, *, latency_budget_ms: float | None = None, accuracy_budget: float | None = None,

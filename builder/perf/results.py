@@ -21,13 +21,16 @@ import os
 import platform
 import shutil
 import subprocess
+import urllib.request
+from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
 
-from builder.errors import UserError
+from builder.errors import RunError, UserError
 from builder.perf.analyzer import LevelResult
 
+DEFAULT_RESULTS = Path("perf/results")
 RESULTS_CSV = "results.csv"
 RESULTS_PARQUET = "results.parquet"
 RUN_MANIFEST = "manifest.json"
@@ -221,3 +224,57 @@ def machine_info() -> dict:
         "cpu_count": os.cpu_count(),
         "gpus": _gpus(),
     }
+
+
+# --------------------------------------------------------------------------- a run's directory and records
+
+def variant_record(name: str, entry: dict) -> dict:
+    """What the report needs from the build manifest, copied so the results dir stands alone."""
+    return {
+        "model": entry.get("model", name),
+        "format": entry.get("format", ""),
+        "precision": entry.get("precision", ""),
+        "part": entry.get("part", ""),  # CLIP: "text" / "image"; the report compares a tower with its own baseline
+        "role": entry.get("role", "variant"),
+        "status": entry.get("status"),
+        "verification": entry.get("verification"),
+        **({"steps": list(entry["steps"])} if entry.get("steps") else {}),
+    }
+
+
+def new_results_dir(out: Path | None, started: datetime) -> Path:
+    """`out` (refused if it holds results already), else a fresh perf/results/<UTC stamp>."""
+    if out is not None:
+        out = Path(out)
+        if (out / "results.csv").exists():
+            raise UserError(f"{out}: already holds results; choose another --out directory")
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    for i in range(100):
+        candidate = DEFAULT_RESULTS / (stamp if i == 0 else f"{stamp}-{i}")
+        try:
+            candidate.mkdir(parents=True, exist_ok=False)
+            return candidate
+        except FileExistsError:
+            continue
+    raise RunError(f"{DEFAULT_RESULTS}: could not make a fresh results directory for {stamp}")
+
+
+def server_version(http_url: str | None) -> str | None:
+    if not http_url:
+        return None
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"http://{http_url}/v2", timeout=2) as response:
+            return json.loads(response.read()).get("version")
+    except (OSError, ValueError):
+        return None
+
+
+def server_record(server) -> dict:
+    record = {key: getattr(server, key, None) for key in ("runtime", "http_url", "grpc_url", "metrics_url", "image")}
+    command = getattr(server, "command", None)
+    record["command"] = list(command) if command else None
+    record["version"] = server_version(record["http_url"])
+    return record

@@ -7,10 +7,8 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import socket
-import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -32,11 +30,11 @@ from builder.perf.analyzer import (
     perf_env,
 )
 from builder.perf.inputs import describe_inputs, ensemble_tokenizer, write_input_data
-from builder.perf.results import (COLUMNS, REPEATS_CSV, level_row, machine_info, not_run_rows, save_results, save_steps, step_rows, step_stats,
-                                  to_frame, tool_versions)
+from builder.perf.results import (COLUMNS, REPEATS_CSV, level_row, machine_info, new_results_dir, not_run_rows,
+                                  save_results, save_steps, server_record, step_rows, step_stats, to_frame,
+                                  tool_versions, variant_record)
 
 MEASURED_ROLES = ("variant", "ensemble")  # preprocess/postprocess steps only when named
-DEFAULT_RESULTS = Path("perf/results")
 RUN_SCHEMA = 1
 
 
@@ -61,20 +59,6 @@ def select_variants(manifest: dict, names: list[str] | None) -> dict[str, dict]:
     if failed:
         raise UserError(f"model(s) {', '.join(failed)} did not pass verification and are not served for measurement")
     return {n: entries[n] for n in dict.fromkeys(names)}
-
-
-def _variant_record(name: str, entry: dict) -> dict:
-    """What the report needs from the build manifest, copied so the results dir stands alone."""
-    return {
-        "model": entry.get("model", name),
-        "format": entry.get("format", ""),
-        "precision": entry.get("precision", ""),
-        "part": entry.get("part", ""),  # CLIP: "text" / "image"; the report compares a tower with its own baseline
-        "role": entry.get("role", "variant"),
-        "status": entry.get("status"),
-        "verification": entry.get("verification"),
-        **({"steps": list(entry["steps"])} if entry.get("steps") else {}),
-    }
 
 
 def _stats_reader(server):
@@ -112,43 +96,6 @@ def median_repeat(repeated: list):
         candidates = sorted((m.levels[i] for m in repeated if m.levels[i].values), key=lambda lv: lv.values["throughput"])
         levels.append(candidates[(len(candidates) - 1) // 2] if candidates else first)
     return type(repeated[0])(repeated[0].model, levels, [a for m in repeated for a in m.attempts])
-
-
-def _new_results_dir(out: Path | None, started: datetime) -> Path:
-    if out is not None:
-        out = Path(out)
-        if (out / "results.csv").exists():
-            raise UserError(f"{out}: already holds results; choose another --out directory")
-        out.mkdir(parents=True, exist_ok=True)
-        return out
-    stamp = started.strftime("%Y%m%dT%H%M%SZ")
-    for i in range(100):
-        candidate = DEFAULT_RESULTS / (stamp if i == 0 else f"{stamp}-{i}")
-        try:
-            candidate.mkdir(parents=True, exist_ok=False)
-            return candidate
-        except FileExistsError:
-            continue
-    raise RunError(f"{DEFAULT_RESULTS}: could not make a fresh results directory for {stamp}")
-
-
-def _server_version(http_url: str | None) -> str | None:
-    if not http_url:
-        return None
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(f"http://{http_url}/v2", timeout=2) as response:
-            return json.loads(response.read()).get("version")
-    except (OSError, ValueError):
-        return None
-
-
-def _server_record(server) -> dict:
-    record = {key: getattr(server, key, None) for key in ("runtime", "http_url", "grpc_url", "metrics_url", "image")}
-    command = getattr(server, "command", None)
-    record["command"] = list(command) if command else None
-    record["version"] = _server_version(record["http_url"])
-    return record
 
 
 def _answers(url: str, timeout: float = 2.0) -> bool:
@@ -223,7 +170,7 @@ def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concur
               stability_pct=stability_pct, max_trials=max_trials, batch_size=batch_size, percentile=percentile)
 
     started = datetime.now(timezone.utc)
-    results_dir = _new_results_dir(out, started)
+    results_dir = new_results_dir(out, started)
     run_name = results_dir.name
     inputs = {name: write_input_data(sig, results_dir / "inputs" / f"{name}.json", entries=input_entries,
                                      tokenizer=ensemble_tokenizer(repo, variants[name]))
@@ -244,7 +191,7 @@ def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concur
         "perf_analyzer": {"path": str(binary), "version": perf_analyzer_version(binary)},
         "server": None, "versions": tool_versions(), "build_versions": build.get("tool_versions", {}),
         "machine": machine_info(),
-        "variants": {name: {**_variant_record(name, entry), "inputs": describe_inputs(inputs[name])}
+        "variants": {name: {**variant_record(name, entry), "inputs": describe_inputs(inputs[name])}
                      for name, entry in variants.items()},
         "commands": [], "errors": [],
     }
@@ -285,7 +232,7 @@ def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concur
 
                 console.print(f"starting a {runtime} Triton server on {escape(str(repo))}")
                 server = stack.enter_context(start_server(repo, runtime=runtime))
-            manifest["server"] = _server_record(server)
+            manifest["server"] = server_record(server)
             url = getattr(server, f"{protocol}_url", None)
             if not url:
                 raise UserError(f"the server given has no {protocol} URL; pass protocol='grpc' or 'http' to match it")

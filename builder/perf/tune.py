@@ -32,6 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from builder import markdown as md
 from builder.errors import RunError, UserError
 from builder.perf.inputs import PERF_INPUT
 from builder.render import parse_config, preferred_batch_sizes
@@ -196,7 +197,7 @@ def pick_variant(repo: Path, manifest: dict, model: str | None, results: Path | 
             raise UserError(f"--model {model}: {why}")
         return model
     if results is not None:
-        from builder.perf.report import best_of, evaluate
+        from builder.perf.select import best_of, evaluate
         from builder.perf.results import load_results
 
         table, run = load_results(results)
@@ -282,7 +283,7 @@ def tune(repo: Path, *, model: str | None = None, results: Path | None = None, b
 
     from builder.manifest import read_manifest
     from builder.perf.analyzer import find_perf_analyzer
-    from builder.perf.report import operating_point
+    from builder.perf.select import operating_point
     from builder.perf.results import load_results, machine_info
     from builder.perf.run import run_perf
     from builder.runtime import start_server
@@ -424,12 +425,10 @@ def markdown(summary: dict) -> str:
                   f"{runs(default)})" if gain is not None else "the default does not fit the budget")
         lines += [f"**Best under the budget:** {best['label']}: {best['throughput']:.1f} infer/s at p99 "
                   f"{best['p99_ms']:.2f} ms (concurrency {best['concurrency']}, {runs(best)}), {versus}.", ""]
-    lines += ["| # | settings | infer/s | p99 (ms) | at conc. | within budget | note |", "|---|---|---|---|---|---|---|"]
-    for c in summary["candidates"]:
-        tag = " (default)" if c["settings"] == default["settings"] else ""
-        num = (lambda v, f: f.format(v) if v is not None else "–")
-        lines.append(f"| {c['index']}{tag} | {c['label']} | {num(c['throughput'], '{:.1f}')} | {num(c['p99_ms'], '{:.2f}')} "
-                     f"| {num(c['concurrency'], '{}')} | {'yes' if c['fits'] else 'no'} | {c['note']} |")
+    rows = [[f"{c['index']}{' (default)' if c['settings'] == default['settings'] else ''}", c["label"],
+             md.num(c["throughput"], "{:.1f}"), md.num(c["p99_ms"]), md.num(c["concurrency"], "{}"),
+             "yes" if c["fits"] else "no", c["note"]] for c in summary["candidates"]]
+    lines += md.table(["#", "settings", "infer/s", "p99 (ms)", "at conc.", "within budget", "note"], rows)
     lines += ["", "On a shared machine two runs of one configuration can differ by 20 % or more; "
               "`triton-builder perf --repeats 3` on the applied configuration checks the gain."]
     return "\n".join(lines) + "\n"
