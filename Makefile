@@ -76,7 +76,7 @@ tune: setup ## Search the serving configuration of the best variant in RESULTS (
 analyzer-files: setup ## Write MA_DIR (default model_analyzer/): what Model Analyzer needs to profile REPO, with its commands
 	$(TB) analyzer-files $(REPO) -o $(MA_DIR) --force
 
-demo: setup ## Build the MiniLM demo, serve it, measure it, write the report (CPU, ~5 min)
+demo: setup ## Build the MiniLM demo, serve it, measure it, write the report (CPU, ~3 min)
 	$(TB) build $(SPEC) -o $(REPO)
 	$(TB) serve $(REPO) --once --http-port 0 --grpc-port 0 --metrics-port 0
 	rm -rf $(RESULTS)
