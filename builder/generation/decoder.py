@@ -290,7 +290,7 @@ class Graphs:
         chunks through the graphs, one row per prompt token (Engine.graphed_prompts): slots + prefill_chunk.
         min_rows: the smallest decode bucket. Dynamo compiles a 1-row step apart from the others (it specializes
         sizes 1), so with every bucket compiled the server uses 2: one compilation less (a minute or more of
-        loading on the H100, session 6) for ~0.01 ms more per step at one stream (in-process: 1.51 ms at 1 row,
+        loading on the H100) for ~0.01 ms more per step at one stream (in-process: 1.51 ms at 1 row,
         1.56 at 8). compile_mixed: False captures the plain `decode` for the mixed buckets (UNCOMPILED_MIXED)."""
         self.dec, self.step = decoder, step or decoder.decode
         slots = decoder.scratch
@@ -298,7 +298,7 @@ class Graphs:
         self.decode_batches = sorted({b for b in self.BATCHES if min_rows <= b < slots} | {slots})
         # mixed steps: every bucket above the slots and `picks` of `slots` rows, so one compiled graph (dynamic
         # shapes) serves them all; buckets that reach below the slots or vary `picks` each compiled again
-        # (5 compilations instead of 3: the H100 took over 6 minutes to load, session 5)
+        # (5 compilations instead of 3: the H100 took over 6 minutes to load)
         self.batches = sorted({b for b in self.BATCHES if slots < b < top} | {top})
         self.length_bucket = length_bucket
         self.compiled_rows = compiled_rows
@@ -343,7 +343,7 @@ class Graphs:
         """Each captured graph's replay in ms (the mean of `repeats` after one warm-up) on padding inputs (the
         scratch slot at position 0, so no sequence's cache changes): the GPU's time per step of each bucket
         without serving. The server logs it at load, so a bench compares served with in-process for every
-        variant without compiling again (session 6)."""
+        variant without compiling again."""
         out = {}
         for key, (graph, static, _) in sorted(self.graphs.items()):
             for i, buffer in enumerate(static):
@@ -381,11 +381,11 @@ class Graphs:
 # kernel that is right for a single row and scales with the rows (no tensor cores). Measured on the H100
 # (16 layers, served): 1 row 2.1 ms a step (bf16's time; 5.3 ms uncompiled), 32 rows ~73 ms, a 128-token
 # prompt ~283 ms: ~2.2 ms per row, where the uncompiled int8 graphs take 5.9 ms for 32 rows and 6.9 ms for a
-# 128-token prompt. So only the 1-row bucket is compiled for int8 (docs/PERFORMANCE.md, session 4).
+# 128-token prompt. So only the 1-row bucket is compiled for int8 (docs/PERFORMANCE.md, GPU LLM).
 COMPILED_ROWS = {"int8": 1}
 # Weight quantizations whose mixed steps (decoding rows and prompt chunks) are captured uncompiled. int4: inductor
 # compiling the mixed step around torchao's int4 kernel kept the model loading for over 6 minutes on the H100
-# (session 6, the full bench; bf16 and int8 loaded in ~180 s beside it), past a 10-minute bench call.
+# (bf16 and int8 loaded in ~180 s beside it), past the 10 minutes a bench call may take.
 UNCOMPILED_MIXED = {"int4"}
 
 QUANTIZED = (".qkv.weight", ".o.weight", ".gate_up.weight", ".down.weight")  # the projections; not embeddings
