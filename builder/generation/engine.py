@@ -10,7 +10,7 @@ are fed in chunks of at most `prefill_chunk` tokens per step in all, so a long p
 by one chunk's time per step, not by its whole prefill.
 
 What a streamed token costs the server, not the GPU, sets the pace at high concurrency: each response is a
-round trip from the python backend's stub to Triton (~150-370 µs on a 2-core CPU, perf/gpu/stream_calls.py), and
+round trip from the python backend's stub to Triton (~150-370 µs on a 2-core CPU, timed inside the real stub), and
 so is asking whether a request was cancelled (~100 µs). So a streaming request gets its first token at once
 and then one response per `stream_interval` tokens (0: automatic, about ROWS_PER_STEP responses per step in
 all), and cancellation is polled every step only while requests wait for a slot, else every CANCEL_EVERY steps.
@@ -138,7 +138,7 @@ def rows_of(seqs: list[tuple[int, int, int]]) -> tuple[list[int], list[int]]:
 def on_device(device: torch.device, dtype: torch.dtype, *lists: list) -> list[torch.Tensor]:
     """Lists of numbers as tensors on `device`: one host tensor (pinned on a GPU) and one copy that does not wait
     for the device. A plain torch.tensor(..., device="cuda") waits for every step queued before it, which undid
-    most of the overlap of steps (session 5)."""
+    most of the overlap of steps."""
     host = torch.tensor([v for x in lists for v in x], dtype=dtype, pin_memory=device.type == "cuda")
     return list(host.to(device, non_blocking=True).split([len(x) for x in lists]))
 
@@ -157,7 +157,7 @@ def _mix64(x: int) -> int:
 def uniform(seed: int, counter: int) -> float:
     """A uniform number in (0, 1) with 53 bits, a hash of (seed, counter) only, so a request draws the same tokens
     whatever else shares its steps. Computed on the host (~1 µs) and sent with the step's other per-row values:
-    on the device a hash took ~15 kernel launches a step (session 6)."""
+    on the device a hash took ~15 kernel launches a step."""
     x = _mix64(_mix64((counter + GOLDEN) & M64) ^ (seed & M64))
     return ((x >> 11) + 0.5) / 2**53
 
@@ -243,7 +243,7 @@ class Engine:
     def warm(self) -> None:
         """Pick once from dummy logits of every path of `pick` (greedy, temperature only, top-k/top-p) at the
         most rows a step picks, so the first sampled request does not pay for loading their kernels (the first
-        sampled step at 32 streams took ~260 ms on the H100, session 6)."""
+        sampled step at 32 streams took ~260 ms on the H100)."""
         rows, vocab = len(self.free), self.decoder.config.vocab_size
         logits = torch.zeros(rows, vocab, device=self.decoder.device)
         for options in ({}, {"temperature": 1.0}, {"temperature": 1.0, "top_p": 0.9, "top_k": 50}):
