@@ -334,7 +334,7 @@ def run_once(flags: PerfFlags, workdir: Path, *, binary: Path | None = None,
     try:
         stdout, stderr = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        stdout, stderr = _interrupt(proc)  # what it saw before the limit is kept (run 11 lost it)
+        stdout, stderr = _interrupt(proc)  # interrupted, not killed, so what it measured before the limit is kept
         (workdir / "stdout.txt").write_text(stdout)
         (workdir / "stderr.txt").write_text(stderr)
         raise PerfAnalyzerError(
