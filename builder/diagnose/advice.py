@@ -230,7 +230,7 @@ def oversubscribed_threads(p, entry, rows) -> Advice | None:
     """Several instances, each with every core's intra-op threads (instances.threads: 0): when the CPU-side work
     fans out (a large batch joined, converted or run on the CPU) the instances' thread pools spin against each
     other. Seen on the H100: the CLIP image towers fell from 2,339 to 182 infer/s at concurrency 64, the server
-    at 1,430 % CPU and the GPU idle (docs/PERFORMANCE.md, run 8)."""
+    at 1,430 % CPU and the GPU idle."""
     if p.config.get("params", {}).get("threads") != "0" or p.instances < 2:  # set by the spec, not defaulted
         return None
     cores = os.cpu_count() or 1
