@@ -98,7 +98,7 @@ class NoClock:
 def freeze_heap():
     """Leave what loading made (torch, inductor's compiled code, CUDA graphs: ~0.5 M objects) out of the garbage
     collector's scans (gc.freeze); returns how many. A full collection over it took 60-300 ms, a stall of every
-    request in flight when one strikes while serving (the H100's LLM run 6 had one 65 ms gap in every stream)."""
+    request in flight when one strikes while serving (on the H100 one such pause stopped every stream for 65 ms)."""
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
