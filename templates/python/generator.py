@@ -105,7 +105,7 @@ class TritonPythonModel:
         if gpu:
             self.engine.warm()  # the sampling kernels load now, not on the first sampled request
         # what loading made (torch, inductor's code, the graphs) leaves the garbage collector's scans: a full
-        # collection of it takes 60-300 ms (the H100's run 6 had one 65 ms gap in every stream; runner.py's freeze_heap)
+        # collection of it takes 60-300 ms (on the H100 one stopped every stream for 65 ms; runner.py's freeze_heap)
         gc.collect()
         gc.freeze()
         pb_utils.Logger.log_info(f"{self.name} ready: {gc.get_freeze_count()} objects left out of the garbage "
