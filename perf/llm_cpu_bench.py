@@ -1,4 +1,4 @@
-"""The CPU targets of issue 9, in one run: SmolLM2 served by Triton (perf_analyzer --streaming, c=1 and c=8)
+"""The CPU LLM targets, in one run: SmolLM2 served by Triton (perf_analyzer --streaming, c=1 and c=8)
 side by side with Hugging Face `generate` in-process (batch 1 and a static batch of 8), same prompt length,
 same forced output length, same threads. Also our engine in-process (no Triton, no client), which splits the
 served number into engine and serving overhead, and the bf16 variant (weights in bf16; this CPU has avx512_bf16).

@@ -1,7 +1,7 @@
 """Where a streamed LLM run lost its throughput: output tokens per time window over the whole run, from a
 perf_analyzer profile export (what `perf` keeps under raw/<model>/c<N>.json), and the longest inter-token
 gaps with when they happened. A window where few tokens came out while streams were open is time the
-server spent on something else (prompt steps, a stall); session 5 found the H100's c=32 hole this way.
+server spent on something else (prompt steps, a stall).
 
     python perf/llm_timeline.py RAW_EXPORT.json [--window-ms 20] [--gaps 10]
 """

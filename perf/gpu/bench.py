@@ -1,6 +1,6 @@
 """GPU benchmark driver: build the bench spec, serve it on the GPU with the bundled Triton, self-check
 every model over gRPC, run perf_analyzer at several concurrencies, write the table, report and plots,
-and issue 14's targets met or missed (perf/gpu/targets.py -> targets.md).
+and the targets met or missed (perf/gpu/targets.py -> targets.md).
 
 Run through perf/gpu/bench.sh (it prepares the environment from .bundle/); results go to --out as at
 most 8 files: report.md, targets.md, results.csv, selfcheck.json, env.json, results.tar.gz (everything,
@@ -37,7 +37,7 @@ def main() -> int:
     p.add_argument("--models", default="", help="comma-separated Triton models to measure (default: all)")
     p.add_argument("--skip", default="clip_u8_text_torch_fp16_graphs,clip_image_torch_fp16_graphs,clip_text_torch_fp32",
                    help="comma-separated Triton models not to measure (clip_u8's text tower is clip's again; the fp16 "
-                        "image tower fed fp32 pixels stalled at c=128 in runs 10-12 and no target reads it; the "
+                        "image tower fed fp32 pixels stalls perf_analyzer at c=128 and no target reads it; the "
                         "eager text tower neither)")
     p.add_argument("--latency-budget-ms", type=float, default=50.0)
     p.add_argument("--protocol", choices=["grpc", "http"], default="grpc", help="perf_analyzer's protocol")
@@ -91,7 +91,7 @@ def main() -> int:
         except Exception as exc:
             (out / "selfcheck.json").write_text(json.dumps({"error": str(exc)}, indent=1))
             print(f"self-check failed: {exc}", file=sys.stderr)
-        try:  # keep_going: a level that times out (CLIP image c=256, run 10) no longer ends the whole bench
+        try:  # keep_going: a level that times out (the CLIP image tower at high concurrency) does not end the bench
             run_perf(repo, server=server, models=models, concurrency=[int(c) for c in args.concurrency.split(",")],
                      out=results_dir, measurement_ms=args.measurement_ms, protocol=args.protocol, keep_going=True)
         except RunError as exc:  # the failed levels are in results.csv; report what was measured

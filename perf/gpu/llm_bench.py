@@ -1,4 +1,4 @@
-"""GPU LLM bench (issue 11), one run: a Llama-3.2-1B-shaped model (perf/gpu/llm_model.py, random weights) built
+"""GPU LLM bench, one run: a Llama-3.2-1B-shaped model (perf/gpu/llm_model.py, random weights) built
 as our torch endpoint in several variants, HF `generate` (static cache) in-process as the baseline, every variant
 served by Triton and measured with perf_analyzer --streaming (TTFT, ITL, tokens/s) at concurrency 1 and 32 against
 the targets, and then the first variant's step in-process (eager / CUDA graphs / inductor + graphs: decode steps
@@ -33,7 +33,7 @@ VARIANTS = ["{format: torch, precision: bf16}",
             "{format: torch, precision: bf16, cuda_graphs: true}",
             "{format: torch, precision: bf16, cuda_graphs: true, compile: inductor}",
             "{format: torch, precision: int8, cuda_graphs: true, compile: inductor}",
-            # random weights are int4's worst case: logits cosine 0.70 on the H100 (session 4), below the 0.95
+            # random weights are int4's worst case: logits cosine 0.70 on the H100, below the 0.95
             # default; the bench measures its speed and reports that accuracy, so the bound is lowered here only
             "{format: torch, precision: int4, cuda_graphs: true, compile: inductor, tolerance: {min_cosine: 0.5}}"]
 
@@ -57,8 +57,8 @@ def hf_baseline(model_dir: Path, device: str, prompt: int, output: int, batches:
     out = {}
     for batch in batches:
         x = torch.randint(1000, 20000, (batch, prompt), device=device)
-        # disable_compile: with a static cache, generate compiles the forward on its own (run 1 timed that
-        # compile as a 250 ms/step batch-1 "baseline"); the issue's reference is the eager static cache
+        # disable_compile: with a static cache, generate compiles the forward on its own and the timing would
+        # include that compile (250 ms/step at batch 1); the targets' reference is the eager static cache
         kw = dict(attention_mask=torch.ones_like(x), do_sample=False, pad_token_id=0, cache_implementation="static",
                   disable_compile=True)
         with torch.inference_mode():
@@ -310,7 +310,7 @@ def main() -> int:
 
 def timelines(results: Path, names: list[str], window_ms: float = 20.0) -> list[str]:
     """Per variant at its highest concurrency: output tokens/s per 20 ms window (perf/llm_timeline.py) and the
-    longest gaps, where a run lost its rate (run 3 found the prompt steps this way)."""
+    longest gaps, where a run lost its rate (prompt steps that hold up the decoding rows show here)."""
     sys.path.insert(0, str(HERE.parent))
     from llm_timeline import timeline
 

@@ -1,5 +1,5 @@
-"""Issue 14's targets, read off one `make bench-gpu` run's results table (results.csv), each with the fp32
-eager baseline of the same run beside it; the CLIP text tower is held against run 6 (no regression).
+"""The GPU encoder targets, read off one `make bench-gpu` run's results table (results.csv), each with the fp32
+eager baseline of the same run beside it; the CLIP text tower is held against an earlier bench (no regression).
 
 `python perf/gpu/targets.py RESULTS.csv [--previous perf/gpu/results-6/results.csv]` prints the table;
 bench.py writes it to targets.md.
@@ -20,7 +20,7 @@ BERT = ("bert_torch_bf16_inductor_graphs", "bert6_torch_bf16_inductor_graphs", "
         "bert_torch_bf16_graphs", "bert_torch_fp16_graphs")
 CLIP_IMAGE_U8 = ("clip_u8_image_torch_fp16_graphs",)
 CLIP_TEXT = "clip_text_torch_fp16_graphs"
-NO_REGRESSION = 0.9  # the text tower keeps at least 90 % of run 6's throughput (run-to-run spread was ~10 %)
+NO_REGRESSION = 0.9  # the text tower keeps at least 90 % of the earlier bench's throughput (runs spread ~10 %)
 
 
 @dataclass(frozen=True)
