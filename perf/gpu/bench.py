@@ -105,7 +105,7 @@ def main() -> int:
 
     previous = HERE / "results-6" / "results.csv"
     verdicts = markdown(evaluate(pd.read_csv(results_dir / "results.csv"), pd.read_csv(previous)))
-    (out / "targets.md").write_text(f"# Issue 14 targets (latency budget {args.latency_budget_ms:g} ms)\n\n{verdicts}")
+    (out / "targets.md").write_text(f"# GPU encoder targets (latency budget {args.latency_budget_ms:g} ms)\n\n{verdicts}")
     print(verdicts)
     env["total_seconds"] = round(time.time() - t0, 1)
     env["dev_shm_mb"]["free_after"] = shutil.disk_usage("/dev/shm").free // 2**20
