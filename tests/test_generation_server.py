@@ -1,4 +1,4 @@
-"""Generation (issue 9) on the real Triton server: the HTTP generate extension and SSE, gRPC streaming,
+"""Generation on the real Triton server: the HTTP generate extension and SSE, gRPC streaming,
 concurrent requests, cancellation, bad input, and the OpenAI-compatible front with the real `openai` client."""
 
 from __future__ import annotations
