@@ -206,7 +206,7 @@ def test_low_gpu_utilization_rule():
 
 
 def test_oversubscribed_threads_rule():
-    """threads: 0 on several instances: the H100 CLIP towers' collapse (run 8). Fires only on an explicit 0."""
+    """threads: 0 on several instances: the H100 CLIP towers collapsed that way. Fires only on an explicit 0."""
     many = vp("cuda", instances=2, threads=0, params={"threads": "0"})
     tip = rules.oversubscribed_threads(many, ENTRY, pd.DataFrame())
     assert tip.change == rules.Change("m", None, "instances.threads", 1)
