@@ -1,4 +1,4 @@
-"""The architecture matrix (issue 10): tiny random-init configs of real Hugging Face architectures
+"""The architecture matrix: tiny random-init configs of real Hugging Face architectures
 (tests/architectures.py) over every format x precision the spec offers. Each variant builds and
 verifies, or fails verification as a result with its numbers, or is refused before any work with one
 line saying why and what to use instead; never a traceback, never an "error".
