@@ -210,7 +210,7 @@ def test_gpu_torch_variants_keep_gpu_inputs_on_the_gpu():
 
 
 def test_graph_static_inputs_exist_for_every_input_dtype():
-    """The H100 run 8 failed to load the uint8 CLIP tower: its graph capture filled pixels with randn,
+    """A uint8 CLIP tower once failed to load on the H100: its graph capture filled pixels with randn,
     which has no integer kernel. Each dtype the runner can be given gets a buffer of valid values."""
     import torch
 
@@ -246,7 +246,7 @@ def test_shape_checks_read_numpy_and_torch_alike():
                                                            "got 300 to 300")
 
 
-# --- make bench-gpu: issue 14's targets (perf/gpu/targets.py, perf/gpu/bench.yaml) -------------------------
+# --- make bench-gpu: the GPU encoder targets (perf/gpu/targets.py, perf/gpu/bench.yaml) --------------------
 
 def bench_targets():
     return bench_module("targets")
@@ -311,5 +311,5 @@ def test_bench_spec_builds_every_model_the_targets_read():
     counts = [spec.serving(models[n])["instances"].count for n in ("bert", "bert6", "bert1", "clip_u8")]
     assert counts == [4, 6, 1, 4]
     assert {f"{n}_torch_bf16_inductor_graphs" for n in ("bert", "bert6", "bert1")} <= built & set(targets.BERT)
-    # no batching delay: batches leave at a CUDA graph's size (run 14: 31-48 rows padded up to 64 with 100 us)
+    # no batching delay: batches leave at a CUDA graph's size (with 100 us: 31-48 rows, padded up to 64)
     assert all(spec.serving(m)["dynamic_batching"].max_queue_delay_us == 0 for m in spec.models)
