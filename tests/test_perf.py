@@ -389,7 +389,7 @@ def test_run_perf_keeps_partial_results_when_perf_analyzer_fails(fake_pa, tmp_pa
 
 def test_run_perf_keep_going_measures_the_variants_after_a_failure(fake_pa, tmp_path, monkeypatch):
     """keep_going (the GPU bench; `perf --keep-going`): a level that perf_analyzer fails on (a timeout at
-    c=256 in encoder run 10) no longer drops every variant after it, while the server answers."""
+    high concurrency) does not drop every variant after it, while the server answers."""
     import builder.perf.run as run
 
     _scenario(monkeypatch, fail=["toy_onnx_int8"], never=[4])
