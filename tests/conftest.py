@@ -1,6 +1,6 @@
 """Shared pytest setup. The test layers (server, slow, gpu, matrix, reliability) are registered in
 pyproject.toml; here, the reliability
-harness (`make test-reliability`): every test marked `reliability` is one case of issue 6, and the
+harness (`make test-reliability`): every test marked `reliability` is one case of docs/RELIABILITY.md, and the
 run ends with "N cases tried, M handled as specified"."""
 
 import os
