@@ -48,7 +48,7 @@ def spec_text(model_dir: Path, kind: str, slots: int, prompt: int, output: int, 
 
 
 def hf_baseline(model_dir: Path, device: str, prompt: int, output: int, batches: list[int]) -> dict:
-    """HF generate with a static cache (the issue's reference), bf16, ms per decode step and tokens/s."""
+    """HF generate with a static cache (the targets' reference), bf16, ms per decode step and tokens/s."""
     import torch
     import transformers
 
