@@ -21,7 +21,7 @@ from builder.signature import Signature, TensorSpec
 
 HERE = Path(__file__).resolve().parent
 GENERATOR = HERE.parent.parent / "templates" / "python" / "generator.py"
-RUNTIME_FILES = (HERE / "decoder.py", HERE / "engine.py")
+RUNTIME_FILES = (HERE / "decoder.py", HERE / "engine.py", HERE / "blocks.py")
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "bfloat16", "int4": "bfloat16"}
 # greedy tokens that must agree with the fp32 reference (teacher-forced), per precision
 MIN_AGREEMENT = {"fp32": 1.0, "fp16": 0.9, "bf16": 0.85, "int8": 0.85, "int4": 0.7}

@@ -109,6 +109,46 @@ class Decoder(torch.nn.Module):
         shape = (slots + 1, c.num_kv_heads, max_len, c.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
+        self.block_size, self.tables = 0, None
+        self._rotary(slots, max_len)
+
+    def allocate_paged(self, slots: int, max_len: int, blocks: int, block_size: int) -> None:
+        """A paged KV cache: per layer [blocks + 1, block_size, kv_heads, head_dim] for keys and for values (the
+        last block is scratch: padding rows write there, unused table entries point there) and a block table per
+        sequence slot, [slots + 1, blocks of max_len] on the device (the last row is the scratch slot's). A slot
+        is a row of the table, not memory: the engine fills the rows (`set_tables`) from its block manager. Until
+        then slot i holds the blocks i * width.. (width: the blocks of max_len) where the pool has them, so the
+        decoder alone runs as with slots (the build's checks call it so)."""
+        c = self.config
+        shape = (blocks + 1, block_size, c.num_kv_heads, c.head_dim)
+        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
+        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
+        self.block_size, self.scratch_block = block_size, blocks
+        width = -(-max_len // block_size)
+        self.tables = torch.full((slots + 1, width), blocks, dtype=torch.long, device=self.device)
+        own = min(slots, blocks // width)
+        self.tables[:own] = torch.arange(own * width, device=self.device).view(own, width)
+        self._rotary(slots, max_len)
+
+    @staticmethod
+    def block_bytes(config: DecoderConfig, block_size: int, dtype: torch.dtype) -> int:
+        """The memory of one block of the paged cache, keys and values of every layer."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * itemsize
+
+    def set_tables(self, slots: list[int], tables: list[list[int]]) -> None:
+        """Rows of the block table (unused entries: the scratch block), copied without waiting for the device:
+        the copy is queued behind the steps already launched, before the next one (CUDA graphs read the table
+        where it is)."""
+        width = self.tables.shape[1]
+        rows = [t + [self.scratch_block] * (width - len(t)) for t in tables]
+        pinned = self.device.type == "cuda"
+        values = torch.tensor(rows, dtype=torch.long, pin_memory=pinned).to(self.device, non_blocking=True)
+        index = torch.tensor(slots, dtype=torch.long, pin_memory=pinned).to(self.device, non_blocking=True)
+        self.tables.index_copy_(0, index, values)
+
+    def _rotary(self, slots: int, max_len: int) -> None:
+        c = self.config
         self.scratch, self.max_len = slots, max_len
         freqs = torch.arange(max_len, device=self.device)[:, None].float() * self.w["inv_freq"][None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -160,15 +200,17 @@ class Decoder(torch.nn.Module):
         Returns logits [len(logits_rows), vocab] in fp32.
         """
         positions = torch.cat([torch.arange(start, start + n) for _, start, n in seqs]).to(self.device)
+        row_slots = torch.tensor([slot for slot, _, n in seqs for _ in range(n)], device=self.device)
+        where = self._where(row_slots, positions)
         ones = next((i for i, (_, _, n) in enumerate(seqs) if n != 1), len(seqs))
         decoding = None
         if ones:
-            slots = torch.tensor([slot for slot, _, _ in seqs[:ones]], device=self.device)
-            decoding = (slots, positions[:ones], max(start for _, start, _ in seqs[:ones]) + 1)
+            decoding = (row_slots[:ones], positions[:ones], max(start for _, start, _ in seqs[:ones]) + 1)
 
         def attend(layer, q, k, v):
-            out = [self._attend_decoding(layer, q[:ones], k[:ones], v[:ones], *decoding)] if ones else []
-            return torch.cat(out + self._attend_prompts(layer, q, k, v, seqs, ones))
+            self._write(layer, k, v, where)
+            out = [self._attend_cached(layer, q[:ones], *decoding)] if ones else []
+            return torch.cat(out + self._attend_prompts(layer, q, seqs, ones, row_slots))
 
         x = self._layers(tokens, positions, attend)
         if logits_rows is None:
@@ -190,37 +232,61 @@ class Decoder(torch.nn.Module):
         a prompt (Engine._plan). So a prompt row does not gather its sequence's cache as a decoding row does.
         picks: the rows whose logits are wanted (default: every row). Returns logits [len(picks), vocab] in fp32."""
         with torch.no_grad():
+            where = self._where(slots, positions)  # once for every layer
             if decoding is None:
                 def attend(layer, q, k, v):
-                    return self._attend_decoding(layer, q, k, v, slots, positions, length)
+                    self._write(layer, k, v, where)
+                    return self._attend_cached(layer, q, slots, positions, length)
             else:
-                attend = self._mixed(slots, positions, length, decoding)
+                attend = self._mixed(slots, positions, length, decoding, where)
             x = self._layers(tokens, positions, attend)
             return self._logits(x if picks is None else x[picks])
 
-    def _write(self, layer: int, k, v, slots, positions) -> None:
-        """Each row's key and value into the cache at (slot, position)."""
-        self.k_cache[layer][slots, :, positions] = k
-        self.v_cache[layer][slots, :, positions] = v
+    # -- the cache, slots or pages: where a row's key goes, and a sequence's keys --
+    def _where(self, slots: torch.Tensor, positions: torch.Tensor):
+        """Where each row's key and value go: (slot, position) in the slot layout; in the paged one the index of
+        the token's place among every block's places (its table's block at position // block_size)."""
+        if self.tables is None:
+            return slots, positions
+        b = self.block_size
+        return self.tables[slots, positions // b] * b + positions % b
 
-    def _attend_decoding(self, layer: int, q, k, v, slots, positions, length: int) -> torch.Tensor:
-        """Rows with one new token each: write k/v at (slot, position), then attend (`_attend_cached`)."""
-        self._write(layer, k, v, slots, positions)
-        return self._attend_cached(layer, q, slots, positions, length)
+    def _write(self, layer: int, k, v, where) -> None:
+        """Rows' keys and values [rows, kv_heads, head_dim] into the cache at `where` (`_where`)."""
+        if self.tables is None:
+            slots, positions = where
+            self.k_cache[layer][slots, :, positions] = k
+            self.v_cache[layer][slots, :, positions] = v
+        else:
+            c = self.config
+            self.k_cache[layer].view(-1, c.num_kv_heads, c.head_dim)[where] = k
+            self.v_cache[layer].view(-1, c.num_kv_heads, c.head_dim)[where] = v
+
+    def _span(self, length: int) -> int:
+        """How many cache positions `_gather` returns for `length`: the paged cache reads whole blocks."""
+        return length if self.tables is None else -(-length // self.block_size) * self.block_size
+
+    def _gather(self, layer: int, slots: torch.Tensor, length: int):
+        """Keys and values of each slot's first `_span(length)` positions: [len(slots), kv_heads, span, head_dim].
+        Paged: the table's blocks gathered in one indexing (a view of it transposed, no second copy)."""
+        kc, vc = self.k_cache[layer], self.v_cache[layer]
+        if self.tables is None:
+            return kc[slots, :, :length], vc[slots, :, :length]
+        blocks = self.tables[slots, :self._span(length) // self.block_size]  # [B, blocks]
+        return kc[blocks].flatten(1, 2).transpose(1, 2), vc[blocks].flatten(1, 2).transpose(1, 2)
 
     def _attend_cached(self, layer: int, q, slots, positions, length: int) -> torch.Tensor:
         """Every row at once over its slot's first `length` cache entries, masked to the row's own prefix.
         Grouped-query attention by folding each kv head's query heads into the query axis."""
         c = self.config
-        kc, vc = self.k_cache[layer], self.v_cache[layer]
-        keys, values = kc[slots, :, :length], vc[slots, :, :length]  # [B, kv_heads, length, d]
+        keys, values = self._gather(layer, slots, length)  # [B, kv_heads, span, d]
         group = c.num_heads // c.num_kv_heads
         qs = q.view(-1, c.num_kv_heads, group, c.head_dim)
-        mask = (torch.arange(length, device=q.device)[None, :] <= positions[:, None])[:, None, None, :]
+        mask = (torch.arange(keys.shape[2], device=q.device)[None, :] <= positions[:, None])[:, None, None, :]
         o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask)
         return o.reshape(q.shape[0], -1)
 
-    def _mixed(self, slots, positions, length: int, decoding: torch.Tensor):
+    def _mixed(self, slots, positions, length: int, decoding: torch.Tensor, where):
         """attend() for a step of decoding rows then prompt rows (see `decode`). The mask is built once for all
         layers: a prompt row sees the cached prefix (positions before the first chunk's start) if it belongs to
         the first chunk's sequence, and this step's rows of its own sequence up to its own position."""
@@ -228,7 +294,8 @@ class Decoder(torch.nn.Module):
         rows = torch.arange(slots.shape[0], device=slots.device)
         first = torch.minimum(decoding, rows[-1:])  # the first prompt row (in a step without one: the last row)
         owner, start = slots[first], positions[first]
-        prefix = (slots[:, None] == owner) & (torch.arange(length, device=slots.device)[None, :] < start)
+        span = self._span(length)
+        prefix = (slots[:, None] == owner) & (torch.arange(span, device=slots.device)[None, :] < start)
         own = (slots[:, None] == slots[None, :]) & (positions[None, :] <= positions[:, None])
         group = c.num_heads // c.num_kv_heads
         mask = torch.cat((prefix, own), dim=1).repeat_interleave(group, dim=0)[None, None]  # [1, 1, B*group, L+B]
@@ -236,12 +303,12 @@ class Decoder(torch.nn.Module):
         top = self.scratch  # at most one decoding row per cache slot: only the first `top` rows can decode
 
         def attend(layer, q, k, v):
-            kc, vc = self.k_cache[layer], self.v_cache[layer]
-            self._write(layer, k, v, slots, positions)
+            self._write(layer, k, v, where)
             n = q.shape[0]
             decoded = self._attend_cached(layer, q[:top], slots[:top], positions[:top], length)
-            keys = torch.cat((kc[owner, :, :length], k.transpose(0, 1)[None]), dim=2)  # [1, kv, L+B, d]
-            values = torch.cat((vc[owner, :, :length], v.transpose(0, 1)[None]), dim=2)
+            cached_k, cached_v = self._gather(layer, owner, length)
+            keys = torch.cat((cached_k, k.transpose(0, 1)[None]), dim=2)  # [1, kv, L+B, d]
+            values = torch.cat((cached_v, v.transpose(0, 1)[None]), dim=2)
             qs = q.view(n, c.num_kv_heads, group, c.head_dim).transpose(0, 1).reshape(1, c.num_kv_heads, -1, c.head_dim)
             o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask)  # [1, kv, B*group, d]
             prompted = o[0].view(c.num_kv_heads, n, group, c.head_dim).transpose(0, 1).reshape(n, -1)
@@ -250,16 +317,14 @@ class Decoder(torch.nn.Module):
 
         return attend
 
-    def _attend_prompts(self, layer: int, q, k, v, seqs, first: int) -> list[torch.Tensor]:
-        """Sequences from index `first` on, one at a time: write k/v into the cache, attend over the filled prefix."""
-        kc, vc = self.k_cache[layer], self.v_cache[layer]
+    def _attend_prompts(self, layer: int, q, seqs, first: int, row_slots) -> list[torch.Tensor]:
+        """Sequences from index `first` on, one at a time, over their filled prefix (keys already written)."""
         out, offset = [], first
         for slot, start, n in seqs[first:]:
             end = start + n
-            kc[slot, :, start:end] = k[offset:offset + n].transpose(0, 1)
-            vc[slot, :, start:end] = v[offset:offset + n].transpose(0, 1)
             qs = q[offset:offset + n].transpose(0, 1).unsqueeze(0)  # [1, heads, n, d]
-            keys, values = kc[slot:slot + 1, :, :end], vc[slot:slot + 1, :, :end]
+            keys, values = self._gather(layer, row_slots[offset:offset + 1], end)
+            keys, values = keys[:, :, :end], values[:, :, :end]
             if n == 1 or start == 0:
                 o = F.scaled_dot_product_attention(qs, keys, values, is_causal=n > 1, enable_gqa=True)
             else:  # a later chunk of a prompt: query i sees keys up to start + i

@@ -35,6 +35,11 @@ from typing import Callable
 
 import torch
 
+if __package__:
+    from .blocks import BlockManager, blocks_for
+else:  # served: beside this file in the model's directory
+    from blocks import BlockManager, blocks_for
+
 HOLDBACK_PROMPT_TOKENS = 5  # prompt tokens decoded with the output so the first piece gets its leading space
 HOLD_TOKENS = 8  # a character is at most 4 UTF-8 bytes: output held back longer than this will not complete
 ROWS_PER_STEP = 8  # stream_interval 0: streamed responses per step in all, about (1 per token up to 8 sequences)
@@ -74,10 +79,16 @@ class Request:
     streamed: int = 0  # output tokens when the last streamed response went out
     detok: "Detokenizer | None" = None
     draws: int = -1  # the seed of this request's draws (`seed`, or a random one when sampling starts)
+    table: list[int] = field(default_factory=list)  # its KV-cache blocks (paged cache)
+    refill: int = 0  # output tokens to put back in the cache before decoding on (after a preemption)
 
     @property
     def prefilling(self) -> bool:
-        return self.fed < len(self.prompt)
+        return self.fed < len(self.prompt) + self.refill
+
+    def context(self) -> list[int]:
+        """The tokens a prefill puts in the cache: the prompt, and the output so far when it was preempted."""
+        return self.prompt + self.output[:self.refill] if self.refill else self.prompt
 
 
 @dataclass
@@ -208,7 +219,11 @@ def pick(logits: torch.Tensor, reqs: list[Request], positions: list[int]) -> tor
 
 class Engine:
     def __init__(self, decoder, tokenizer, *, max_sequences: int, max_total_tokens: int, prefill_chunk: int,
-                 stream_interval: int = 0):
+                 stream_interval: int = 0, kv_cache: str = "paged", block_size: int = 16, cache_blocks: int = 0,
+                 prefix_caching: bool = True):
+        """kv_cache: "paged" (blocks of `block_size` tokens in one pool of `cache_blocks`; 0: as many as
+        `max_sequences` full-length sequences take; see blocks.py) or "slots" (`max_total_tokens` reserved per
+        sequence). max_sequences: at most this many sequences run at once (a table row, or a slot, each)."""
         self.decoder = decoder
         self.tokenizer = tokenizer
         self.max_total = max_total_tokens
@@ -216,7 +231,19 @@ class Engine:
         self.stream_interval = stream_interval  # tokens per streamed response after the first; 0: automatic
         self.interval = 1  # this step's
         self.eos = set(decoder.config.eos_token_ids)
-        decoder.allocate(max_sequences, max_total_tokens)
+        self.blocks: BlockManager | None = None
+        if kv_cache == "paged":
+            per_sequence = blocks_for(max_total_tokens, block_size)
+            cache_blocks = cache_blocks or max_sequences * per_sequence
+            if cache_blocks < per_sequence:
+                raise ValueError(f"a KV cache of {cache_blocks} blocks of {block_size} tokens cannot hold one sequence "
+                                 f"of max_total_tokens {max_total_tokens}; give it more memory or lower max_total_tokens")
+            decoder.allocate_paged(max_sequences, max_total_tokens, cache_blocks, block_size)
+            self.blocks = BlockManager(cache_blocks, block_size, prefix_caching)
+        else:
+            decoder.allocate(max_sequences, max_total_tokens)
+        self.dirty: dict[int, list[int]] = {}  # slot -> block table, to copy to the decoder before the next step
+        self.preempted = 0  # sequences sent back to wait (their blocks taken) since the start
         self.decode_step = decoder.decode  # the server may swap in decoder.Graphs(decoder) on a GPU
         # decode steps overlap the host's work (on with CUDA graphs): step N+1 is launched with step N's tokens
         # still on the device, then N's tokens are read and its rows advanced while the device runs N+1 (`ahead`
@@ -274,8 +301,12 @@ class Engine:
     def summary(self) -> str:
         """One line: steps timed, rows per step and mean milliseconds per phase."""
         n = max(self.clocked, 1)
+        cache = ""
+        if self.blocks is not None:
+            cache = (f"; prefix cache hit rate {self.blocks.hit_rate:.3f} ({self.blocks.hits} of {self.blocks.queried} "
+                     f"prompt tokens), {self.preempted} preempted")
         return (f"{self.clocked} steps, {self.clocked_rows / n:.1f} rows per step; ms per step: "
-                + ", ".join(f"{k} {v / n * 1e3:.3f}" for k, v in self.clock.items()))
+                + ", ".join(f"{k} {v / n * 1e3:.3f}" for k, v in self.clock.items()) + cache)
 
     def step(self) -> None:
         t0 = time.perf_counter()
@@ -289,11 +320,11 @@ class Engine:
                 break
         if self.waiting or self.steps % CANCEL_EVERY == 0:  # a cancelled request's slot is wanted now, or a poll
             self._drop_cancelled()
-        while self.free and self.waiting:
-            req = self.waiting.pop(0)
-            req.slot = self.free.pop()
-            req.detok = Detokenizer(self.tokenizer, req.prompt)
-            self.running.append(req)
+        if not (self.blocks is not None and self._make_room()):  # none is admitted in a step that preempted
+            self._admit()
+        if self.dirty:
+            self.decoder.set_tables(list(self.dirty), list(self.dirty.values()))
+            self.dirty.clear()
         if not self.running and self.ahead is None:
             return
         self.interval = self.stream_interval or max(1, -(-len(self.running) // ROWS_PER_STEP))
@@ -327,6 +358,56 @@ class Engine:
         for i, token in zip(rows, picked):
             self._advance(sampled[i], token)
         self._tally((t0, t1, t2, t3, time.perf_counter()), len(tokens))
+
+    def _admit(self) -> None:
+        """Waiting requests take a free slot, first come first served, none dropped; with a paged cache also the
+        blocks of their prompt (cached blocks of its prefix shared, its prefill starting after them): one that
+        the pool cannot hold yet waits, and so do those behind it."""
+        while self.free and self.waiting:
+            req = self.waiting[0]
+            if self.blocks is not None:
+                context = req.context()
+                got = self.blocks.admit(context, min(len(context) + 1, self.max_total))
+                if got is None:
+                    break
+                req.table, req.fed = got  # the prefill starts after the cached prefix
+            self.waiting.pop(0)
+            req.slot = self.free.pop()
+            if req.detok is None:  # a preempted request keeps its own
+                req.detok = Detokenizer(self.tokenizer, req.prompt)
+            self.running.append(req)
+            if self.blocks is not None:
+                self.dirty[req.slot] = req.table
+
+    def _make_room(self) -> bool:
+        """Paged: every running sequence's table grows to what the next step may write (its next row, and the
+        row of a step in flight). When the pool runs out, the newest sequence gives its blocks back and waits
+        at the head of the queue, to be recomputed (prompt and output so far) when blocks free up; its greedy
+        text is the same. Returns whether one was preempted."""
+        preempted = False
+        for req in list(self.running):
+            if req not in self.running:
+                continue
+            had = len(req.table)
+            need = min(len(req.prompt) + len(req.output) + 1, self.max_total)
+            while not self.blocks.grow(req.table, need):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted = True
+                if victim is req:
+                    break
+            if req in self.running and len(req.table) != had:
+                self.dirty[req.slot] = req.table
+        return preempted
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.free.append(req.slot)
+        self.dirty.pop(req.slot, None)
+        self.blocks.release(req.table)
+        req.fed, req.refill = 0, len(req.output)
+        self.waiting.insert(0, req)
+        self.preempted += 1
 
     def _overlapped(self, t0: float) -> bool:
         """The overlapped step (see `overlap`): launch the next step, its decoding rows fed from the step ahead's
@@ -376,10 +457,13 @@ class Engine:
     def _feed(self, sampled: list[Request], seqs: list[tuple[int, int, int]]) -> list[int]:
         """After a step of `_plan`'s sequences: the prompt tokens fed count as fed; returns the indexes of the
         sequences that sample a token (decoding ones, and those whose prompt ended in this step)."""
-        rows = [i for i, (req, (_, _, n)) in enumerate(zip(sampled, seqs)) if req.fed + n >= len(req.prompt)]
+        rows = [i for i, (req, (_, _, n)) in enumerate(zip(sampled, seqs))
+                if req.fed + n >= len(req.prompt) + req.refill]
         for req, (_, _, n) in zip(sampled, seqs):
             if req.prefilling:
                 req.fed += n
+                if self.blocks is not None:  # its blocks that became full: found by later prompts from now on
+                    self.blocks.publish(req.table, req.context(), req.fed - n, req.fed)
         return rows
 
     def _launch(self, ahead: "Ahead | None", running: set[int]) -> "Ahead | None":
@@ -449,9 +533,10 @@ class Engine:
                 if budget <= 0 or (chunks and req.fed):
                     break
                 chunks += 1
-                n = min(budget, len(req.prompt) - req.fed)
+                context = req.context()
+                n = min(budget, len(context) - req.fed)
                 budget -= n
-                tokens.extend(req.prompt[req.fed:req.fed + n])
+                tokens.extend(context[req.fed:req.fed + n])
                 seqs.append((req.slot, req.fed, n))
             else:
                 tokens.append(req.output[-1])
@@ -515,6 +600,9 @@ class Engine:
         if req in self.running:
             self.running.remove(req)
             self.free.append(req.slot)
+            if self.blocks is not None:
+                self.dirty.pop(req.slot, None)
+                self.blocks.release(req.table)
 
     def _drop_cancelled(self) -> None:
         for req in [r for r in self.running + self.waiting if r.cancelled()]:
