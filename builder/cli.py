@@ -303,9 +303,13 @@ def deploy(
     queue_target_ms: float = typer.Option(10.0, help="HPA target: average queue time per request."),
     min_replicas: int = typer.Option(1, help="HPA minimum replicas."),
     max_replicas: int = typer.Option(4, help="HPA maximum replicas."),
-    storage_uri: str = typer.Option("pvc://triton-models/model_repository", help="KServe: where the repository is."),
+    storage_uri: str = typer.Option("pvc://triton-models/model_repository", help="KServe, Dynamo: where the repository is."),
+    target: Optional[list[str]] = typer.Option(None, "--target", help="compose, kubernetes, kserve, dynamo, kserve-llm (repeatable; default: all that apply)."),
+    disaggregated: bool = typer.Option(False, help="dynamo, kserve-llm: separate prefill and decode workers."),
+    ttft_budget_ms: float = typer.Option(2000.0, help="LLM alert: p95 time to first token above it."),
+    llm_metrics_target: Optional[str] = typer.Option(None, help="host:port Prometheus scrapes for LLM metrics (default <name>:9000)."),
 ) -> None:
-    """Write a Dockerfile, compose.yaml (Triton, Prometheus, Grafana), Prometheus rules, Kubernetes and KServe files."""
+    """Write a Dockerfile, compose.yaml (Triton, Prometheus, Grafana), Prometheus rules, Kubernetes, KServe and, for an LLM, Dynamo and KServe LLM files."""
     from builder.deploy import DeployOptions
     from builder.deploy import deploy as run_deploy
 
@@ -314,7 +318,8 @@ def deploy(
                                 scrape_interval=scrape_interval, rate_window=rate_window,
                                 latency_budget_ms=latency_budget_ms, failure_ratio=failure_ratio,
                                 queue_target_ms=queue_target_ms, min_replicas=min_replicas, max_replicas=max_replicas,
-                                storage_uri=storage_uri)
+                                storage_uri=storage_uri, targets=tuple(target or ()), disaggregated=disaggregated,
+                                ttft_budget_ms=ttft_budget_ms, llm_metrics_target=llm_metrics_target)
         files = run_deploy(repo, out, options, force=force)
     except BuilderError as exc:
         _fail(exc)

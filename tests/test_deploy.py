@@ -255,12 +255,14 @@ def test_dashboard_reads_recording_rules_that_exist(deployed):
 def test_what_the_image_installs(deployed):
     kind, _, out = deployed
     text = (out / "Dockerfile").read_text()
-    assert "FROM nvcr.io/nvidia/tritonserver:24.10-py3\n" in text
+    assert "FROM nvcr.io/nvidia/tritonserver:26.07-py3\n" in text  # builder.deploy.ngc.DEFAULT_TAG
     installs = text.split("RUN pip install --no-cache-dir")[1].split("\n\n")[0].replace("\\", " ").split()
+    # the 26.07 image: Python 3.12, and a python backend stub built with pybind11 2.12, so numpy 2
+    assert "numpy 2: this image's python backend stub is built with pybind11 2.12" in text
     if kind == "cpu":  # the toy models import numpy only
-        assert installs == ["numpy==1.26.4"]
+        assert installs == ["numpy==2.4.6"]
     else:  # torch runner, onnx runner on GPU (so onnxruntime-gpu only), the decoupled LLM's torch+tokenizers+safetensors
-        assert installs == ["numpy==1.26.4", "onnxruntime-gpu==1.23.2", "safetensors==0.8.0", "tokenizers==0.23.3",
+        assert installs == ["numpy==2.4.6", "onnxruntime-gpu==1.27.0", "safetensors==0.8.0", "tokenizers==0.23.3",
                             "torch==2.13.0"]
         assert "llm" in (out / "README.md").read_text().split("decoupled (streaming): ")[1].split(")")[0]
     assert "USER 1000:1000" in text and "/v2/health/ready" in text and "EXPOSE 8000 8001 8002" in text
@@ -273,7 +275,10 @@ def test_tensorrt_engines_pin_their_image(tmp_path):
     manifest = json.loads((repo / MANIFEST).read_text())
     manifest["models"]["toy_tensorrt_fp16"]["tensorrt"] = {"tensorrt": "10.3.0", "image": "nvcr.io/nvidia/tritonserver:24.08-py3"}
     (repo / MANIFEST).write_text(json.dumps(manifest))
-    assert read_facts(repo, "nvcr.io/nvidia/tritonserver:24.10-py3").image == "nvcr.io/nvidia/tritonserver:24.08-py3"
+    facts = read_facts(repo, "nvcr.io/nvidia/tritonserver:26.07-py3")
+    assert facts.image == "nvcr.io/nvidia/tritonserver:24.08-py3"
+    # that image's Python 3.10 and a stub built before NumPy 2 support: the pins follow the image
+    assert (facts.python, facts.requirements) == ("3.10", ("numpy==1.26.4",))
 
 
 BAD_DEPLOYS = {
@@ -288,7 +293,14 @@ BAD_DEPLOYS = {
     "replicas": (lambda repo, out: None, ["--min-replicas", "3", "--max-replicas", "2"],
                  "--min-replicas 3 / --max-replicas 2: need 1 <= min <= max"),
     "base_image": (lambda repo, out: None, ["--base-image", "ubuntu:22.04"],
-                   "--base-image 'ubuntu:22.04': give an NGC Triton image such as nvcr.io/nvidia/tritonserver:24.10-py3"),
+                   "--base-image 'ubuntu:22.04': give an NGC Triton image such as nvcr.io/nvidia/tritonserver:26.07-py3"),
+    "base_image_tag": (lambda repo, out: None, ["--base-image", "nvcr.io/nvidia/tritonserver:23.05-py3"],
+                       "--base-image 'nvcr.io/nvidia/tritonserver:23.05-py3': tag 23.05 is not in the NGC release "
+                       "table (builder/deploy/ngc.py: 24.08 to 26.07); choose one of those"),
+    "target": (lambda repo, out: None, ["--target", "helm"],
+               "--target helm: choose from compose, kubernetes, kserve, dynamo, kserve-llm"),
+    "kserve_llm_without_llm": (lambda repo, out: None, ["--target", "kserve-llm"],
+                               "--target kserve-llm: the repository has no LLM (a text-generation model); use --target kserve"),
 }
 
 

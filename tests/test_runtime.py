@@ -434,9 +434,9 @@ def test_container_spec_is_exactly_this(tmp_path):
 
     ports = {"http": 18000, "grpc": 18001, "metrics": 18002}
     spec = container_spec(Path("/data/repo"), image=DEFAULT_IMAGE, ports=ports)
-    assert DEFAULT_IMAGE == "nvcr.io/nvidia/tritonserver:24.10-py3"  # Triton 2.51, as in nvidia-pytriton 0.7.0
+    assert DEFAULT_IMAGE == "nvcr.io/nvidia/tritonserver:26.07-py3"  # builder.deploy.ngc.DEFAULT_TAG
     assert spec == {
-        "image": "nvcr.io/nvidia/tritonserver:24.10-py3",
+        "image": "nvcr.io/nvidia/tritonserver:26.07-py3",
         "command": ["tritonserver", "--model-repository=/models", "--allow-gpu-metrics=false",
                     "--pinned-memory-pool-byte-size=0", "--exit-timeout-secs=10", "--log-verbose=0",
                     "--strict-readiness=true", "--exit-on-error=false"],

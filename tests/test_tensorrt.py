@@ -90,3 +90,18 @@ models:
 """)
     with pytest.raises(UserError, match=r"variants\[tensorrt_fp16\]: format tensorrt is served by Triton's tensorrt backend; set runtime: native"):
         build(spec, tmp_path / "repo")
+
+
+def test_images_without_a_published_tensorrt_accept_only_the_engine_of_that_image(tmp_path):
+    """26.07's plain image has no TensorRT version in the NGC table: its engine is accepted there only."""
+    built_in = "nvcr.io/nvidia/tritonserver:26.07-py3"
+    manifest = {"models": {"m_tensorrt_fp16": {"tensorrt": {"tensorrt": "10.16.0", "compute_capability": "9.0",
+                                                            "image": built_in}}}}
+    assert onnx2trt.DEFAULT_IMAGE == built_in and onnx2trt.image_tensorrt(built_in) is None
+    onnx2trt.check_repository(tmp_path, manifest, built_in)
+    with pytest.raises(UserError, match=r"m_tensorrt_fp16: engine built in nvcr.io/nvidia/tritonserver:26.07-py3, "
+                                        r"serving in nvcr.io/nvidia/tritonserver:26.06-py3, whose TensorRT version is "
+                                        r"not in the NGC release table; serve with --image"):
+        onnx2trt.check_repository(tmp_path, manifest, "nvcr.io/nvidia/tritonserver:26.06-py3")
+    with pytest.raises(UserError, match="engine built with TensorRT 10.16.0, the target has 10.5.0"):
+        onnx2trt.check_repository(tmp_path, manifest, "nvcr.io/nvidia/tritonserver:24.10-py3")

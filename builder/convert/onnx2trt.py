@@ -25,10 +25,10 @@ import numpy as np
 
 from builder.errors import RunError, UserError
 
-DEFAULT_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
-# TensorRT in the NGC Triton images (from NVIDIA's framework support matrix)
-IMAGE_TENSORRT = {"24.08": "10.3.0", "24.09": "10.4.0", "24.10": "10.5.0", "24.11": "10.6.0", "24.12": "10.7.0",
-                  "25.01": "10.8.0", "25.02": "10.8.0"}
+from builder.deploy import ngc
+
+# The serving image, and so the TensorRT the engine is built with; TensorRT per tag: builder.deploy.ngc
+DEFAULT_IMAGE = ngc.DEFAULT_IMAGE
 TRTEXEC_IN_IMAGE = "/usr/src/tensorrt/bin/trtexec"
 FLAGS = {"fp32": [], "fp16": ["--fp16"], "bf16": ["--bf16"], "int8": ["--int8", "--fp16"]}  # int4: refused by the spec
 WORK = "/work"  # where the build folder is mounted in the container
@@ -162,9 +162,8 @@ def check_compatible(record: dict, *, tensorrt: str | None, compute_capability: 
 
 
 def image_tensorrt(image: str) -> str | None:
-    """The TensorRT version of an NGC Triton image tag, when known."""
-    match = re.search(r":(\d\d\.\d\d)", image)
-    return IMAGE_TENSORRT.get(match.group(1)) if match else None
+    """The TensorRT version of an NGC Triton image tag, when published (builder.deploy.ngc)."""
+    return ngc.tensorrt(image)
 
 
 def local_gpu() -> str | None:
@@ -182,4 +181,11 @@ def check_repository(repo: Path, manifest: dict, image: str | None) -> None:
     gpu = local_gpu()
     for name, entry in manifest.get("models", {}).items():
         if "tensorrt" in entry:
-            check_compatible(entry["tensorrt"], tensorrt=target, compute_capability=gpu, where=f"{repo}/{name}")
+            record = entry["tensorrt"]
+            built_in = record.get("image")
+            if image and target is None and built_in and built_in != image:
+                # no published TensorRT version for this image: only the image that built it is known to fit
+                raise UserError(f"{repo}/{name}: engine built in {built_in}, serving in {image}, whose TensorRT "
+                                f"version is not in the NGC release table; serve with --image {built_in} or rebuild "
+                                "the engine in the serving image")
+            check_compatible(record, tensorrt=target, compute_capability=gpu, where=f"{repo}/{name}")

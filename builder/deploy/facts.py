@@ -11,26 +11,16 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from builder.deploy import ngc
 from builder.errors import UserError
 from builder.manifest import read_manifest
 
-# The Python of the NGC image's python backend (24.10: Ubuntu 22.04, Python 3.10). Every pin below was
-# checked to have a cp310 manylinux wheel (`pip install --dry-run --python-version 3.10 --only-binary=:all:`).
-IMAGE_PYTHON = "3.10"
-PINS = {
-    "numpy": "1.26.4",  # < 2: under numpy 2 the stub returns empty outputs (see README "When things go wrong")
-    "onnxruntime": "1.23.2",  # the newest with cp310 wheels
-    "onnxruntime-gpu": "1.23.2",
-    "torch": "2.13.0",  # the builder's torch: the ExportedPrograms load with the version that saved them
-    "tokenizers": "0.23.3",
-    "safetensors": "0.8.0",
-    "pillow": "12.0.0",
-}
 # module-level imports of a model.py -> the package that provides them
 IMPORTS = {"numpy": "numpy", "torch": "torch", "tokenizers": "tokenizers", "safetensors": "safetensors",
            "PIL": "pillow", "onnxruntime": "onnxruntime"}
-# image flavour of a Triton backend (NGC tag suffix); backends not listed are in the plain -py3 image
-FLAVOURS = {"vllm": "-vllm-python-py3", "tensorrtllm": "-trtllm-python-py3"}
+# image flavour of a Triton backend (builder.deploy.ngc.FLAVOURS); backends not listed are in the plain -py3 image
+FLAVOURS = {"vllm": "vllm", "tensorrtllm": "trtllm"}
+TARGET_BACKENDS = {"vllm": "vllm", "tensorrt-llm": "tensorrtllm"}  # manifest target -> the backend it is served by
 
 
 @dataclass(frozen=True)
@@ -50,7 +40,8 @@ class RepoFacts:
     repo: Path
     models: tuple[ModelFacts, ...]
     image: str  # base image, nvcr.io/nvidia/tritonserver:<tag>-<flavour>
-    requirements: tuple[str, ...]  # pinned pip requirements, e.g. ("numpy==1.26.4", ...)
+    requirements: tuple[str, ...]  # pinned pip requirements for the image's Python, e.g. ("numpy==2.4.6", ...)
+    python: str  # the image's Python (major.minor)
 
     @property
     def gpu(self) -> bool:
@@ -82,8 +73,11 @@ def read_facts(repo: Path, base_image: str) -> RepoFacts:
         models.append(_model(path.parent, name, config, entries.get(name, {})))
     if not models:
         raise UserError(f"{repo}: no model directories with a config.pbtxt; build the repository first")
-    image = _image(repo, base_image, entries, {m.backend for m in models})
-    return RepoFacts(repo=repo, models=tuple(models), image=image, requirements=_requirements(models))
+    # TensorRT-LLM's llmapi model is a python model: the manifest's target names the image it needs
+    targets = {TARGET_BACKENDS[e["target"]] for e in entries.values() if e.get("target") in TARGET_BACKENDS}
+    image = _image(repo, base_image, entries, {m.backend for m in models} | targets)
+    return RepoFacts(repo=repo, models=tuple(models), image=image, requirements=_requirements(models, ngc.pins(image)),
+                     python=ngc.release_of(image).python)
 
 
 def _model(folder: Path, name: str, config, entry: dict) -> ModelFacts:
@@ -93,7 +87,7 @@ def _model(folder: Path, name: str, config, entry: dict) -> ModelFacts:
     gpus = max((len(g.gpus) or 1 for g in groups), default=1 if gpu else 0)
     decoupled = config.model_transaction_policy.decoupled
     packages: set[str] = set()
-    if backend == "python":
+    if backend == "python" and not entry.get("target"):  # an LLM target's python models come with its image
         params = _parameters(config)
         packages.add("numpy")
         packages |= {"torch": {"torch"}, "onnx": {"onnxruntime"}}.get(params.get("runner", ""), set())
@@ -131,11 +125,11 @@ def _imports(path: Path) -> set[str]:
     return found
 
 
-def _requirements(models: list[ModelFacts]) -> tuple[str, ...]:
+def _requirements(models: list[ModelFacts], pins: dict[str, str]) -> tuple[str, ...]:
     wanted = set().union(*(m.packages for m in models))
     if "onnxruntime" in wanted and any(m.gpu and "onnxruntime" in m.packages for m in models):
         wanted = (wanted - {"onnxruntime"}) | {"onnxruntime-gpu"}  # it has the CPU provider too; never both
-    return tuple(f"{p}=={PINS[p]}" for p in sorted(wanted))
+    return tuple(f"{p}=={pins[p]}" for p in sorted(wanted))
 
 
 def _image(repo: Path, base: str, entries: dict, backends: set[str]) -> str:
@@ -149,10 +143,13 @@ def _image(repo: Path, base: str, entries: dict, backends: set[str]) -> str:
         base = built.pop()
     match = re.fullmatch(r"(.+):(\d\d\.\d\d)-[\w-]*py3", base)
     if not match:
-        raise UserError(f"--base-image {base!r}: give an NGC Triton image such as nvcr.io/nvidia/tritonserver:24.10-py3")
+        raise UserError(f"--base-image {base!r}: give an NGC Triton image such as {ngc.DEFAULT_IMAGE}")
+    if match.group(2) not in ngc.RELEASES:
+        raise UserError(f"--base-image {base!r}: tag {match.group(2)} is not in the NGC release table "
+                        f"(builder/deploy/ngc.py: {min(ngc.RELEASES)} to {max(ngc.RELEASES)}); choose one of those")
     flavours = {FLAVOURS[b] for b in backends if b in FLAVOURS}
     if len(flavours) > 1:
         raise UserError(f"{repo}: models need both the vLLM and the TensorRT-LLM image; deploy them as two repositories")
     if flavours:
-        return f"{match.group(1)}:{match.group(2)}{flavours.pop()}"
+        return f"{match.group(1)}:{match.group(2)}{ngc.FLAVOURS[flavours.pop()]}"
     return base

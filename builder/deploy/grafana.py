@@ -1,6 +1,7 @@
-"""The Grafana dashboard, as data: per-model throughput, latency per request split into queue / compute
-input / infer / output, failures, pending requests, GPU utilization and memory. Panels read the
-recording rules of prometheus/rules.yml (names below), so the dashboard and the alerts agree."""
+"""The Grafana dashboards, as data. `dashboard`: per-model throughput, latency per request split into
+queue / compute input / infer / output, failures, pending requests, GPU utilization and memory, from the
+recording rules of prometheus/rules.yml (names below). `llm_dashboard`: the LLM one, from
+prometheus/llm_rules.yml. Panels read recording rules, so the dashboards and the alerts agree."""
 
 from __future__ import annotations
 
@@ -59,6 +60,44 @@ def dashboard(rate_window: str) -> dict:
             "name": "model", "type": "query", "label": "model", "datasource": DATASOURCE,
             "query": {"query": "label_values(nv_inference_request_success, model)", "refId": "model"},
             "definition": "label_values(nv_inference_request_success, model)",
+            "includeAll": True, "multi": True, "current": {"text": "All", "value": "$__all"}, "refresh": 2,
+        }]},
+        "panels": panels,
+    }
+
+
+def llm_dashboard(rate_window: str) -> dict:
+    """The LLM dashboard: time to first token, inter-token latency, tokens/s, running and waiting
+    sequences, KV-cache use, prefix-cache hits and queue time, from the recording rules of
+    prometheus/llm_rules.yml over the metrics named in builder/deploy/llm_metrics.py."""
+    from builder.deploy.llm_metrics import LABEL, RULES, RUNNING
+
+    sel = f'{{{LABEL}=~"$model"}}'
+    leg = "{{" + LABEL + "}}"
+    panels = [
+        _panel(1, "Time to first token (p50, p95)", [(RULES["ttft_p50"] + sel, leg + " p50"),
+                                                    (RULES["ttft_p95"] + sel, leg + " p95")], "s", 0, 0),
+        _panel(2, "Inter-token latency (p50, p95)", [(RULES["itl_p50"] + sel, leg + " p50"),
+                                                    (RULES["itl_p95"] + sel, leg + " p95")], "s", 12, 0),
+        _panel(3, "Tokens/s: generated and prompt", [(RULES["generation_tps"] + sel, leg + " generated"),
+                                                     (RULES["prompt_tps"] + sel, leg + " prompt")], "short", 0, 8),
+        _panel(4, "Sequences: running and waiting", [(RULES["running"] + sel, leg + " running"),
+                                                     (RULES["waiting"] + sel, leg + " waiting")], "short", 12, 8,
+               stack=True),
+        _panel(5, "KV cache in use", [(RULES["kv_usage"] + sel, leg)], "percentunit", 0, 16),
+        _panel(6, "Prefix-cache hit ratio (tokens)", [(RULES["prefix_hit_ratio"] + sel, leg)], "percentunit", 12, 16),
+        _panel(7, "Queue time (average, p95)", [(RULES["queue_avg"] + sel, leg + " average"),
+                                                (RULES["queue_p95"] + sel, leg + " p95")], "s", 0, 24),
+        _panel(8, "Finished requests/s", [(RULES["requests"] + sel, leg)], "reqps", 12, 24),
+    ]
+    query = f"label_values({RUNNING}, {LABEL})"
+    return {
+        "uid": "triton-builder-llm", "title": "LLM serving (triton-builder)", "schemaVersion": 39, "version": 1,
+        "editable": True, "refresh": "10s", "time": {"from": "now-30m", "to": "now"}, "tags": ["triton", "llm"],
+        "description": f"Recording rules use rate() over {rate_window}; see prometheus/llm_rules.yml",
+        "templating": {"list": [{
+            "name": "model", "type": "query", "label": "model", "datasource": DATASOURCE,
+            "query": {"query": query, "refId": "model"}, "definition": query,
             "includeAll": True, "multi": True, "current": {"text": "All", "value": "$__all"}, "refresh": 2,
         }]},
         "panels": panels,

@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from builder.deploy import ngc
 from builder.errors import RunError
 
 RUNTIMES = ("local", "docker")
-# NGC release 24.10 carries Triton 2.51, the server bundled in nvidia-pytriton 0.7.0.
-DEFAULT_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
+# the docker runtime's image: the newest checked NGC release (builder.deploy.ngc has the table)
+DEFAULT_IMAGE = ngc.DEFAULT_IMAGE
 LOG_LINES = 20
 POLL_S = 0.2
 

@@ -33,22 +33,19 @@ import shlex
 import shutil
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import yaml
 
+from builder.deploy import ngc
 from builder.errors import RunError, UserError
 from builder.targets.common import (DTYPES, MODEL_REPOSITORY, files_under, lint_beam_width, lint_engine_version,
                                     lint_prompt_limit, lint_sequence_limit, lint_streaming, lint_world_size, params,
                                     read_config, resolve, token_ids, write_config)
 
-IMAGE = "nvcr.io/nvidia/tritonserver:26.07-trtllm-python-py3"
-# TensorRT-LLM in the NGC `-trtllm-python-py3` images (server docs/introduction/compatibility.md)
-IMAGE_TRTLLM = {"24.06": "0.10.0", "24.07": "0.11.0", "24.08": "0.12.0", "24.09": "0.13.0", "24.10": "0.14.0",
-                "24.11": "0.15.0", "24.12": "0.16.0", "25.01": "0.17.0", "25.02": "0.17.0.post1", "25.03": "0.18.0",
-                "25.04": "0.18.2", "25.05": "0.19.0", "25.06": "0.20.0", "25.07": "0.20.0", "25.08": "0.21.0",
-                "25.09": "1.0.0", "25.10": "1.0.0", "25.11": "1.0.3.2510", "25.12": "1.1.0", "26.01": "1.1.0",
-                "26.02": "1.1.0", "26.03": "1.2.0", "26.04": "1.2.1", "26.05": "1.2.1", "26.06": "1.2.1",
-                "26.07": "1.2.1"}
+IMAGE = ngc.TRTLLM_IMAGE
+# TensorRT-LLM in the NGC `-trtllm-python-py3` images, from builder.deploy.ngc's table
+IMAGE_TRTLLM = {tag: r.tensorrt_llm for tag, r in ngc.RELEASES.items() if r.tensorrt_llm}
 APP = "/app/all_models"  # where the trtllm images keep TensorRT-LLM's triton_backend model files
 LLMAPI_FILES = ("model.py", "helpers.py")
 IFB_PYTHON = ("preprocessing", "postprocessing", "tensorrt_llm_bls")
@@ -367,10 +364,8 @@ def _render_engine(repo, name, weights, tokenizer, precision, generation, image,
 def build_engine(repo: Path, entry: dict) -> dict:
     """Run the legacy build for an engine-flow entry (the ensemble's): the engine into tensorrt_llm/1/, the
     python model files into place. Records and returns {tensorrt_llm, image, commands}."""
-    from builder.spec import Generation
-
     settings = entry["settings"]
-    g = Generation(**settings["generation"])
+    g = SimpleNamespace(**settings["generation"])  # the spec's generation: block as the build recorded it
     image, weights_dir = settings["image"], Path(settings["weights_dir"])
     steps = engine_steps(model_type=settings["model_type"], precision=entry["precision"], generation=g,
                          engine_dir=f"{MODEL_REPOSITORY}/tensorrt_llm/1") + ifb_setup_steps()

@@ -16,12 +16,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from builder.deploy import ngc
 from builder.errors import UserError
 from builder.targets.common import (DTYPES, MODEL_REPOSITORY, files_under, lint_streaming, lint_world_size,
                                     read_config, resolve, write_config)
 
-# vLLM 0.24.0 (server docs/introduction/compatibility.md, 2026-08)
-IMAGE = "nvcr.io/nvidia/tritonserver:26.07-vllm-python-py3"
+# the serving image; its vLLM version per tag is in builder.deploy.ngc
+IMAGE = ngc.VLLM_IMAGE
 # in-flight quantization vLLM does itself; int8 weight-only has no in-flight method there
 QUANTIZATION = {"int4": "bitsandbytes"}
 
