@@ -135,7 +135,8 @@ def test_the_smollm_spec_gets_the_llm_targets(smollm):
     assert ("dynamo/Dockerfile" in files) == (variant == "torch")  # Triton as Dynamo's worker
     readme = (out / "README.md").read_text()
     if variant != "vllm":  # said, not silently dropped
-        assert "not kserve-llm: KServe's LLMInferenceService runs vLLM (llm-d)" in readme
+        assert f"not kserve-llm: KServe's LLMInferenceService runs one vLLM (llm-d) model, and this repository has " \
+               f"smollm ({'triton' if variant == 'torch' else 'trtllm'})" in readme
     image = {"torch": "26.07-py3", "vllm": "26.07-vllm-python-py3", "tensorrt-llm": "26.07-trtllm-python-py3"}[variant]
     assert f"FROM nvcr.io/nvidia/tritonserver:{image}\n" in (out / "Dockerfile").read_text()
 
@@ -323,3 +324,23 @@ def test_deploy_a_real_smollm_build(tmp_path, crd_validators):
     graph, _ = _graph(tmp_path / "out")
     check_crd(crd_validators, graph)
     assert "LLMTimeToFirstTokenHigh" in (tmp_path / "out" / "prometheus" / "llm_rules.yml").read_text()
+
+
+def test_a_repository_with_two_llm_engines_leaves_the_llm_targets_out_and_says_why(tmp_path):
+    """The SmolLM2 spec with its vllm variant uncommented: a torch and a vLLM model in one repository."""
+    from builder.targets import vllm
+
+    repo = smollm_repo(tmp_path, "torch")
+    manifest = json.loads((repo / MANIFEST).read_text())
+    extra = vllm.render(repo, name="smollm_vllm_bf16", weights=HUB_ID, tokenizer=None, precision="bf16",
+                        generation=spec_model().generation, serving={})
+    manifest["models"] |= {n: e | {"task": "text-generation", "status": "passed"} for n, e in extra.items()}
+    (repo / MANIFEST).write_text(json.dumps(manifest))
+    deploy_cli(repo, tmp_path / "out")
+    assert not (tmp_path / "out" / "dynamo").exists() and not (tmp_path / "out" / "kserve-llm").exists()
+    assert (tmp_path / "out" / "grafana" / "dashboards" / "llm.json").is_file()  # monitoring applies still
+    readme = (tmp_path / "out" / "README.md").read_text()
+    assert ("not dynamo: one LLM engine and one vLLM / TensorRT-LLM model per graph, and this repository has "
+            "smollm (triton), smollm_vllm_bf16 (vllm): deploy a repository per model") in readme
+    result = CliRunner().invoke(app, ["deploy", str(repo), "-o", str(tmp_path / "out2"), "--target", "dynamo"])
+    assert result.exit_code == 2 and "--target dynamo: the repository mixes LLM engines" in result.output

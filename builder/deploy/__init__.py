@@ -153,22 +153,23 @@ def image_name(repo: Path) -> str:
 
 
 def _choose(options: DeployOptions, llms: list) -> tuple[set[str], dict[str, str]]:
-    """The targets to write, and why an LLM target that applies in general was left out by default."""
-    from builder.deploy.llm import one_engine
-
+    """The targets to write, and why an LLM target was left out by default."""
     if options.targets:
         return set(options.targets), {}
     chosen, skipped = {"compose", "kubernetes", "kserve"}, {}
     if llms:
-        chosen.add("dynamo")
         engines = {m.engine for m in llms}
+        names = ", ".join(f"{m.name} ({m.engine})" for m in llms)
+        if len(engines) > 1 or (len(llms) > 1 and engines != {"triton"}):
+            skipped["dynamo"] = (f"one LLM engine and one vLLM / TensorRT-LLM model per graph, and this repository "
+                                 f"has {names}: deploy a repository per model")
+        else:
+            chosen.add("dynamo")
         if engines == {"vllm"} and len(llms) == 1:
             chosen.add("kserve-llm")
         else:
-            one_engine(llms, "kserve-llm")
-            skipped["kserve-llm"] = ("KServe's LLMInferenceService runs vLLM (llm-d); this repository's LLM is "
-                                     + ("a TensorRT-LLM variant" if engines == {"trtllm"} else "served by Triton itself")
-                                     + ": add a format: vllm variant to the spec for it")
+            skipped["kserve-llm"] = ("KServe's LLMInferenceService runs one vLLM (llm-d) model, and this repository "
+                                     f"has {names}: add a format: vllm variant to the spec, or deploy it alone")
     return chosen, skipped
 
 
