@@ -19,7 +19,7 @@ from rich.table import Table
 from builder import __version__, formats, verify
 from builder.errors import BuilderError, RunError, UserError, root_reason, step, unexpected
 from builder.families import Part, parts_for, sample_batches
-from builder.manifest import MANIFEST, SCHEMA, save_reference, signature_of, write_manifest
+from builder.manifest import MANIFEST, SCHEMA, signature_of, write_manifest
 from builder.render import input_limits, model_config, warmup_files
 from builder.repository import checkpoint, clean_stale, deferred_signals, file_records, install, locked, staging
 from builder.signature import Signature, TensorSpec
@@ -92,7 +92,7 @@ def build(spec_path: Path, out: Path, *, runtime: str | None = None, only: list[
         models = [m for m in models if m.name in only]
     for m in models:  # refused before any work: a format that cannot be built or served here
         for v in m.variants:
-            formats.get(v.format).preflight(f"{spec_path}: models[{m.name}].variants[{v.tag}]", runtime)
+            formats.get(v.format, endpoint(m)).preflight(f"{spec_path}: models[{m.name}].variants[{v.tag}]", runtime)
     if not any(m.source.hf for m in models):
         from builder.sources import offline_env
 
@@ -173,14 +173,15 @@ class Job:
     example: tuple  # export example tensors
     source: str  # where the model came from, in words
     calibration: Callable = lambda: []  # static int8: calibration batches, made on demand
+    served_as: str = ""  # the Triton name where it is not {stem}_{tag} (a generation model's first variant)
 
     @property
     def name(self) -> str:
-        return f"{self.stem}_{self.variant.tag}"
+        return self.served_as or f"{self.stem}_{self.variant.tag}"
 
     @property
     def fmt(self) -> formats.Format:
-        return formats.get(self.variant.format)
+        return formats.get(self.variant.format, endpoint(self.model))
 
     @property
     def model_dir(self) -> Path:
@@ -207,19 +208,43 @@ class Job:
         return shlex.join(["triton-builder", "build", str(self.ctx.spec_path), "--model", self.model.name])
 
 
+def endpoint(model: Model) -> str:
+    """What `model` is served as: the generation endpoint, or a stateless tensor model."""
+    return "generation" if model.generation is not None else "tensors"
+
+
+def served_names(model: Model) -> dict[str, str]:
+    """variant tag -> Triton name where it is not {model}_{tag}: a generation model's first variant of our
+    own endpoint is served under the model's name."""
+    if model.generation is None:
+        return {}
+    ours = [v.tag for v in model.variants if formats.get(v.format, "generation").build is None]
+    return {ours[0]: model.name} if ours else {}
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What the variants of one part are built and verified from."""
+
+    part: object  # builder.families.Part, or builder.generation.Prepared
+    stem: str
+    sig: Signature
+    samples: tuple
+    references: tuple
+    example: tuple = ()
+    calibration: Callable = lambda: []
+
+
 def build_model(ctx: Build, model: Model) -> dict[str, dict]:
     """Build every variant of `model` into ctx.stage; return the manifest entries of what to install."""
-    from builder.sources import load_source
-
-    if model.generation is not None:
-        return build_generator(ctx, model)
     console, result = ctx.console, ctx.result
     entries: dict[str, dict] = {}
     keys, hits = {}, set()
+    names = served_names(model)
     if ctx.store is not None:
         from builder.cache import variant_keys
 
-        keys = variant_keys(ctx.spec, ctx.spec_path, model, ctx.runtime, ctx.tools or tool_versions())
+        keys = variant_keys(ctx.spec, ctx.spec_path, model, ctx.runtime, ctx.tools or tool_versions(), names)
         for variant in model.variants:
             hit = ctx.store.fetch(keys[variant.tag], ctx.stage)
             if hit is not None:
@@ -232,36 +257,42 @@ def build_model(ctx: Build, model: Model) -> dict[str, dict]:
             return entries
     console.print(f"  loading {model.source.kind} source")
     where = f"models[{model.name}]"
-    with step("load", where):
-        loaded = load_source(ctx.spec_path, model)
-        tokenizer = load_tokenizer(loaded.files_dir)
-        parts = parts_for(model.task, loaded, model)
     serving = ctx.spec.serving(model)
+    loaded = tokenizer = None
+    if model.generation is not None:
+        from builder import generation
+
+        with step("load", where):
+            ready = generation.prepare(ctx.spec_path, model, console)
+        model = model.model_copy(update={"generation": ready.generation})  # unset limits fitted to the model
+        prepared = [Prepared(ready, model.name, generation.signature(), tuple(ids for _, _, ids in ready.prompts),
+                             ready.ref_tokens)]
+        description = ready.source.description
+    else:
+        from builder.sources import load_source
+
+        with step("load", where):
+            loaded = load_source(ctx.spec_path, model)
+            tokenizer = load_tokenizer(loaded.files_dir)
+            parts = parts_for(model.task, loaded, model)
+        prepared = [prepare_part(model, part, tokenizer, serving, index, where) for index, part in enumerate(parts)]
+        description = loaded.description
     built: dict[str, dict[str, tuple[Path, dict]]] = {}  # variant tag -> what the cache gets
-    for index, part in enumerate(parts):
-        with step("reference", where):
-            part = with_batch_dim(part, serving["max_batch_size"])
-            samples = sample_batches(part, tokenizer, VERIFY_SAMPLES, seed=1000 + index,
-                                     typical_len=model.shapes.sequence_length)
-            names = [t.name for t in part.inputs]
-            references = [verify.torch_reference(part.module, names, s, part.outputs) for s in samples]
-            sig = Signature(part.inputs, output_specs(part, references, serving["max_batch_size"]),
-                            serving["max_batch_size"], dict(part.extra))
-            example = example_args(part)
+    for ready in prepared:
         for variant in model.variants:
             checkpoint()
             if variant.tag in hits:
                 continue
-            job = Job(ctx, model, variant, part, f"{model.name}_{part.suffix}" if part.suffix else model.name, sig,
-                      serving, tuple(samples), tuple(references), example, loaded.description,
-                      lambda part=part: sample_batches(part, tokenizer, CALIBRATION_SAMPLES, 7, model.shapes.sequence_length))
-            entry = build_variant(job)
-            if entry is not None:
-                entries[job.name] = entry
-            if entry is None or entry["status"] != "passed":
-                built[variant.tag] = None
-            elif built.get(variant.tag, {}) is not None:
-                built.setdefault(variant.tag, {})[job.name] = (job.model_dir, entry)
+            job = Job(ctx, model, variant, ready.part, ready.stem, ready.sig, serving, ready.samples, ready.references,
+                      ready.example, description, ready.calibration, names.get(variant.tag, ""))
+            made = build_target(job) if job.fmt.build is not None else {job.name: build_variant(job)}
+            for name, entry in made.items():
+                if entry is not None:
+                    entries[name] = entry
+                if entry is None or entry["status"] not in ("passed", "rendered"):
+                    built[variant.tag] = None
+                elif built.get(variant.tag, {}) is not None:
+                    built.setdefault(variant.tag, {})[name] = (ctx.stage / name, entry)
     if ctx.store is not None:
         store_variants(ctx.store, keys, built, console)
     if model.ensemble is not None:
@@ -284,6 +315,43 @@ def build_model(ctx: Build, model: Model) -> dict[str, dict]:
     return entries
 
 
+def prepare_part(model: Model, part: Part, tokenizer, serving: dict, index: int, where: str) -> Prepared:
+    """A family's part with its verification samples, fp32 references, signature and export example."""
+    with step("reference", where):
+        part = with_batch_dim(part, serving["max_batch_size"])
+        samples = sample_batches(part, tokenizer, VERIFY_SAMPLES, seed=1000 + index,
+                                 typical_len=model.shapes.sequence_length)
+        names = [t.name for t in part.inputs]
+        references = [verify.torch_reference(part.module, names, s, part.outputs) for s in samples]
+        sig = Signature(part.inputs, output_specs(part, references, serving["max_batch_size"]),
+                        serving["max_batch_size"], dict(part.extra))
+        example = example_args(part)
+    return Prepared(part, f"{model.name}_{part.suffix}" if part.suffix else model.name, sig, tuple(samples),
+                    tuple(references), example,
+                    lambda: sample_batches(part, tokenizer, CALIBRATION_SAMPLES, 7, model.shapes.sequence_length))
+
+
+def build_target(job: Job) -> dict[str, dict]:
+    """A format that writes its own model set (an LLM backend's, render-only): its entries and results."""
+    console, t0 = job.ctx.console, time.time()
+    console.print(f"  {job.name}: rendering")
+    try:
+        made = job.fmt.build(job)
+    except Exception as exc:  # noqa: BLE001 - one variant's failure, unexpected ones too, is a result
+        if not isinstance(exc, BuilderError):
+            exc = unexpected(exc, f"models[{job.model.name}].variants[{job.variant.tag}] render")
+        shutil.rmtree(job.model_dir, ignore_errors=True)
+        job.ctx.result.results.append(VariantResult(job.name, job.model.name, job.variant.tag, "error",
+                                                    time.time() - t0, message=str(exc), step="render"))
+        console.print(f"  [red]{job.name}: {escape(str(exc))}[/]")
+        return {job.name: None}
+    for name, entry in made.items():
+        size = sum(f["bytes"] for f in entry.get("files", []) if f["path"].startswith("1/"))
+        job.ctx.result.results.append(VariantResult(name, job.model.name, job.variant.tag, "passed", time.time() - t0,
+                                                    size, message="rendered, not executed here", step="render"))
+    return made
+
+
 def build_variant(job: Job) -> dict | None:
     """Export, verify, render and describe one variant; its result goes to job.ctx.result. Returns its
     manifest entry, or None when nothing of it is to be installed."""
@@ -304,9 +372,9 @@ def build_variant(job: Job) -> dict | None:
                                                     message=str(exc), step=doing))
         console.print(f"  [red]{name}: {escape(str(exc))}[/]")
         return None
-    numbers = check["outputs"].values()
+    numbers = [o for o in check["outputs"].values() if o.get("cosine") is not None]
     status = "passed" if check["passed"] else "failed"
-    lines = verify.failure_lines(check)
+    lines = verify.failure_lines(check) + list(check.get("problems", ()))
     vr = VariantResult(name, job.model.name, job.variant.tag, status, time.time() - t0, 0,
                        min((o["cosine"] for o in numbers), default=None),
                        max((o["max_abs"] for o in numbers), default=None), "\n".join(lines), step="verify")
@@ -317,7 +385,7 @@ def build_variant(job: Job) -> dict | None:
             shutil.rmtree(job.model_dir, ignore_errors=True)
             return None
     with step("config", f"models[{job.model.name}].variants[{job.variant.tag}]"):
-        save_reference(job.model_dir / "reference.npz", job.samples[0], job.references[0])
+        reference = job.fmt.reference(job, artifact, check)
         write_config(job, artifact)
     files = file_records(job.model_dir)
     vr.bytes = sum(f["bytes"] for f in files if f["path"].startswith("1/") and not f["path"].endswith(".py"))
@@ -325,30 +393,19 @@ def build_variant(job: Job) -> dict | None:
         "role": "variant", "model": job.model.name, "part": job.part.suffix, "task": job.model.task,
         "format": job.variant.format, "precision": job.variant.precision, "calibration": job.variant.calibration,
         "status": status, "source": job.source, "signature": job.sig.to_dict(), "files": files,
-        "verification": check, "reference": "reference.npz", "command": command,
+        "verification": {k: v for k, v in check.items() if k != "problems"}, "reference": reference,
+        "command": command,
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.time() - t0, 2),
         **job.fmt.record(job, artifact),
     }
 
 
-def build_generator(ctx: Build, model: Model) -> dict[str, dict]:
-    """A text-generation model with a generation: block (builder/generation): its variants and results."""
-    from builder.generation import build_generation
-
-    entries, outcomes = build_generation(ctx.spec, ctx.spec_path, model, ctx.stage, ctx.console)
-    for o in outcomes:
-        name = o.get("name", f"{model.name}_{o['variant']}")
-        size = sum(f["bytes"] for f in entries[name]["files"] if f["path"].startswith("1/")) if name in entries else 0
-        ctx.result.results.append(VariantResult(name, model.name, o["variant"], o["status"], o.get("seconds", 0.0), size,
-                                                o.get("cosine"), None, o["message"], step=o["step"]))
-    return entries
-
-
 def cached_result(name: str, model: str, tag: str, entry: dict) -> VariantResult:
-    outputs = entry["verification"]["outputs"].values()
+    outputs = (entry.get("verification") or {}).get("outputs", {}).values()
     size = sum(f["bytes"] for f in entry["files"] if f["path"].startswith("1/") and not f["path"].endswith(".py"))
-    return VariantResult(name, model, tag, "passed", 0.0, size, min(o["cosine"] for o in outputs),
-                         max(o["max_abs"] for o in outputs), cached=True)
+    return VariantResult(name, model, tag, "passed", 0.0, size,
+                         min((o["cosine"] for o in outputs if o.get("cosine") is not None), default=None),
+                         max((o["max_abs"] for o in outputs if o.get("max_abs") is not None), default=None), cached=True)
 
 
 def store_variants(store, keys: dict[str, str], built: dict, console: Console) -> None:
@@ -369,6 +426,8 @@ def make_artifact(job: Job) -> tuple[Path, str]:
 
 def check_variant(job: Job, artifact: Path) -> dict:
     """Every output of the artifact against the fp32 PyTorch references, on every sample."""
+    if job.fmt.verify is not None:  # a verification of its own (the generation endpoint's)
+        return job.fmt.verify(job, artifact)
     tol = job.variant.effective_tolerance
     if job.fmt.runner is None:  # a render-only target: nothing here can run it
         return {"passed": True, "verified": False, "tolerance": tol.model_dump(), "samples": 0, "outputs": {}}
@@ -400,8 +459,7 @@ def write_config(job: Job, artifact: Path) -> None:
                       **fmt.parameters(job, artifact)}
         parameters["input_limits"] = input_limits(job.sig)  # the runner refuses requests outside them
     warmup = warmup_files(job.sig, 1, job.model_dir) if serving["warmup"] else []
-    text = model_config(job.name, job.sig, runtime=job.runtime, fmt=job.variant.format, serving=serving,
-                        parameters=parameters, warmup=warmup)
+    text = model_config(job.name, job.sig, backend=backend, serving=serving, parameters=parameters, warmup=warmup)
     (job.model_dir / "config.pbtxt").write_text(text)
 
 
@@ -462,9 +520,12 @@ def load_tokenizer(files_dir: Path | None):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(files_dir), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(files_dir), local_files_only=True)
     except (OSError, ValueError):
         return None
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:  # causal LMs often have none; samples pad
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def print_summary(result: BuildResult, console: Console) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from builder.errors import UserError
 from builder.paths import CACHE_ENV, PROJECT, cache_root
-from builder.spec import resolve_source_path
+from builder.sources import resolve_source_path
 
 ENV = CACHE_ENV
 LAYOUT = "v1"
@@ -75,8 +75,8 @@ def source_fingerprint(spec_path: Path, source) -> dict:
             found = None
         origin = Path(found.origin) if found is not None and found.origin and found.origin != "built-in" else None
         return {"factory": source.factory, "code": sha256_file(origin) if origin and origin.is_file() else None}
-    directory = resolve_source_path(spec_path, source)
-    return {source.kind: str(directory), "files": tree_digest(directory)}
+    location = resolve_source_path(spec_path, source)  # a model directory, or one GGUF file
+    return {source.kind: str(location), "files": sha256_file(location) if location.is_file() else tree_digest(location)}
 
 
 def _plain(value):
@@ -88,8 +88,10 @@ def _plain(value):
     return value
 
 
-def variant_keys(spec, spec_path: Path, model, runtime: str, tools: dict) -> dict[str, str]:
-    """variant tag -> cache key, for every variant of `model`."""
+def variant_keys(spec, spec_path: Path, model, runtime: str, tools: dict,
+                 names: dict[str, str] | None = None) -> dict[str, str]:
+    """variant tag -> cache key, for every variant of `model`; `names`: tag -> the Triton name it is served
+    under where that is not derived from the tag alone (a generation model's first variant)."""
     common = {
         "layout": LAYOUT,
         "source": source_fingerprint(spec_path, model.source),
@@ -101,7 +103,8 @@ def variant_keys(spec, spec_path: Path, model, runtime: str, tools: dict) -> dic
     }
     keys = {}
     for variant in model.variants:
-        text = json.dumps({**common, "variant": variant.model_dump(mode="json")}, sort_keys=True, default=str)
+        text = json.dumps({**common, "variant": variant.model_dump(mode="json"), "name": (names or {}).get(variant.tag)},
+                          sort_keys=True, default=str)
         keys[variant.tag] = hashlib.sha256(text.encode()).hexdigest()
     return keys
 

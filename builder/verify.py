@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from builder.spec import Tolerance
+if TYPE_CHECKING:
+    from builder.spec import Tolerance
 
 
 @dataclass(frozen=True)

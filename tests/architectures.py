@@ -75,8 +75,8 @@ def spec_text(names, variants=VARIANTS) -> str:
         task, config = ARCHITECTURES[name]
         model = {"name": name, "task": task, "source": {"config": config}, "variants": [dict(v) for v in variants],
                  "shapes": {"max_sequence_length": 32, "sequence_length": 8}}
-        if task == "text-generation":
-            model["max_batch_size"] = 0
+        if task == "text-generation":  # the logits-only forward
+            model["max_batch_size"], model["generation"] = 0, False
         models.append(model)
     return json.dumps({"defaults": {"max_batch_size": 4, "dynamic_batching": False, "warmup": False},
                        "models": models}, indent=1)

@@ -7,15 +7,24 @@ from builder.errors import UserError
 from builder.spec import FORMATS
 
 
-def test_every_format_the_spec_offers_has_a_record():
-    assert sorted(formats.get(name).name for name in FORMATS) == sorted(FORMATS)
+def test_the_spec_offers_exactly_the_registered_formats_and_tasks():
+    from builder.families import tasks
+    from builder.spec import LLM_FORMATS, TASKS
+
+    assert FORMATS == formats.names() == ("onnx", "tensorrt", "torch", "tensorrt-llm", "vllm")
+    assert LLM_FORMATS == formats.only_for("generation") == ("tensorrt-llm", "vllm")
+    assert TASKS == tasks() and "text-generation" in TASKS
+    assert {f.name for f in formats.REGISTRY["generation"].values()} == {"torch", "tensorrt-llm", "vllm"}
 
 
 def test_a_name_is_registered_once_and_an_unknown_one_lists_the_known():
     with pytest.raises(ValueError, match="registered twice"):
         formats.register(formats.get("onnx"))
-    with pytest.raises(UserError, match="format 'onnx2' is not known; known: onnx, tensorrt, tensorrt-llm, torch, vllm"):
+    with pytest.raises(UserError, match="format 'onnx2' is not known for the tensors endpoint; known: onnx, tensorrt, torch"):
         formats.get("onnx2")
+    with pytest.raises(UserError, match="format 'onnx' is not known for the generation endpoint; known: tensorrt-llm, "
+                                        "torch, vllm"):
+        formats.get("onnx", "generation")
 
 
 @pytest.mark.parametrize("name, runtime, backend", [

@@ -422,7 +422,7 @@ def test_build_writes_a_verified_generator(tmp_path):
 @pytest.mark.parametrize("case,edit,expected", [
     ("config_source", lambda t, d: t.replace(f"{{path: {d}}}", "{config: {model_type: llama, vocab_size: 100}}"),
      "models[tiny]: source: generation needs a tokenizer; give path, hf or package (a model directory or a .gguf "
-     "file with its tokenizer), or drop the generation: block to export logits only"),
+     "file with its tokenizer), or write generation: false to export logits only"),
     ("too_long", lambda t, d: t.replace("max_total_tokens: 128", "max_total_tokens: 1000"),
      "models[tiny]: generation.max_total_tokens: 1000 is above the model's max_position_embeddings (512); lower it"),
 ])
@@ -447,7 +447,7 @@ def test_unsupported_architecture_is_refused_before_work(tmp_path):
     assert result.exit_code == 2, result.output
     assert result.output.strip().splitlines()[-1] == (
         "error: models[tiny]: model_type 'gpt2' is not supported for generation yet; supported: "
-        f"{hf2decoder.supported()} (or drop the generation: block to export logits only)")
+        f"{hf2decoder.supported()} (or write generation: false to export logits only)")
 
 
 def test_one_spec_renders_our_endpoint_tensorrt_llm_and_vllm(tmp_path):

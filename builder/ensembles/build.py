@@ -15,7 +15,7 @@ from builder.ensembles.references import compare_answers, pre_check, reference_i
 from builder.ensembles.wiring import check_staged
 from builder.errors import RunError, UserError, root_reason
 from builder.manifest import save_reference, signature_of
-from builder.render import model_config, render_template
+from builder.render import PYTHON_BACKEND, model_config, render_template
 from builder.repository import file_records
 from builder.signature import Signature
 
@@ -125,7 +125,7 @@ def write_step_model(model_dir: Path, m: StepModel, runtime: str, serving: dict)
     for name, text in m.files.items():
         (version / name).write_text(text, encoding="utf-8")
     cpu = {**serving, "instances": serving["instances"].model_copy(update={"kind": "cpu"})}
-    text = model_config(m.name, m.sig, runtime=runtime, fmt="python", serving=cpu, parameters=m.parameters, warmup=[])
+    text = model_config(m.name, m.sig, backend=PYTHON_BACKEND, serving=cpu, parameters=m.parameters, warmup=[])
     (model_dir / "config.pbtxt").write_text(text)
 
 

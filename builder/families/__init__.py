@@ -15,9 +15,14 @@ from builder.families.base import (FAMILIES, TOKEN_KINDS, Part, Wrapped, accepts
 from builder.signature import SAMPLE_TEXTS, TensorSpec
 
 
-def parts_for(task: str, loaded, model_spec) -> list[Part]:
-    from builder.families import clip, text, vision  # noqa: F401  (registration)
+def tasks() -> tuple[str, ...]:
+    """Every task a family is registered for, in registration order."""
+    _load()
+    return tuple(FAMILIES)
 
+
+def parts_for(task: str, loaded, model_spec) -> list[Part]:
+    _load()
     if loaded.config is None:
         if getattr(model_spec, "image_input", "float32") != "float32":
             raise UserError(f"models[{model_spec.name}].image_input: {model_spec.image_input} needs a Hugging Face "
@@ -82,3 +87,7 @@ def factory_part(loaded) -> list[Part]:
             return list(result) if isinstance(result, (tuple, list)) else [result]
 
     return [Part("", Wrapped(forward, loaded.module), tuple(specs), outputs, {})]
+
+
+def _load() -> None:
+    from builder.families import text, vision, clip  # noqa: F401, I001  (registration, in this order)

@@ -20,6 +20,15 @@ validate and the ensembles read the record instead of branching on format names:
   config.pbtxt) writes them and returns True; None: the standard config.pbtxt is rendered.
 - `record(job, path)`: extra manifest fields for the variant (TensorRT: the version and GPU it needs).
 - `in_process`: whether an ensemble's build-time check can run it here (TensorRT: no).
+- `endpoint`: what the served model is: "tensors" (a stateless tensor model) or "generation" (text in /
+  text out from a KV cache). A name may have a record for each (`torch` has both).
+- `verify(job, path)`: a verification of its own (the generation endpoint's, against HF generate);
+  None: `runner` against the fp32 references, output by output.
+- `reference(job, path, verification)`: writes the reference file beside the model (reference.npz).
+- `build(job)`: a format that writes its own model set (an LLM backend's) makes the whole variant and
+  returns its manifest entries; None: export, verify, render, record as above.
+- `options`: the variant fields it takes beyond format, precision and tolerance (torch: cuda_graphs,
+  compile); `refused`: precision -> why it cannot make that precision. The spec reads both.
 
 A variant flows through the build as one `Job` record (builder.build): caching, export,
 verification, config and manifest all read it.
@@ -28,28 +37,47 @@ verification, config and manifest all read it.
 from __future__ import annotations
 
 from builder.errors import UserError
-from builder.formats.base import FORMATS, Format, register  # noqa: F401  (the record and its registry)
+from builder.formats.base import ENDPOINTS, FORMATS, REGISTRY, Format, register  # noqa: F401  (record, registry)
 
 
-def get(name: str) -> Format:
+def get(name: str, endpoint: str = "tensors") -> Format:
+    """The record of format `name` for `endpoint` ("tensors": the stateless tensor model of the encoder
+    path; "generation": text in / text out)."""
     _load()
-    if name not in FORMATS:
-        raise UserError(f"format {name!r} is not known; known: {', '.join(sorted(FORMATS))}")
-    return FORMATS[name]
+    known = REGISTRY[endpoint]
+    if name not in known:
+        raise UserError(f"format {name!r} is not known for the {endpoint} endpoint; known: {', '.join(sorted(known))}")
+    return known[name]
+
+
+def names() -> tuple[str, ...]:
+    """Every format name, tensor formats first, in registration order."""
+    _load()
+    return tuple(dict.fromkeys(n for endpoint in ENDPOINTS for n in REGISTRY[endpoint]))
+
+
+def only_for(endpoint: str) -> tuple[str, ...]:
+    """The formats that exist for `endpoint` alone (the LLM backends: generation only)."""
+    _load()
+    others = {n for e in ENDPOINTS if e != endpoint for n in REGISTRY[e]}
+    return tuple(n for n in REGISTRY[endpoint] if n not in others)
+
+
+def _all() -> list[Format]:
+    _load()
+    return [f for endpoint in ENDPOINTS for f in REGISTRY[endpoint].values()]
 
 
 def for_backend(backend: str, platform: str = "") -> Format | None:
     """The format a native config's backend (or platform) serves; None for the python backend."""
-    _load()
-    return next((f for f in FORMATS.values() if f.native and backend and f.native["backend"] == backend), None) or \
-        next((f for f in FORMATS.values() if f.native and platform and f.native["platform"] == platform), None)
+    return next((f for f in _all() if f.native and backend and f.native["backend"] == backend), None) or \
+        next((f for f in _all() if f.native and platform and f.native["platform"] == platform), None)
 
 
 def for_artifact(filename: str) -> Format | None:
     """The format whose artifact file this is (a python-backend config names it in `parameters.artifact`)."""
-    _load()
-    return next((f for f in FORMATS.values() if f.artifact == filename), None)
+    return next((f for f in _all() if f.artifact == filename), None)
 
 
 def _load() -> None:
-    from builder.formats import llm, onnx, tensorrt, torch  # noqa: F401  (registration)
+    from builder.formats import generator, llm, onnx, tensorrt, torch  # noqa: F401  (registration)

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
+
+ENDPOINTS = ("tensors", "generation")  # a stateless tensor model | text in / text out from a KV cache
 
 
 def _none(*_args, **_kwargs):
     return None
+
+
+def _save_reference(job, path, check) -> str:
+    from builder.manifest import save_reference
+
+    save_reference(job.model_dir / "reference.npz", job.samples[0], job.references[0])
+    return "reference.npz"
 
 
 @dataclass(frozen=True)
@@ -24,6 +33,12 @@ class Format:
     render: Callable = _none
     record: Callable = lambda job, path: {}
     in_process: bool = True
+    endpoint: str = "tensors"  # what the served model is (ENDPOINTS)
+    verify: Callable | None = None  # (job, path) -> verification record; None: `runner` against the references
+    reference: Callable = _save_reference  # (job, path, verification) -> the reference file written in model_dir
+    build: Callable | None = None  # (job) -> {triton name: manifest entry}: a format that writes its own model set
+    options: tuple[str, ...] = ()  # the variant fields beyond format/precision/tolerance it takes
+    refused: dict = field(default_factory=dict)  # precision -> why this format cannot make it
 
     def backend(self, runtime: str) -> dict:
         """Which Triton backend serves this format under `runtime`, and the settings it needs."""
@@ -32,11 +47,14 @@ class Format:
         return dict(platform="", backend="python", default_model_filename="")
 
 
-FORMATS: dict[str, Format] = {}
+REGISTRY: dict[str, dict[str, Format]] = {endpoint: {} for endpoint in ENDPOINTS}
+FORMATS = REGISTRY["tensors"]
 
 
 def register(fmt: Format) -> Format:
-    if fmt.name in FORMATS:
-        raise ValueError(f"format {fmt.name!r} is registered twice")
-    FORMATS[fmt.name] = fmt
+    if fmt.endpoint not in REGISTRY:
+        raise ValueError(f"format {fmt.name!r}: endpoint {fmt.endpoint!r} is not one of {', '.join(ENDPOINTS)}")
+    if fmt.name in REGISTRY[fmt.endpoint]:
+        raise ValueError(f"format {fmt.name!r} is registered twice for the {fmt.endpoint} endpoint")
+    REGISTRY[fmt.endpoint][fmt.name] = fmt
     return fmt

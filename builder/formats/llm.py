@@ -1,28 +1,60 @@
-"""Formats `tensorrt-llm` and `vllm`: render-only repositories for Triton's LLM backends.
-
-They are built by the generation build (builder.generation via builder.targets), not by the per-variant
-export below: a text-generation model with a `generation:` block goes there as a whole (the spec refuses
-these formats anywhere else). Nothing of them runs here: no runner, not in-process.
-"""
+"""Formats `tensorrt-llm` and `vllm` for the generation endpoint: render-only repositories for Triton's LLM
+backends (builder.targets). Each writes its own model set (a TensorRT-LLM engine flow makes several
+models), so the record's `build` makes the whole variant; nothing of it runs here (no runner, not
+in-process, recorded as rendered)."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
-from builder.errors import UserError
 from builder.formats.base import Format, register
 
 
-def _export(fmt: str):
-    def export(job) -> tuple[Path, str]:
-        raise UserError(f"models[{job.model.name}].variants[{job.variant.tag}]: format {fmt} is built from a "
-                        "generation: block (task: text-generation); add one")
-    return export
+def build(job) -> dict[str, dict]:
+    """The target's model set under job.ctx.stage, with a manifest entry per model. Local sources are saved
+    as a Hugging Face directory inside the model's folder, so the repository is whole."""
+    import torch
+
+    from builder.generation import TORCH_DTYPES
+    from builder.repository import file_records
+    from builder.targets import TARGETS
+
+    model, variant, stage, src = job.model, job.variant, job.ctx.stage, job.part.source
+    t0 = time.time()
+    if model.source.hf:
+        weights = tokenizer = model.source.hf
+    else:
+        folder = job.model_dir / "hf"
+        dtype = getattr(torch, TORCH_DTYPES.get(variant.precision, "bfloat16"))
+        module = src.module
+        # a GGUF checkpoint loads dequantized but keeps a quantizer that refuses to save: save plain weights
+        quantizer, module.hf_quantizer = getattr(module, "hf_quantizer", None), None
+        quantization = module.config.__dict__.pop("quantization_config", None)
+        try:
+            module.to(dtype).save_pretrained(folder)
+        finally:
+            module.to(torch.float32)
+            module.hf_quantizer = quantizer
+            if quantization is not None:
+                module.config.quantization_config = quantization
+        src.tokenizer.save_pretrained(folder)
+        weights = tokenizer = f"{job.name}/hf"
+    options = {"flow": variant.flow} if "flow" in job.fmt.options else {}
+    made = TARGETS[variant.format].render(stage, name=job.name, weights=weights, tokenizer=tokenizer,
+                                          precision=variant.precision, generation=model.generation,
+                                          serving=job.serving, **options)
+    return {n: {"precision": variant.precision, **e, "model": model.name, "part": "", "task": model.task,
+                "format": variant.format, "flow": variant.flow, "generation": model.generation.model_dump(),
+                "status": "rendered", "source": job.source, "files": file_records(stage / n), "command": job.rebuild,
+                "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.time() - t0, 2)}
+            for n, e in made.items()}
 
 
-def _render(job, path) -> bool:
-    return True  # builder.targets wrote the model set and its config
+def _export(job) -> tuple[Path, str]:
+    raise NotImplementedError("an LLM target is made by its `build`")  # never called: build.py takes `build`
 
 
-register(Format("tensorrt-llm", "model.yaml", _export("tensorrt-llm"), render=_render, in_process=False))
-register(Format("vllm", "model.json", _export("vllm"), render=_render, in_process=False))
+register(Format("tensorrt-llm", "model.yaml", _export, endpoint="generation", build=build, in_process=False,
+                options=("flow",)))
+register(Format("vllm", "model.json", _export, endpoint="generation", build=build, in_process=False))

@@ -37,7 +37,12 @@ def export(job) -> tuple[Path, str]:
     conv = importlib.import_module(module)
     try:
         if variant.precision == "int8":
-            conv.convert(src, dst, variant.calibration, job.calibration() if variant.calibration == "static" else None)
+            static = variant.calibration == "static"
+            kept = conv.convert(src, dst, variant.calibration, job.calibration() if static else None,
+                                min_cosine=variant.effective_tolerance.min_cosine if static else None)
+            if kept:
+                job.ctx.console.print(f"  {job.name}: {len(kept)} MatMul/Gemm nodes kept in fp32 (int8 of their "
+                                      "inputs missed the tolerance on the calibration batches)")
         else:
             conv.convert(src, dst)
     except Exception as exc:
@@ -81,5 +86,7 @@ def check(path: Path, cfg, name: str) -> list[str]:
 
 ONNX = register(Format(
     name="onnx", artifact="model.onnx", export=export, runner=runner, python_runner="onnx", check=check,
+    refused={"bf16": "onnxruntime's CPU provider has no bf16 kernels for these models; use fp16, or format torch "
+                     "with bf16"},
     native=dict(platform="onnxruntime_onnx", backend="onnxruntime", default_model_filename="model.onnx"),
 ))

@@ -48,5 +48,8 @@ def record(job, path: Path) -> dict:
 
 TENSORRT = register(Format(
     name="tensorrt", artifact="model.plan", export=export, runner=runner, check=check, preflight=preflight,
-    record=record, in_process=False, native=dict(platform="tensorrt_plan", backend="tensorrt", default_model_filename="model.plan"),
+    record=record, in_process=False,
+    refused={"int4": "trtexec makes int4 engines only from ONNX graphs with int4 quantize nodes, which this builder "
+                     "does not write; use format onnx with int4, or tensorrt with fp16 or int8"},
+    native=dict(platform="tensorrt_plan", backend="tensorrt", default_model_filename="model.plan"),
 ))

@@ -45,4 +45,4 @@ def parameters(job, path: Path) -> dict:
 
 
 TORCH = register(Format(name="torch", artifact="model.pt2", export=export, runner=runner, python_runner="torch",
-                        parameters=parameters))
+                        parameters=parameters, options=("cuda_graphs", "compile")))

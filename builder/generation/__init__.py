@@ -1,11 +1,11 @@
 """Text generation: a causal LM served text in / text out from a KV cache with continuous batching.
 
-Its own path beside the stateless encoder path (families/, convert/): `build_generation` converts the
-model into the torch-only decoder of `decoder.py`, checks it against Hugging Face `generate`, and writes
-a decoupled python-backend model (templates/python/generator.py + decoder.py + engine.py + weights +
-tokenizer.json). The spec, sources, repository, manifest, rendering and runtime are shared.
-
-    entries = build_generation(spec, spec_path, model, stage, console)   # {triton name: manifest entry}
+What the build needs of it beside the encoder path's families: `prepare` loads the model (a directory, a
+GGUF file, a package or the hub), converts it into the torch-only decoder of `decoder.py` and runs HF
+`generate` on real prompts; `check` verifies a variant's decoder against that. The variants themselves go
+through the same Job / format record / cache / manifest as every other model (builder.build): the
+generation endpoint's formats are builder/formats/generator.py (ours: templates/python/generator.py +
+decoder.py + engine.py + weights + tokenizer.json) and builder/formats/llm.py (TensorRT-LLM, vLLM).
 """
 
 from __future__ import annotations
@@ -75,12 +75,12 @@ def load(spec_path: Path, model) -> Source:
     import torch
     import transformers
 
-    from builder.spec import resolve_source_path
+    from builder.sources import resolve_source_path
 
     src, where = model.source, "source"  # the build prefixes models[name]
     if src.config is not None or src.factory is not None:
         raise UserError(f"{where}: generation needs a tokenizer; give path, hf or package (a model directory or "
-                        "a .gguf file with its tokenizer), or drop the generation: block to export logits only")
+                        "a .gguf file with its tokenizer), or write generation: false to export logits only")
     location = src.hf if src.hf else resolve_source_path(spec_path, src)
     kwargs: dict = {"dtype": torch.float32}
     if isinstance(location, Path) and location.is_file():  # GGUF: weights and tokenizer in one file
@@ -157,13 +157,14 @@ def check(decoder_module, tokenizer, config, weights, precision: str, prompt_ids
     longest = max(len(p) + len(t) for p, t in zip(prompt_ids, ref_tokens)) + 2
     engine = eng.Engine(dec, tokenizer, max_sequences=slots, max_total_tokens=max(longest, CHECK_TOKENS * 8 + 1),
                         prefill_chunk=min(generation.prefill_chunk, 8))  # small chunks: chunked prefill is checked too
-    cosines, agree, total = [], 0, 0
+    cosines, agree, total, max_abs = [], 0, 0, 0.0
     for i, (ids, out, ref) in enumerate(zip(prompt_ids, ref_tokens, ref_logits)):
         with torch.inference_mode():
             got = dec(torch.tensor(ids + out, device=device), [(0, 0, len(ids) + len(out))],
                       list(range(len(ids) - 1, len(ids) + len(out))))
         got = got.cpu()
         cosines.append(float(torch.nn.functional.cosine_similarity(got, ref, dim=-1).min()))
+        max_abs = max(max_abs, float((got.float() - ref).abs().max()))
         agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
         total += len(out) + 1
     with torch.inference_mode():  # perplexity on a fixed text, teacher-forced: the quantization cost in one number
@@ -176,7 +177,7 @@ def check(decoder_module, tokenizer, config, weights, precision: str, prompt_ids
     batching = [a.token_ids == b.token_ids and a.text == b.text for a, b in zip(solo, together)]
     result = {
         "prompts": len(prompt_ids), "new_tokens": CHECK_TOKENS,
-        "min_cosine": round(min(cosines), 6), "greedy_agreement": round(agree / max(total, 1), 4),
+        "min_cosine": round(min(cosines), 6), "max_abs": max_abs, "greedy_agreement": round(agree / max(total, 1), 4),
         "nll_per_token": round(float(nll), 4),  # perplexity = exp(nll); None where that overflows (random weights)
         "perplexity": round(float(torch.exp(nll)), 4) if float(nll) < 30 else None,
         "greedy_equal_to_hf": sum(exact), "continuous_batching_equal": sum(batching),
@@ -196,25 +197,34 @@ def check(decoder_module, tokenizer, config, weights, precision: str, prompt_ids
     return result, problems
 
 
-def build_generation(spec, spec_path: Path, model, stage: Path, console) -> tuple[dict[str, dict], list[dict]]:
-    """Build every variant of a generation model into `stage`; returns (manifest entries, per-variant results)."""
-    import torch
-    from safetensors.torch import save_file
+@dataclass(frozen=True)
+class Prepared:
+    """A causal LM ready for its variants (the `part` of their builder.build.Job): the HF source, its
+    conversion into the decoder, the verification prompts and HF generate's answers to them."""
 
-    from builder.generation import decoder as decoder_module
+    source: Source
+    config: object  # decoder.DecoderConfig
+    weights: dict  # fp32 decoder weights
+    prompts: tuple  # (text, add_special_tokens, ids) per prompt
+    ref_tokens: tuple  # HF generate's greedy tokens per prompt
+    ref_logits: tuple  # fp32 logits along them (teacher-forced)
+    generation: object = None  # the spec's generation block, unset limits fitted to the model
+    suffix: str = ""  # one part, named after the model
+
+
+def prepare(spec_path: Path, model, console) -> Prepared:
+    """Load the model, convert it for the decoder, check the generation limits against it and run the
+    HF reference: what every variant of `model` is built and verified from."""
     from builder.generation import hf2decoder
-    from builder.repository import checkpoint, file_records
-    from builder.spec import LLM_FORMATS
 
-    gen = model.generation
-    console.print(f"  loading {model.source.kind} source")
     src = load(spec_path, model)
     config, weights = hf2decoder.convert(src.module, src.eos)
     limit = getattr(src.module.config, "max_position_embeddings", None)
+    window = hf2decoder.window_limit(src.module)
+    gen = fit_limits(model.generation, min((n for n in (limit, window) if n), default=None))
     if limit and gen.max_total_tokens > limit:
         raise UserError(f"generation.max_total_tokens: {gen.max_total_tokens} is above the model's "
                         f"max_position_embeddings ({limit}); lower it")
-    window = hf2decoder.window_limit(src.module)
     if window and gen.max_total_tokens > window:
         raise UserError(f"generation.max_total_tokens: {gen.max_total_tokens} is above the model's sliding "
                         f"window ({window}); lower it to {window} or less")
@@ -222,115 +232,18 @@ def build_generation(spec, spec_path: Path, model, stage: Path, console) -> tupl
     prompt_ids = [ids for _, _, ids in samples]
     console.print(f"  reference: HF generate, greedy, {len(prompt_ids)} prompts x {CHECK_TOKENS} tokens")
     ref_tokens, ref_logits = hf_reference(src.module, prompt_ids, src.eos, CHECK_TOKENS)
-    serving = spec.serving(model)
-    entries, results = {}, []
-    default = next(v for v in model.variants if v.format not in LLM_FORMATS) if any(
-        v.format not in LLM_FORMATS for v in model.variants) else None
-    for variant in model.variants:
-        checkpoint()
-        if variant.format in LLM_FORMATS:
-            made = render_target(spec_path, model, variant, src, stage, serving)
-            entries.update(made)
-            results += [{"variant": variant.tag, "name": n, "status": "passed", "step": "render",
-                         "message": "rendered, not executed here"} for n in made]
-            continue
-        name = model.name if variant is default else f"{model.name}_{variant.tag}"
-        t0 = time.time()
-        if variant.precision == "int4" and not torch.cuda.is_available():
-            results.append({"variant": variant.tag, "name": name, "status": "error", "step": "verify", "seconds": 0.0,
-                            "message": f"models[{model.name}].variants[{variant.tag}]: torch int4 runs torch's int4 "
-                                       "matmul (CUDA only), so it is verified on a GPU; build it on a GPU machine, or "
-                                       "use int8 here"})
-            console.print(f"  [red]{name}: {results[-1]['message']}[/]")
-            continue
-        device = "cuda" if torch.cuda.is_available() and serving["instances"].kind == "gpu" else "cpu"
-        console.print(f"  {name}: converting ({variant.precision}) and checking against HF generate on {device}")
-        result, problems = check(decoder_module, src.tokenizer, config, weights, variant.precision, prompt_ids,
-                                 ref_tokens, ref_logits, gen, device=device)
-        tol = variant.effective_tolerance
-        need_cos = tol.min_cosine if variant.precision != "fp32" else None
-        if need_cos is not None and result["min_cosine"] < need_cos:
-            problems.append(f"- logits: cosine {result['min_cosine']:.6f} < {need_cos}")
-        need_agree = MIN_AGREEMENT[variant.precision]
-        if variant.precision != "fp32" and result["greedy_agreement"] < need_agree:
-            problems.append(f"- greedy agreement {result['greedy_agreement']:.3f} < {need_agree}")
-        status = "failed" if problems else "passed"
-        results.append({"variant": variant.tag, "name": name, "status": status, "step": "verify",
-                        "message": "\n".join(problems), "seconds": time.time() - t0,
-                        "cosine": result["min_cosine"], "agreement": result["greedy_agreement"]})
-        if problems:
-            console.print(f"  [red]{name}: verification failed[/]\n    " + "\n    ".join(problems))
-            continue
-        model_dir = stage / name
-        version = model_dir / "1"
-        version.mkdir(parents=True, exist_ok=True)
-        dtype = getattr(torch, TORCH_DTYPES[variant.precision])
-        save_file({k: (v if k == "inv_freq" else v.to(dtype)) for k, v in weights.items()}, str(version / "weights.safetensors"))
-        (version / "decoder.json").write_text(config.to_json())
-        shutil.copy2(GENERATOR, version / "model.py")
-        for f in RUNTIME_FILES:
-            shutil.copy2(f, version / f.name)
-        save_tokenizer(src.tokenizer, version)
-        (model_dir / "reference.json").write_text(json.dumps(
-            {"prompts": [{"text": text, "add_special_tokens": special} for text, special, _ in samples],
-             "texts": result["texts"], "max_tokens": CHECK_TOKENS}, indent=1, ensure_ascii=False))
-        parameters = {
-            "max_sequences": gen.max_sequences, "max_prompt_tokens": gen.max_prompt_tokens,
-            "max_total_tokens": gen.max_total_tokens, "max_tokens": gen.max_tokens, "prefill_chunk": gen.prefill_chunk,
-            "stream_interval": gen.stream_interval,
-            "precision": variant.precision, "device": serving["instances"].kind,
-            "threads": serving["instances"].threads, "artifact": "weights.safetensors", "add_special_tokens": "1",
-            "cuda_graphs": int(variant.cuda_graphs), "compile": variant.compile,  # GPU instances only
-        }
-        write_config(model_dir, name, serving, {k: str(v) for k, v in parameters.items()})
-        entries[name] = {
-            "role": "variant", "model": model.name, "part": "", "task": model.task, "format": variant.format,
-            "precision": variant.precision, "status": status, "source": src.description,
-            "signature": signature().to_dict(), "generation": gen.model_dump(), "files": file_records(model_dir),
-            "verification": {"passed": True, "tolerance": {"min_cosine": need_cos, "min_agreement": need_agree},
-                             **result},
-            "reference": "reference.json",
-            "command": f"triton-builder build {spec_path} --model {model.name}",
-            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.time() - t0, 2),
-        }
-    return entries, results
+    return Prepared(src, config, weights, tuple(samples), tuple(ref_tokens), tuple(ref_logits), gen)
 
 
-def render_target(spec_path: Path, model, variant, src: Source, stage: Path, serving: dict) -> dict[str, dict]:
-    """A TensorRT-LLM or vLLM repository for the same model (builder/targets): render-only here. Local
-    sources are saved as a Hugging Face directory inside the model's folder, so the repository is whole."""
-    import torch
-
-    from builder.targets import TARGETS
-
-    name = f"{model.name}_{variant.tag}"
-    if model.source.hf:
-        weights = tokenizer = model.source.hf
-    else:
-        folder = stage / name / "hf"
-        dtype = getattr(torch, TORCH_DTYPES.get(variant.precision, "bfloat16"))
-        module = src.module
-        # a GGUF checkpoint loads dequantized but keeps a quantizer that refuses to save: save plain weights
-        quantizer, module.hf_quantizer = getattr(module, "hf_quantizer", None), None
-        quantization = module.config.__dict__.pop("quantization_config", None)
-        try:
-            module.to(dtype).save_pretrained(folder)
-        finally:
-            module.to(torch.float32)
-            module.hf_quantizer = quantizer
-            if quantization is not None:
-                module.config.quantization_config = quantization
-        src.tokenizer.save_pretrained(folder)
-        weights = tokenizer = f"{name}/hf"
-    options = {"flow": variant.flow} if variant.format == "tensorrt-llm" else {}
-    made = TARGETS[variant.format].render(stage, name=name, weights=weights, tokenizer=tokenizer,
-                                          precision=variant.precision, generation=model.generation, serving=serving,
-                                          **options)
-    from builder.repository import file_records
-
-    return {n: {**e, "model": model.name, "part": "", "task": model.task, "format": variant.format,
-                "flow": variant.flow, "generation": model.generation.model_dump(), "status": "rendered", "source": src.description, "files": file_records(stage / n),
-                "command": f"triton-builder build {spec_path} --model {model.name}"} for n, e in made.items()}
+def fit_limits(gen, cap: int | None):
+    """The generation block with the limits the spec left unset lowered to what the model can hold (`cap`:
+    its positions or sliding window); a limit the spec gives is kept (and refused when it does not fit)."""
+    given = gen.model_fields_set
+    if not cap or gen.max_total_tokens <= cap or "max_total_tokens" in given:
+        return gen
+    prompt = gen.max_prompt_tokens if "max_prompt_tokens" in given else min(gen.max_prompt_tokens, cap // 2)
+    tokens = gen.max_tokens if "max_tokens" in given else min(gen.max_tokens, cap - prompt)
+    return gen.model_copy(update={"max_total_tokens": cap, "max_prompt_tokens": prompt, "max_tokens": tokens})
 
 
 def save_tokenizer(tokenizer, version: Path) -> None:
@@ -344,15 +257,3 @@ def save_tokenizer(tokenizer, version: Path) -> None:
                 shutil.copy2(Path(tmp) / name, version / name)
     if not (version / "tokenizer.json").is_file():
         raise RunError("the tokenizer did not save a tokenizer.json")
-
-
-def write_config(model_dir: Path, name: str, serving: dict, parameters: dict) -> None:
-    from builder.render import render_template
-
-    text = render_template(
-        "generation.pbtxt.j2", f"{name}/config.pbtxt", name=name,
-        inputs=[{"name": n, "type": t, "dims": -1 if n == "stop" else 1, "optional": o} for n, t, o in INPUTS],
-        outputs=[{"name": n, "type": t, "dims": 1} for n, t in OUTPUTS],
-        instance_kind="KIND_GPU" if serving["instances"].kind == "gpu" else "KIND_CPU",
-        instance_count=serving["instances"].count, parameters=parameters)
-    (model_dir / "config.pbtxt").write_text(text)

@@ -34,7 +34,7 @@ def convert(model, eos_token_ids: tuple[int, ...]) -> tuple[DecoderConfig, dict]
     kind = cfg.model_type
     if kind not in ARCHITECTURES:
         raise UserError(f"model_type {kind!r} is not supported for generation yet; supported: {supported()} "
-                        "(or drop the generation: block to export logits only)")
+                        "(or write generation: false to export logits only)")
     rope = (getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
     rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
     if rope_type not in STATIC_ROPE:
