@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import platform
 import shlex
 import shutil
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from builder import __version__, formats, verify
+from builder import __version__, formats, verify, versions
 from builder.errors import BuilderError, RunError, UserError, root_reason, step, unexpected
 from builder.families import Part, parts_for, sample_batches
 from builder.manifest import MANIFEST, SCHEMA, signature_of, write_manifest
@@ -66,14 +64,7 @@ class BuildResult:
 
 
 def tool_versions() -> dict:
-    versions = {"python": platform.python_version()}
-    for name in TOOLS:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    versions["triton-builder"] = __version__
-    return versions
+    return versions.tool_versions(TOOLS)
 
 
 def build(spec_path: Path, out: Path, *, runtime: str | None = None, only: list[str] | None = None,

@@ -26,6 +26,16 @@ def _fail(exc: BuilderError) -> None:
     raise typer.Exit(exc.exit_code)
 
 
+def _levels(text: str, example: str) -> list[int]:
+    """--concurrency: integers separated by commas; a UserError naming the option otherwise."""
+    from builder.errors import UserError
+
+    try:
+        return [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise UserError(f"--concurrency {text!r}: give integers separated by commas, e.g. {example}") from None
+
+
 @contextlib.contextmanager
 def _interruptible(what: str):
     """Ctrl-C and SIGTERM end the command through its clean-up code, then exit 130 / 143 with one line."""
@@ -345,10 +355,9 @@ def profile(
     from rich.markup import escape
 
     from builder.diagnose.profile import profile_repository
-    from builder.errors import UserError
 
     try:
-        levels = [int(c) for c in concurrency.split(",") if c.strip()]
+        levels = _levels(concurrency, "1,4")
         with _interruptible("profile stopped"):
             path, _, tips = profile_repository(repo, models=model, out=out, batches=batch, results=results,
                                                accuracy_budget=accuracy_budget, console=err)
@@ -366,8 +375,6 @@ def profile(
                                               server_options=options, console=err)
                 typer.echo(cmp_path.read_text())
                 err.print(f"before/after: {cmp_path}")
-    except ValueError:
-        _fail(UserError(f"--concurrency {concurrency!r}: give integers separated by commas, e.g. 1,4"))
     except BuilderError as exc:
         _fail(exc)
     if not try_:

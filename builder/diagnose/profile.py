@@ -68,9 +68,9 @@ def profiled_variants(manifest: dict, names: list[str] | None) -> dict[str, dict
         chosen = {n: e for n, e in entries.items() if e.get("role", "variant") == "variant"}
     out = {}
     for name, entry in sorted(chosen.items()):
-        if entry.get("role", "variant") != "variant" or entry.get("format") not in ("torch", "onnx"):
+        if entry.get("role", "variant") != "variant" or entry.get("format") not in PROFILERS or "generation" in entry:
             if names:
-                raise UserError(f"--model {name}: profile covers torch and onnx variants "
+                raise UserError(f"--model {name}: profile covers {' and '.join(PROFILERS)} variants "
                                 f"({entry.get('role')} {entry.get('format', '')} is not one)")
             continue
         if entry.get("status") != "passed":
@@ -356,6 +356,9 @@ def profile_onnx(entry_dir: Path, entry: dict, config: dict, batches: list[int],
     return vp
 
 
+PROFILERS = {"torch": profile_torch, "onnx": profile_onnx}  # format -> its in-process profiler
+
+
 def _shares(ops: list[dict]) -> dict[str, float]:
     total = sum(o["self_us"] for o in ops)
     return {c: (sum(o["self_us"] for o in ops if o["category"] == c) / total if total else 0.0) for c in CATEGORIES}
@@ -395,8 +398,7 @@ def profile_repository(repo: Path, *, models: list[str] | None = None, out: Path
             sizes = [1]
         console.print(f"profiling {name} ({entry.get('format')} {entry.get('precision')}, {config['kind']}) "
                       f"at batch {', '.join(map(str, sizes))}")
-        fn = profile_torch if entry["format"] == "torch" else profile_onnx
-        vp = fn(repo / name, entry, config, sizes, out, name, iters)
+        vp = PROFILERS[entry["format"]](repo / name, entry, config, sizes, out, name, iters)
         key = (vp.device, vp.precision if vp.device != "cpu" else "fp32", vp.threads)
         if key not in peaks:
             console.print(f"  measuring the {vp.device} peak ({key[2] or 'default'} thread(s))")

@@ -39,6 +39,9 @@ class Format:
     build: Callable | None = None  # (job) -> {triton name: manifest entry}: a format that writes its own model set
     options: tuple[str, ...] = ()  # the variant fields beyond format/precision/tolerance it takes
     refused: dict = field(default_factory=dict)  # precision -> why this format cannot make it
+    # the generation endpoint: (text, output_tokens, sampling, flow) -> one streaming request in the served
+    # model's own tensor names, the output length forced where its backend can (perf's load)
+    request: Callable | None = None
 
     def backend(self, runtime: str) -> dict:
         """Which Triton backend serves this format under `runtime`, and the settings it needs."""

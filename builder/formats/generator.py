@@ -96,7 +96,13 @@ def record(job, artifact: Path) -> dict:
     return {"generation": job.model.generation.model_dump()}
 
 
+def request(text: str, output_tokens: int, sampling: dict, flow: str) -> dict:
+    """Our endpoint's inputs (the TensorRT-LLM / vLLM backends' names); ignore_eos forces the length."""
+    return {"text_input": [text], "max_tokens": [output_tokens], "stream": [True], **{k: [v] for k, v in sampling.items()},
+            "ignore_eos": [True]}
+
+
 GENERATOR = register(Format(
     name="torch", artifact=WEIGHTS, export=export, endpoint="generation", verify=verify, reference=reference,
-    render=render, record=record, in_process=False, options=("cuda_graphs", "compile"),
+    render=render, record=record, in_process=False, options=("cuda_graphs", "compile"), request=request,
 ))

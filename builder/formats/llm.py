@@ -5,6 +5,7 @@ in-process, recorded as rendered)."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -51,10 +52,28 @@ def build(job) -> dict[str, dict]:
             for n, e in made.items()}
 
 
+def vllm_request(text: str, output_tokens: int, sampling: dict, flow: str) -> dict:
+    """vLLM's backend: sampling settings travel as one JSON string; streaming needs exclude_input_in_output."""
+    params = {"max_tokens": output_tokens, "min_tokens": output_tokens, "ignore_eos": True, **sampling}
+    return {"text_input": [text], "stream": [True], "sampling_parameters": [json.dumps(params)],
+            "exclude_input_in_output": [True], "return_num_output_tokens": [True]}
+
+
+def trtllm_request(text: str, output_tokens: int, sampling: dict, flow: str) -> dict:
+    """TensorRT-LLM: the llmapi model's sampling_param_* inputs, or the engine flow's ensemble inputs; max_tokens
+    only (its output may stop earlier: tokens are then counted from the responses)."""
+    if flow == "llmapi":
+        return {"text_input": [text], "streaming": [True], "sampling_param_max_tokens": [output_tokens],
+                "sampling_param_exclude_input_from_output": [True],
+                **{f"sampling_param_{k}": [v] for k, v in sampling.items()}}
+    return {"text_input": [text], "max_tokens": [output_tokens], "stream": [True], **{k: [v] for k, v in sampling.items()}}
+
+
 def _export(job) -> tuple[Path, str]:
     raise NotImplementedError("an LLM target is made by its `build`")  # never called: build.py takes `build`
 
 
 register(Format("tensorrt-llm", "model.yaml", _export, endpoint="generation", build=build, in_process=False,
-                options=("flow",)))
-register(Format("vllm", "model.json", _export, endpoint="generation", build=build, in_process=False))
+                options=("flow",), request=trtllm_request))
+register(Format("vllm", "model.json", _export, endpoint="generation", build=build, in_process=False,
+                request=vllm_request))

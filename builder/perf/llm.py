@@ -42,23 +42,12 @@ def synthetic_prompt(tokenizer_file: Path, tokens: int) -> tuple[str, int]:
 
 def request_entry(text: str, output_tokens: int, fmt: str = "torch", flow: str = "llmapi",
                   sampling: dict[str, float] | None = None) -> dict:
-    """One streaming request in each endpoint's own tensor names, the output length forced where the backend can:
-    ours and vLLM ignore the end token; TensorRT-LLM gets max_tokens only (its output may stop earlier; tokens are
-    then counted from the responses). `sampling`: temperature and/or top_p (default: greedy), as a chat client
-    would send them."""
+    """One streaming request in the endpoint's own tensor names (its format record's `request`). `sampling`:
+    temperature and/or top_p (default: greedy), as a chat client would send them."""
+    from builder import formats
+
     sampling = {k: float(v) for k, v in (sampling or {}).items()}
-    if fmt == "vllm":  # sampling settings travel as one JSON string; streaming needs exclude_input_in_output
-        params = {"max_tokens": output_tokens, "min_tokens": output_tokens, "ignore_eos": True, **sampling}
-        return {"text_input": [text], "stream": [True], "sampling_parameters": [json.dumps(params)],
-                "exclude_input_in_output": [True], "return_num_output_tokens": [True]}
-    if fmt == "tensorrt-llm" and flow == "llmapi":
-        return {"text_input": [text], "streaming": [True], "sampling_param_max_tokens": [output_tokens],
-                "sampling_param_exclude_input_from_output": [True],
-                **{f"sampling_param_{k}": [v] for k, v in sampling.items()}}
-    entry = {"text_input": [text], "max_tokens": [output_tokens], "stream": [True], **{k: [v] for k, v in sampling.items()}}
-    if fmt == "torch":
-        entry["ignore_eos"] = [True]
-    return entry
+    return formats.get(fmt, "generation").request(text, output_tokens, sampling, flow)
 
 
 def input_data(path: Path, text: str, output_tokens: int, fmt: str = "torch", flow: str = "llmapi",

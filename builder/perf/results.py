@@ -14,7 +14,6 @@ A results directory holds:
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
 import json
 import os
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from builder import versions
 from builder.errors import RunError, UserError
 from builder.perf.analyzer import LevelResult
 
@@ -177,19 +177,9 @@ def load_results(results_dir: Path) -> tuple[pd.DataFrame, dict]:
 
 # --------------------------------------------------------------------------- provenance
 
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def tool_versions() -> dict[str, str | None]:
-    names = ["triton-builder", "tritonclient", "perf-analyzer", "nvidia-pytriton", "nvidia-cuda-runtime-cu12",
-             "numpy", "pandas", "torch", "onnxruntime", "transformers"]
-    versions = {name: _version(name) for name in names}
-    versions["python"] = platform.python_version()
-    return {k: v for k, v in versions.items() if v is not None}
+def tool_versions() -> dict[str, str]:
+    return versions.tool_versions(("tritonclient", "perf-analyzer", "nvidia-pytriton", "nvidia-cuda-runtime-cu12",
+                                   "numpy", "pandas", "torch", "onnxruntime", "transformers"))
 
 
 def _cpu_model() -> str:
