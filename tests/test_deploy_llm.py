@@ -134,6 +134,9 @@ def test_the_smollm_spec_gets_the_llm_targets(smollm):
     assert ("kserve-llm/llminferenceservice.yaml" in files) == (variant == "vllm")
     assert ("dynamo/Dockerfile" in files) == (variant == "torch")  # Triton as Dynamo's worker
     readme = (out / "README.md").read_text()
+    for f in files - {"README.md"}:  # every file is explained (its directory or its name appears)
+        f = Path(f)
+        assert f.name in readme or f"{f.parent}" in readme or f"{f.parts[0]}/" in readme, f
     if variant != "vllm":  # said, not silently dropped
         assert f"not kserve-llm: KServe's LLMInferenceService runs one vLLM (llm-d) model, and this repository has " \
                f"smollm ({'triton' if variant == 'torch' else 'trtllm'})" in readme
@@ -243,6 +246,7 @@ def test_kserve_llm_service_matches_the_published_crd(tmp_path, crd_validators):
         (container,) = service["spec"]["template"]["containers"]
         args = container["env"][0]["value"]
         assert f"--max-model-len {g.max_total_tokens}" in args and f"--max-num-seqs {g.max_sequences}" in args
+        assert "--tensor-parallel-size" not in args and service["spec"]["parallelism"] == {"tensor": 1}  # KServe adds it
         assert ("prefill" in service["spec"]) == bool(extra)
 
 

@@ -225,11 +225,11 @@ def deploy(repo: Path, out: Path, options: DeployOptions = DeployOptions(), forc
         graph = dynamo.graph(llms, name=options.name, triton_models=_served_models(repo, facts),
                              triton_image=dynamo_image(image), disaggregated=options.disaggregated,
                              storage_uri=options.storage_uri)
-        docs[Path("dynamo/graph.yaml")] = yaml.safe_dump_all(graph, sort_keys=False)
+        docs[Path("dynamo/graph.yaml")] = yaml.safe_dump_all(graph, sort_keys=False, width=120)
     if "kserve-llm" in targets:
         isvc = kserve_llm.service(llms, name=options.name, storage_uri=options.storage_uri,
                                   disaggregated=options.disaggregated, min_replicas=options.min_replicas)
-        docs[Path("kserve-llm/llminferenceservice.yaml")] = yaml.safe_dump(isvc, sort_keys=False)
+        docs[Path("kserve-llm/llminferenceservice.yaml")] = yaml.safe_dump(isvc, sort_keys=False, width=1000)
     docs[Path("grafana/dashboards/triton.json")] = json.dumps(dashboard(options.rate_window), indent=1) + "\n"
     if llms:
         docs[Path("grafana/dashboards/llm.json")] = json.dumps(llm_dashboard(options.rate_window), indent=1) + "\n"

@@ -24,8 +24,8 @@ def model_uri(m: LLM, storage_uri: str) -> str:
 def _template(m: LLM) -> dict:
     a = m.args
     extra = [f"--max-model-len {m.max_model_len}", f"--max-num-seqs {m.max_num_seqs}",
-             f"--gpu-memory-utilization {m.gpu_memory_utilization}", f"--dtype {a.get('dtype', 'auto')}",
-             f"--tensor-parallel-size {m.tensor_parallel}", f"--pipeline-parallel-size {m.pipeline_parallel}"]
+             f"--gpu-memory-utilization {m.gpu_memory_utilization}", f"--dtype {a.get('dtype', 'auto')}"]
+    # tensor / pipeline parallelism: spec.parallelism, which KServe's template turns into vLLM's flags
     if a.get("max_num_batched_tokens"):
         extra.append(f"--max-num-batched-tokens {a['max_num_batched_tokens']}")
     if a.get("quantization"):
@@ -38,6 +38,10 @@ def _template(m: LLM) -> dict:
         "env": [{"name": "VLLM_ADDITIONAL_ARGS", "value": " ".join(extra)}],
         "resources": {"limits": {"nvidia.com/gpu": gpus}, "requests": {"nvidia.com/gpu": gpus}},
     }]}
+
+
+def _parallelism(m: LLM) -> dict:
+    return {"tensor": m.tensor_parallel} | ({"pipeline": m.pipeline_parallel} if m.pipeline_parallel > 1 else {})
 
 
 def service(llms: list[LLM], *, name: str, storage_uri: str, disaggregated: bool, min_replicas: int) -> dict:
@@ -56,13 +60,12 @@ def service(llms: list[LLM], *, name: str, storage_uri: str, disaggregated: bool
     spec = {
         "model": {"uri": model_uri(m, storage_uri), "name": m.name},
         "replicas": min_replicas,
-        "parallelism": {"tensor": m.tensor_parallel, "pipeline": m.pipeline_parallel},
+        "parallelism": _parallelism(m),
         "router": {"route": {}, "gateway": {}, "scheduler": {}},
         "template": _template(m),
     }
     if disaggregated:
-        spec["prefill"] = {"replicas": min_replicas, "template": _template(m),
-                           "parallelism": {"tensor": m.tensor_parallel, "pipeline": m.pipeline_parallel}}
+        spec["prefill"] = {"replicas": min_replicas, "template": _template(m), "parallelism": _parallelism(m)}
     return {"apiVersion": "serving.kserve.io/v1alpha2", "kind": "LLMInferenceService",
             "metadata": {"name": name, "labels": {"app.kubernetes.io/name": name,
                                                   "app.kubernetes.io/part-of": "triton-builder"}},
