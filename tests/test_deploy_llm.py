@@ -348,3 +348,49 @@ def test_a_repository_with_two_llm_engines_leaves_the_llm_targets_out_and_says_w
             "smollm (triton), smollm_vllm_bf16 (vllm): deploy a repository per model") in readme
     result = CliRunner().invoke(app, ["deploy", str(repo), "-o", str(tmp_path / "out2"), "--target", "dynamo"])
     assert result.exit_code == 2 and "--target dynamo: the repository mixes LLM engines" in result.output
+
+
+def test_a_model_stored_in_the_repository_is_read_from_its_volume(tmp_path, crd_validators):
+    """Weights copied into the repository: Dynamo's worker mounts the repository's PVC at /models, KServe reads
+    the same path under --storage-uri."""
+    from builder.targets import vllm
+
+    repo = tmp_path / "repo"
+    (repo / "weights" / "smollm").mkdir(parents=True)
+    (repo / "weights" / "smollm" / "config.json").write_text("{}")
+    entries = vllm.render(repo, name="smollm", weights="weights/smollm", tokenizer=None, precision="bf16",
+                          generation=spec_model().generation, serving={})
+    (repo / MANIFEST).write_text(json.dumps({"schema": SCHEMA, "runtime": "python", "models": entries}))
+    deploy_cli(repo, tmp_path / "out", "--target", "dynamo", "--target", "kserve-llm",
+               "--storage-uri", "pvc://models/repos/smollm")
+    graph, _ = _graph(tmp_path / "out")
+    check_crd(crd_validators, graph)
+    worker = next(c for c in graph["spec"]["components"] if c["type"] == "worker")
+    pod = worker["podTemplate"]["spec"]
+    assert pod["volumes"] == [{"name": "model-repository", "persistentVolumeClaim": {"claimName": "models",
+                                                                                     "readOnly": True}}]
+    (container,) = pod["containers"]
+    assert container["volumeMounts"] == [{"name": "model-repository", "mountPath": "/models", "subPath": "repos/smollm",
+                                          "readOnly": True}]
+    assert container["args"][container["args"].index("--model") + 1] == "/models/weights/smollm"
+    service = yaml.safe_load((tmp_path / "out" / "kserve-llm" / "llminferenceservice.yaml").read_text())
+    assert service["spec"]["model"]["uri"] == "pvc://models/repos/smollm/weights/smollm"
+
+
+def test_dynamo_serves_any_triton_repository_through_triton_workers(tmp_path, crd_validators):
+    """An encoder repository (no LLM) on Dynamo: one Triton worker per served model, KServe gRPC frontend."""
+    from test_perf_server import make_toy_repo
+
+    repo = make_toy_repo(tmp_path / "repo", {"toy_onnx_fp32": ("onnx", "fp32", 0.5, 1.0),
+                                             "toy_torch_fp32": ("torch", "fp32", 0.5, 1.0)})
+    deploy_cli(repo, tmp_path / "out", "--target", "dynamo")
+    graph, docs = _graph(tmp_path / "out")
+    assert len(docs) == 1
+    check_crd(crd_validators, graph)
+    workers = [_container(c) for c in graph["spec"]["components"] if c["type"] == "worker"]
+    served = sorted(w["command"][w["command"].index("--model-name") + 1] for w in workers)
+    assert served == ["toy_onnx_fp32", "toy_torch_fp32"]
+    assert not (tmp_path / "out" / "grafana" / "dashboards" / "llm.json").exists()  # no LLM: no LLM dashboard
+    report = run([tool("hadolint"), "--failure-threshold", "info", "--format", "json",
+                  tmp_path / "out" / "dynamo" / "Dockerfile"])
+    assert json.loads(report) == []
