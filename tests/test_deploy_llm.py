@@ -207,7 +207,7 @@ def test_dynamo_graph_matches_the_published_crd(smollm, crd_validators, tmp_path
         assert args[args.index("--max-num-seqs") + 1] == str(g.max_sequences)
         assert "--kv-events-config" in args  # what the KV-aware router reads
     else:
-        assert worker["command"] == ["python3", "-m", "dynamo.trtllm"] and "--publish-events-and-metrics" in args
+        assert worker["command"] == ["python3", "-m", "dynamo.trtllm"] and "--publish-kv-events" in args
         (config_map,) = [d for d in docs if d["kind"] == "ConfigMap"]
         engine = yaml.safe_load(config_map["data"]["agg.yaml"])
         assert engine["max_seq_len"] == g.max_total_tokens and engine["max_batch_size"] == g.max_sequences

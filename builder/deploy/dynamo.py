@@ -101,7 +101,7 @@ def _engine_args(m: LLM, role: str | None) -> list[str]:
     if role is not None:
         args += ["--disaggregation-mode", role]
     if role in (None, "prefill"):
-        args += ["--publish-events-and-metrics"]
+        args += ["--publish-kv-events"]  # for the KV-aware router (formerly --publish-events-and-metrics)
     return args
 
 
