@@ -105,3 +105,7 @@ def test_images_without_a_published_tensorrt_accept_only_the_engine_of_that_imag
         onnx2trt.check_repository(tmp_path, manifest, "nvcr.io/nvidia/tritonserver:26.06-py3")
     with pytest.raises(UserError, match="engine built with TensorRT 10.16.0, the target has 10.5.0"):
         onnx2trt.check_repository(tmp_path, manifest, "nvcr.io/nvidia/tritonserver:24.10-py3")
+    del manifest["models"]["m_tensorrt_fp16"]["tensorrt"]["image"]  # built with trtexec on PATH
+    with pytest.raises(UserError, match=r"engine built with a local TensorRT 10.16.0, serving in "
+                                        r"nvcr.io/nvidia/tritonserver:26.07-py3, whose TensorRT version is not in"):
+        onnx2trt.check_repository(tmp_path, manifest, built_in)

@@ -183,9 +183,10 @@ def check_repository(repo: Path, manifest: dict, image: str | None) -> None:
         if "tensorrt" in entry:
             record = entry["tensorrt"]
             built_in = record.get("image")
-            if image and target is None and built_in and built_in != image:
+            if image and target is None and built_in != image:
                 # no published TensorRT version for this image: only the image that built it is known to fit
-                raise UserError(f"{repo}/{name}: engine built in {built_in}, serving in {image}, whose TensorRT "
-                                f"version is not in the NGC release table; serve with --image {built_in} or rebuild "
-                                "the engine in the serving image")
+                where = f"in {built_in}" if built_in else f"with a local TensorRT {record.get('tensorrt', '?')}"
+                fix = f"serve with --image {built_in}" if built_in else "serve it where it was built (--runtime local)"
+                raise UserError(f"{repo}/{name}: engine built {where}, serving in {image}, whose TensorRT version "
+                                f"is not in the NGC release table; {fix} or rebuild the engine in the serving image")
             check_compatible(record, tensorrt=target, compute_capability=gpu, where=f"{repo}/{name}")
