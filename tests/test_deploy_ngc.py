@@ -41,3 +41,35 @@ def test_pins_follow_the_image_python_and_stub():
     assert ngc.pins("nvcr.io/nvidia/tritonserver:24.12-py3")["onnxruntime"] == "1.27.0"
     with pytest.raises(UserError, match="image nvcr.io/nvidia/tritonserver:23.05-py3: tag not in the NGC release table"):
         ngc.pins("nvcr.io/nvidia/tritonserver:23.05-py3")
+
+
+def _rows(section: str):
+    import re
+
+    for line in section.splitlines():
+        if re.match(r"\|\s*\d\d\.\d\d\s*\|", line):
+            yield [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def test_the_table_agrees_with_the_servers_compatibility_page():
+    """Every row of tests/fixtures/deploy_ngc/compatibility.md (the server repository's page) for a tag in the
+    table: the same Python, TensorRT and TensorRT-LLM (trtllm image), vLLM, and ONNX Runtime."""
+    from pathlib import Path
+
+    page = (Path(__file__).parent / "fixtures" / "deploy_ngc" / "compatibility.md").read_text()
+    trtllm, rest = page.split("## Container Name: vllm-python-py3")
+    vllm, ort = rest.split("## ONNX Runtime Versions")
+    checked = 0
+    for tag, _, python, _, tensorrt, tensorrt_llm, *_ in _rows(trtllm.split("## Container Name: trtllm-python-py3")[1]):
+        if tag in ngc.RELEASES:
+            r = ngc.RELEASES[tag]
+            assert (r.trtllm_tensorrt, r.tensorrt_llm) == (tensorrt, tensorrt_llm), tag
+            assert python.split()[1].startswith(r.python + "."), tag
+            checked += 1
+    for tag, _, _, version, *_ in _rows(vllm):
+        if tag in ngc.RELEASES:
+            assert ngc.RELEASES[tag].vllm == version.split("+")[0].replace(" ", "."), tag
+    for tag, version in _rows(ort):
+        if tag in ngc.RELEASES:
+            assert ngc.RELEASES[tag].onnxruntime == version.split("+")[0], tag
+    assert checked == len(ngc.RELEASES)  # every tag of the table is on the page

@@ -10,7 +10,8 @@ conversion (which TensorRT an engine will meet), the vLLM and TensorRT-LLM targe
 Sources, read 2026-12 (a fact not published in them is None, never guessed):
 - COMPAT: triton-inference-server/server docs/introduction/compatibility.md at commit
   e1db8a603d863b1317ee859bdeea2be19959462e (2026-08-19): per tag the Python, TensorRT and TensorRT-LLM of
-  the -trtllm-python-py3 image, the vLLM of the -vllm-python-py3 image, and the ONNX Runtime version.
+  the -trtllm-python-py3 image, the vLLM of the -vllm-python-py3 image, and the ONNX Runtime version
+  (stored as tests/fixtures/deploy_ngc/compatibility.md; tests/test_deploy_ngc.py checks the table against it).
 - Server versions: the server repository's release tags v2.49.0 to v2.71.0, whose build.py names the
   container (`"triton_container_version": "26.07"` in v2.71.0); the README at the commit above says
   "The current release is version 2.71.0 and corresponds to the 26.07 container release".
@@ -54,10 +55,10 @@ def _r(tag, triton, python, tensorrt, trtllm_tensorrt, tensorrt_llm, vllm, onnxr
 
 RELEASES = {r.tag: r for r in (
     #  tag      triton    Python  TensorRT (py3)  TensorRT (trtllm)  TRT-LLM        vLLM       ORT
-    _r("24.08", "2.49.0", "3.10", "10.3.0", "10.3.0", "0.12.0", None, None, stub_numpy2=False),
-    _r("24.09", "2.50.0", "3.10", "10.4.0", "10.4.0", "0.13.0", None, None, stub_numpy2=False),
-    _r("24.10", "2.51.0", "3.10", "10.5.0", "10.4.0", "0.14.0", None, None, stub_numpy2=False),
-    _r("24.11", "2.52.0", "3.10", "10.6.0", "10.6.0", "0.15.0", None, None),
+    _r("24.08", "2.49.0", "3.10", "10.3.0", "10.3.0", "0.12.0", "0.5.0.post1", "1.18.1", stub_numpy2=False),
+    _r("24.09", "2.50.0", "3.10", "10.4.0", "10.4.0", "0.13.0", "0.5.3.post1", "1.19.2", stub_numpy2=False),
+    _r("24.10", "2.51.0", "3.10", "10.5.0", "10.4.0", "0.14.0", "0.5.5", "1.19.2", stub_numpy2=False),
+    _r("24.11", "2.52.0", "3.10", "10.6.0", "10.6.0", "0.15.0", "0.5.5", "1.19.2"),
     _r("24.12", "2.53.0", "3.12", "10.7.0", "10.7.0", "0.16.0", "0.5.5", "1.20.1"),
     _r("25.01", "2.54.0", "3.12", "10.8.0", "10.8.0.43", "0.17.0", "0.6.3.post1", "1.20.1"),
     _r("25.02", "2.55.0", "3.12", "10.8.0", "10.8.0.43", "0.17.0.post1", "0.7.0", "1.20.1"),
