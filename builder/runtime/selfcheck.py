@@ -8,11 +8,12 @@ numpy 2. Every model is checked before failing, and the failure lists all of the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from builder import cpu
 from builder.errors import RunError
 from builder.manifest import load_reference, read_manifest, signature_of
 from builder.runtime.server import ServerHandle
@@ -29,6 +30,15 @@ class CheckResult:
     max_abs: float | None = None  # over all numeric outputs compared with the reference
     cosine: float | None = None  # the lowest over those outputs
     message: str = ""  # "ok", or one "- output: problem" line per problem
+    cpu_missing: tuple[str, ...] = ()  # features of the CPU it was verified on that the serving CPU lacks
+
+    @property
+    def cpu_note(self) -> str:
+        if not self.cpu_missing:
+            return ""
+        seen = "as built" if self.ok else "NOT as built"
+        return (f"verified on a CPU with {', '.join(self.cpu_missing)}, which this one lacks; "
+                f"its reference compared here: {seen}" + (f" (cosine {self.cosine:.6f})" if self.cosine is not None else ""))
 
 
 def self_check(server: ServerHandle, repo: Path, protocol: str = "http") -> list[CheckResult]:
@@ -53,14 +63,28 @@ def self_check(server: ServerHandle, repo: Path, protocol: str = "http") -> list
                    else check_model(client, repo, name, entry, server.models) for name, entry in entries.items()]
     finally:
         client.close()
+    results = [with_cpu(r, entries[r.model]) for r in results]
     failed = [r for r in results if not r.ok]
     if failed:
-        details = "\n".join(f"{r.model}:\n{r.message}" for r in failed)
+        details = "\n".join(f"{r.model}:\n{r.message}" + (f"\n- {r.cpu_note}: rebuild it on this CPU" if r.cpu_missing else "")
+                            for r in failed)
         error = RunError(f"self-check failed for {len(failed)} of {len(results)} model(s): "
                          f"{', '.join(r.model for r in failed)}\n{details}")
         error.results = results
         raise error
     return results
+
+
+# precisions whose kernels take another code path, and other numbers, where the CPU lacks a feature
+CPU_SENSITIVE = ("int8", "int4", "fp16", "bf16")
+
+
+def with_cpu(result: CheckResult, entry: dict) -> CheckResult:
+    """The result, naming what the build CPU had and this one lacks, for a variant whose numbers depend on it."""
+    built_with = entry.get("verification", {}).get("cpu", {}).get("features")
+    if entry.get("precision") not in CPU_SENSITIVE or not built_with:
+        return result
+    return replace(result, cpu_missing=tuple(cpu.missing(built_with)))
 
 
 def check_model(client, repo: Path, name: str, entry: dict, loaded: tuple[str, ...] = ()) -> CheckResult:

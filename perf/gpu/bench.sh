@@ -20,7 +20,7 @@ $PY -m pip install -q --no-index --no-deps --no-compile --target "$W/extra" \
 # the stub's environment: numpy<2 (python backend), torch seen through a .pth file
 $PY -m venv "$W/stub"
 # torchao too: the served int8/int4 variants quantize in the stub (PYTHONPATH below is the driver's, not the stub's)
-"$W/stub/bin/pip" install -q --no-index --no-deps "$B"/wheels/numpy-1.26.4-*.whl "$B"/wheels/torchao-*.whl
+"$W/stub/bin/pip" install -q --no-index --no-deps "$B"/wheels/numpy-*.whl "$B"/wheels/torchao-*.whl
 STUB_SITE=$("$W/stub/bin/python3" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 $PY -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > "$STUB_SITE/host-packages.pth"
 export PYTHONPATH="$PWD:$W/extra" PATH="$W/extra/bin:$PATH" PYTHONUNBUFFERED=1
