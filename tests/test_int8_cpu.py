@@ -98,3 +98,17 @@ def test_features_come_from_the_kernel():
     assert set(have) <= set(cpu.RELEVANT)
     assert cpu.describe()["features"] == list(have)
     assert cpu.missing(["avx2", "no_such_feature"], here=("avx2",)) == ["no_such_feature"]
+
+
+@pytest.mark.parametrize("features, advice", [
+    (("avx2", "fma"), "use int8 instead (bf16 too on a GPU; this CPU has no avx512_bf16 or amx_bf16"),
+    (("avx2", "avx512_bf16"), "use bf16 (format torch) or int8 instead"),
+])
+def test_fp16_advice_offers_bf16_only_where_this_cpu_runs_it(monkeypatch, features, advice):
+    from builder.diagnose.advice import failing_accuracy
+
+    monkeypatch.setattr(cpu, "features", lambda: features)
+    manifest = {"models": {"enc_onnx_fp16": {"model": "enc", "format": "onnx", "precision": "fp16", "status": "failed",
+                                             "verification": {"passed": False, "outputs": {"y": {"cosine": 0.97}}}}}}
+    [found] = failing_accuracy(manifest, None)
+    assert found.message.startswith("enc_onnx_fp16 failed verification (worst cosine 0.970000): " + advice)

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 
 import pandas as pd
 
+from builder import cpu
+
 # Thresholds: each is cited in the advice text when it fires.
 LAUNCH_BUSY_RATIO = 0.6  # GPU kernels busy below this share of the wall time per forward
 SMALL_BATCH = 4  # "small batch": the launch-bound rule looks at batches up to this
@@ -217,8 +219,13 @@ def failing_accuracy(manifest: dict, accuracy_budget: float | None) -> list[Advi
         precision, calibration = entry.get("precision"), entry.get("calibration", "dynamic")
         if precision == "int8" and calibration == "dynamic":
             step, change = "calibrate it statically (calibration: static)", Change(entry.get("model", name), tag, "calibration", "static")
-        elif precision in ("fp16", "int4"):
-            step, change = ("use bf16 (format torch) or int8 instead" if precision == "fp16" else "use int8 instead"), None
+        elif precision == "fp16":
+            step = ("use bf16 (format torch) or int8 instead" if cpu.native_bf16() else
+                    "use int8 instead (bf16 too on a GPU; this CPU has no avx512_bf16 or amx_bf16, so bf16 runs slower "
+                    "than fp32 here)")
+            change = None
+        elif precision == "int4":
+            step, change = "use int8 instead", None
         else:
             step, change = "loosen its tolerance only if the task allows it, or drop the variant", None
         out.append(Advice("failing-accuracy", name, f"{name} {why}: {step}", {"cosine": cosine, "failed": failed},
