@@ -394,3 +394,15 @@ def test_dynamo_serves_any_triton_repository_through_triton_workers(tmp_path, cr
     report = run([tool("hadolint"), "--failure-threshold", "info", "--format", "json",
                   tmp_path / "out" / "dynamo" / "Dockerfile"])
     assert json.loads(report) == []
+
+
+@pytest.mark.parametrize("options", [
+    {"ttft_budget_ms": 250.5, "latency_budget_ms": 333, "rate_window": "1h", "scrape_interval": "1m"},
+    {"ttft_budget_ms": 1234.567, "latency_budget_ms": 0.3, "rate_window": "4s", "scrape_interval": "1s"},
+])
+def test_llm_rule_unit_tests_hold_for_other_budgets_and_windows(options, tmp_path):
+    """The rendered unit tests are exact for any budget and window (not tuned to the defaults)."""
+    from builder.deploy import DeployOptions, deploy
+
+    deploy(smollm_repo(tmp_path, "vllm"), tmp_path / "out", DeployOptions(targets=("compose",), **options))
+    assert "SUCCESS" in run([tool("promtool"), "test", "rules", "llm_rules_test.yml"], cwd=tmp_path / "out" / "prometheus")

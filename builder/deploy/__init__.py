@@ -97,26 +97,28 @@ def rules_test_timeline(rate_window: str) -> dict:
 
 def llm_rules_test_values(ttft_budget_s: float, queue_budget_s: float) -> dict:
     """The made-up histograms of prometheus/llm_rules_test.yml (cumulative requests per bucket per sample,
-    10 a sample) and the values the rules must give: one model within the budgets, "slow" above them."""
+    10 a sample) and the values the rules must give: one model within the budgets, "slow" above them.
+    The slow model's requests all fall past the last finite bucket, where histogram_quantile answers that
+    bucket's bound exactly, so the alert text (humanizeDuration of it) is exact too."""
     T, Q = ttft_budget_s, queue_budget_s
 
     def buckets(edges, from_index):
         return [(f"{e:g}", 10 if i >= from_index else 0) for i, e in enumerate(edges)] + [("+Inf", 10)]
 
     ttft_edges, queue_edges = (T / 2, 2 * T, 4 * T), (Q / 2, 2 * Q, 4 * Q)
-    # histogram_quantile interpolates linearly inside the bucket holding the rank
-    fast = {"ttft_p50": 0.25 * T, "ttft_p95": 0.475 * T, "itl_p50": 0.025, "itl_p95": 0.0475, "queue_p95": 0.475 * Q,
-            "queue_avg": 0.25 * Q, "generation_tps": 10, "prompt_tps": 5, "requests": 1, "running": 4, "waiting": 2,
-            "kv_usage": 0.5, "prefix_hit_ratio": 0.25}
-    slow = {"ttft_p95": 3.9 * T, "queue_p95": 3.9 * Q, "queue_avg": 3 * Q}
+    top_t, top_q = float(f"{4 * T:g}"), float(f"{4 * Q:g}")  # the bounds as Prometheus parses the le labels
+    # inside a bucket histogram_quantile interpolates linearly (from 0 in the first)
+    fast = {"ttft_p50": 0.5 * float(f"{T / 2:g}"), "ttft_p95": 0.95 * float(f"{T / 2:g}"), "itl_p50": 0.025,
+            "itl_p95": 0.0475, "queue_p95": 0.95 * float(f"{Q / 2:g}"), "queue_avg": 0.25 * Q, "generation_tps": 10,
+            "prompt_tps": 5, "requests": 1, "running": 4, "waiting": 2, "kv_usage": 0.5, "prefix_hit_ratio": 0.25}
+    slow = {"ttft_p95": top_t, "queue_p95": top_q, "queue_avg": 5 * Q}
     return dict(
-        ttft_fast_buckets=buckets(ttft_edges, 0), ttft_slow_buckets=buckets(ttft_edges, 2),
-        queue_fast_buckets=buckets(queue_edges, 0), queue_slow_buckets=buckets(queue_edges, 2),
-        itl_buckets=[("0.05", 10), ("+Inf", 10)], itl_le=0.05, ttft_fast_le=f"{T / 2:g}",
-        ttft_slow_lo=f"{2 * T:g}", ttft_slow_hi=f"{4 * T:g}", queue_fast_le=f"{Q / 2:g}", queue_slow_lo=f"{2 * Q:g}",
-        queue_slow_hi=f"{4 * Q:g}", queue_sum_fast=f"{2.5 * Q:g}", queue_sum_slow=f"{30 * Q:g}",
-        expected=[(k, "{model}", round(v, 4)) for k, v in fast.items()] + [(k, "slow", round(v, 4)) for k, v in slow.items()],
-        ttft_slow_p95_text=_humanize_duration(3.9 * T), queue_slow_p95_text=_humanize_duration(3.9 * Q),
+        ttft_fast_buckets=buckets(ttft_edges, 0), ttft_slow_buckets=buckets(ttft_edges, 3),
+        queue_fast_buckets=buckets(queue_edges, 0), queue_slow_buckets=buckets(queue_edges, 3),
+        itl_buckets=[("0.05", 10), ("+Inf", 10)], itl_le=0.05, ttft_fast_le=f"{T / 2:g}", ttft_slow_lo=f"{4 * T:g}",
+        queue_fast_le=f"{Q / 2:g}", queue_slow_lo=f"{4 * Q:g}", queue_sum_fast=repr(2.5 * Q), queue_sum_slow=repr(50 * Q),
+        expected=[(k, "{model}", repr(float(v))) for k, v in fast.items()] + [(k, "slow", repr(float(v))) for k, v in slow.items()],
+        ttft_slow_p95_text=_humanize_duration(top_t), queue_slow_p95_text=_humanize_duration(top_q),
     )
 
 
