@@ -20,10 +20,10 @@ COMPOSE_SCHEMA := .tools/compose_spec.json
 MA_DIR ?= model_analyzer
 
 .DEFAULT_GOAL := help
-.PHONY: help setup lock build validate serve perf report deploy profile compare tune analyzer-files demo demo-llm bench-llm-cpu bench-admission test test-all test-reliability test-matrix bench-bundle bench-gpu bench-gpu-llm bench-gpu-scaling test-gpu clean
+.PHONY: help setup lock build validate serve perf report deploy profile compare tune analyzer-files demo demo-llm bench-int8 bench-llm-cpu bench-admission test test-all test-reliability test-matrix bench-bundle bench-gpu bench-gpu-llm bench-gpu-scaling test-gpu clean
 
 help: ## List the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
 # requirements.lock: every package of the environment, pinned with its hashes (pip-tools, from pyproject.toml);
 # `make setup` installs exactly it, `make lock` makes it anew. It is for CPython 3.11 on x86-64 Linux.
@@ -108,6 +108,13 @@ demo-llm: setup ## Build SmolLM2 (GGUF), stream an answer from Triton, measure T
 	$(TB) perf $(LLM_REPO) --concurrency 1,4 --prompt-tokens 32 --output-tokens 32 --out $(LLM_RESULTS)
 	$(TB) report $(LLM_RESULTS)
 	@echo "report: $(LLM_RESULTS)/report.md"
+
+bench-int8: setup ## int8 schemes (accuracy and speed) on MiniLM + random-init encoders, classifiers, ViTs, here and on an emulated AVX2-only CPU, into perf/results/int8
+	rm -rf perf/results/int8
+	$(BIN)/python perf/int8_schemes.py prepare perf/results/int8
+	$(BIN)/python perf/int8_schemes.py evaluate perf/results/int8
+	qemu-x86_64 -cpu EPYC-Rome $(BIN)/python perf/int8_schemes.py evaluate perf/results/int8 --label avx2-emulated --no-timing 2>/dev/null
+	$(BIN)/python perf/int8_schemes.py table perf/results/int8 | tee perf/results/int8/table.md
 
 bench-llm-cpu: setup ## SmolLM2 served (c=1, 8) side by side with HF generate in-process (batch 1, 8): the CPU targets
 	$(BIN)/python perf/llm_cpu_bench.py --repo build/llm_bench --spec perf/llm_cpu.yaml --out perf/results/llm-cpu

@@ -5,6 +5,7 @@ classifiers and ViTs.
     python perf/int8_schemes.py prepare OUT      # export fp32 ONNX, quantize with every scheme, references
     python perf/int8_schemes.py evaluate OUT     # run them here; --label names the CPU in the table
     qemu-x86_64 -cpu EPYC-Rome .venv/bin/python perf/int8_schemes.py evaluate OUT --label avx2 --no-timing
+    python perf/int8_schemes.py table OUT        # the results side by side, markdown (make bench-int8 does all)
 
 Under qemu-user the model runs on an emulated CPU without AVX-512 and VNNI (onnxruntime picks its int8
 kernels from CPUID, which qemu answers): the numbers are the ones an AVX2-only server computes; its
@@ -112,15 +113,37 @@ def evaluate(out: Path, label: str, timing: bool) -> None:
     (out / f"results-{label.replace(' ', '_')}.json").write_text(json.dumps(rows, indent=1))
 
 
+def table(out: Path) -> str:
+    """Worst cosine per model and scheme on each CPU measured, and the speed where it was timed."""
+    rows = [r for f in sorted(out.glob("results-*.json")) for r in json.loads(f.read_text())]
+    cpus = list(dict.fromkeys(r["cpu"] for r in rows))
+    schemes = list(dict.fromkeys(r["scheme"] for r in rows))
+    cell = {(r["model"], r["scheme"], r["cpu"]): r for r in rows}
+    lines = ["| model | " + " | ".join(schemes) + " |", "|---|" + "---:|" * len(schemes)]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        cells = []
+        for scheme in schemes:
+            got = [cell.get((model, scheme, c)) for c in cpus]
+            text = " / ".join("-" if g is None else f"{g['worst_cosine']:.4f}" + ("" if g["passes_0.98"] else " ✗")
+                              for g in got)
+            ms = [g["ms_per_batch"] for g in got if g and g["ms_per_batch"] is not None]
+            cells.append(text + (f" ({ms[0]:.2f} ms)" if ms else ""))
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return (f"worst cosine against fp32 PyTorch on each CPU ({' / '.join(cpus)}); ✗ below 0.98; in brackets the "
+            "mean time of one verification batch where it was timed (one thread)\n\n" + "\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("phase", choices=["prepare", "evaluate"])
+    parser.add_argument("phase", choices=["prepare", "evaluate", "table"])
     parser.add_argument("out", type=Path)
     parser.add_argument("--label", default=None, help="the CPU's name in the results (default: its int8 features)")
     parser.add_argument("--no-timing", action="store_true", help="accuracy only (under an emulator)")
     args = parser.parse_args()
     if args.phase == "prepare":
         prepare(args.out)
+    elif args.phase == "table":
+        print(table(args.out))
     else:
         evaluate(args.out, args.label or cpu_label(), not args.no_timing)
 
