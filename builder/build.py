@@ -18,12 +18,14 @@ from builder import __version__, formats, verify, versions
 from builder.errors import BuilderError, RunError, UserError, root_reason, step, unexpected
 from builder.families import Part, parts_for, sample_batches
 from builder.manifest import MANIFEST, SCHEMA, signature_of, write_manifest
+from builder.paths import PYTHON_MODELS
 from builder.render import input_limits, model_config, warmup_files
 from builder.repository import checkpoint, clean_stale, deferred_signals, file_records, install, locked, staging
 from builder.signature import Signature, TensorSpec
 from builder.spec import Model, Spec, Variant, load_spec
 
-RUNNER = Path(__file__).resolve().parent.parent / "templates" / "python" / "runner.py"
+RUNNER = PYTHON_MODELS / "runner.py"
+BACKEND_COMMON = PYTHON_MODELS / "backend_common.py"  # what runner.py imports, beside it
 TOOLS = ("torch", "transformers", "onnx", "onnxruntime", "onnxscript", "numpy", "tritonclient")
 VERIFY_SAMPLES = 4
 CALIBRATION_SAMPLES = 8
@@ -445,6 +447,7 @@ def write_config(job: Job, artifact: Path) -> None:
     parameters = {}
     if backend["backend"] == "python":
         shutil.copy2(RUNNER, job.version_dir / "model.py")
+        shutil.copy2(BACKEND_COMMON, job.version_dir / BACKEND_COMMON.name)
         parameters = {"runner": fmt.python_runner, "artifact": artifact.name, "precision": job.variant.precision,
                       "device": serving["instances"].kind, "threads": str(serving["instances"].threads),
                       **fmt.parameters(job, artifact)}

@@ -14,15 +14,6 @@ from builder.errors import RunError, UserError
 if TYPE_CHECKING:
     from builder.spec import Model, Source
 
-AUTO_CLASSES = {
-    "feature-extraction": "AutoModel",
-    "text-classification": "AutoModelForSequenceClassification",
-    "image-classification": "AutoModelForImageClassification",
-    "zero-shot-image-classification": "AutoModel",
-    "text-generation": "AutoModelForCausalLM",
-}
-
-
 @dataclass
 class Loaded:
     module: Any  # torch.nn.Module in eval mode, fp32
@@ -40,7 +31,9 @@ def load_source(spec_path: Path, model: Model) -> Loaded:
     src = model.source
     if src.factory is not None:
         return _load_factory(src.factory, model.name)
-    auto = getattr(transformers, AUTO_CLASSES[model.task])
+    from builder.families import auto_class
+
+    auto = getattr(transformers, auto_class(model.task))
     # eager attention exports cleanly (sdpa is chosen again for torch variants); fp32 whatever dtype the
     # checkpoint was saved in: it is the reference every variant is checked against
     kwargs = {"attn_implementation": "eager", "dtype": torch.float32}

@@ -45,3 +45,12 @@ def test_configs_and_artifacts_lead_back_to_their_format():
 def test_tensorrt_is_refused_before_any_work_without_native_runtime():
     with pytest.raises(UserError, match="set runtime: native"):
         formats.get("tensorrt").preflight("spec.yaml: models[m].variants[tensorrt_fp16]", "python")
+
+
+def test_the_served_runner_has_a_runner_for_every_format_record_that_names_one():
+    """templates/python/runner.py stands alone in a repository, so its table is its own; it must serve exactly
+    the formats whose records name a python runner."""
+    from builder.paths import python_template
+
+    named = {f.python_runner for e in formats.ENDPOINTS for f in formats.REGISTRY[e].values() if f.python_runner}
+    assert set(python_template("runner").RUNNERS) == named == {"onnx", "torch"}

@@ -31,8 +31,8 @@ BAD_SPECS = {
     "bad_precision": ("models:" + GOOD_MODEL.replace("precision: fp32", "precision: fp17"),
                       "models[0](enc).variants[0].precision: 'fp17' is not allowed; use one of 'fp32', 'fp16', 'bf16', 'int8' or 'int4'"),
     "bad_task": ("models:" + GOOD_MODEL.replace("feature-extraction", "translation"),
-                 "models[0](enc).task: 'translation' is not allowed; use one of 'feature-extraction', 'text-classification', "
-                 "'text-generation', 'image-classification' or 'zero-shot-image-classification'"),
+                 "models[0](enc).task: 'translation' is not allowed; use one of 'feature-extraction', 'image-classification', "
+                 "'text-classification', 'text-generation', 'token-classification' or 'zero-shot-image-classification'"),
     "bad_format": ("models:" + GOOD_MODEL.replace("format: onnx", "format: tflite"),
                    "models[0](enc).variants[0].format: 'tflite' is not allowed; use one of 'onnx', 'tensorrt', 'torch', 'tensorrt-llm' or 'vllm'"),
     "duplicate_names": ("models:" + GOOD_MODEL + GOOD_MODEL,

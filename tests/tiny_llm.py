@@ -24,6 +24,8 @@ ARCHS = {
                   num_attention_heads=4, num_key_value_heads=2, head_dim=8),
     "mistral": dict(model_type="mistral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, sliding_window=4096),
+    "phi3": dict(model_type="phi3", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, pad_token_id=0),
 }
 
 

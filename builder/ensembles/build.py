@@ -122,6 +122,7 @@ def write_step_model(model_dir: Path, m: StepModel, runtime: str, serving: dict)
     version = model_dir / "1"
     version.mkdir(parents=True, exist_ok=True)
     shutil.copy2(PYTHON_MODELS / m.template, version / "model.py")
+    shutil.copy2(PYTHON_MODELS / "backend_common.py", version / "backend_common.py")  # what model.py imports
     for name, text in m.files.items():
         (version / name).write_text(text, encoding="utf-8")
     cpu = {**serving, "instances": serving["instances"].model_copy(update={"kind": "cpu"})}

@@ -2,7 +2,8 @@
 
 A family turns a loaded model into one or more `Part`s (CLIP has a text and an image part; the others
 have one). Each part is a torch module with positional inputs in the order of its `inputs` and a tuple
-of outputs in the order of `outputs`. Adding a family is one small module and one `@register` line.
+of outputs in the order of `outputs`. Adding a family is one small module here with one `@register` line
+(docs/EXTENDING.md).
 """
 
 from __future__ import annotations
@@ -10,15 +11,21 @@ from __future__ import annotations
 import numpy as np
 
 from builder.errors import UserError
-from builder.families.base import (FAMILIES, TOKEN_KINDS, Part, Wrapped, accepts, register,  # noqa: F401
-                                   token_inputs)
+from builder.families.base import (AUTO_CLASSES, FAMILIES, TOKEN_KINDS, Part, Wrapped, accepts,  # noqa: F401
+                                   register, token_inputs)
 from builder.signature import SAMPLE_TEXTS, TensorSpec
 
 
 def tasks() -> tuple[str, ...]:
-    """Every task a family is registered for, in registration order."""
+    """Every task a family is registered for, sorted."""
     _load()
-    return tuple(FAMILIES)
+    return tuple(sorted(FAMILIES))
+
+
+def auto_class(task: str) -> str:
+    """The transformers Auto class that loads a Hugging Face model for `task`."""
+    _load()
+    return AUTO_CLASSES[task]
 
 
 def parts_for(task: str, loaded, model_spec) -> list[Part]:
@@ -90,4 +97,10 @@ def factory_part(loaded) -> list[Part]:
 
 
 def _load() -> None:
-    from builder.families import text, vision, clip  # noqa: F401, I001  (registration, in this order)
+    """Import every module of this package once: each registers its families (a new family is a new module)."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        if info.name != "base":
+            importlib.import_module(f"{__name__}.{info.name}")

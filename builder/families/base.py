@@ -41,14 +41,17 @@ class Part:
 TOKEN_KINDS = ("token_ids", "attention_mask", "token_type_ids")
 
 
-FAMILIES: dict[str, Callable] = {}
+FAMILIES: dict[str, Callable] = {}  # task -> (loaded model, model spec) -> its parts
+AUTO_CLASSES: dict[str, str] = {}  # task -> the transformers Auto class that loads its models
 
 
-def register(task: str):
+def register(task: str, auto: str):
+    """Declare the family of `task`: the decorated function turns a loaded model into its parts; `auto` names
+    the transformers class that loads a Hugging Face model for it (AutoModelForSequenceClassification)."""
     def deco(fn: Callable) -> Callable:
         if task in FAMILIES:
             raise ValueError(f"family {task!r} is registered twice")
-        FAMILIES[task] = fn
+        FAMILIES[task], AUTO_CLASSES[task] = fn, auto
         return fn
 
     return deco

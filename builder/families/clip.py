@@ -10,7 +10,7 @@ from builder.families.base import Part, Wrapped, register, token_inputs
 from builder.families.vision import pixel_input, pixels_in
 
 
-@register("zero-shot-image-classification")
+@register("zero-shot-image-classification", auto="AutoModel")
 def clip(loaded, spec) -> list[Part]:
     model, config = loaded.module, loaded.config
     tcfg, vcfg = config.text_config, config.vision_config

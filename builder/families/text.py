@@ -63,7 +63,7 @@ def sentence_embedding(out, attention_mask, pooling: str = "mean", normalize: bo
     return torch.nn.functional.normalize(pooled, p=2, dim=-1) if normalize else pooled
 
 
-@register("feature-extraction")
+@register("feature-extraction", auto="AutoModel")
 def feature_extraction(loaded, spec) -> list[Part]:
     available = ["last_hidden_state", "sentence_embedding"]
     if getattr(loaded.module, "pooler", None) is not None:
@@ -92,13 +92,13 @@ def choose(spec, wanted, available) -> None:
                         f"choose from {', '.join(available)}")
 
 
-@register("text-classification")
+@register("text-classification", auto="AutoModelForSequenceClassification")
 def text_classification(loaded, spec) -> list[Part]:
     labels = spec.labels or [loaded.config.id2label[i] for i in range(loaded.config.num_labels)]
     return [_text_part(loaded, spec, ("logits",), {"labels": labels})]
 
 
-@register("text-generation")
+@register("text-generation", auto="AutoModelForCausalLM")
 def text_generation(loaded, spec) -> list[Part]:
     # Forward pass only (no KV cache): the LLM serving work adds cached decoding on top of this part.
     def forward(m, input_ids, attention_mask):

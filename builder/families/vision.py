@@ -51,7 +51,7 @@ def pixels_in(part: Part, loaded) -> Part:
     return replace(part, module=_Pixels(part.module).eval(), extra={**part.extra, "pixel_normalization": normalization})
 
 
-@register("image-classification")
+@register("image-classification", auto="AutoModelForImageClassification")
 def image_classification(loaded, spec) -> list[Part]:
     config = loaded.config
     labels = spec.labels or [config.id2label[i] for i in range(config.num_labels)]

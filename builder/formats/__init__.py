@@ -1,4 +1,4 @@
-"""Formats as records: each format is one module here and one `register` line.
+"""Formats as records: each format is one module here with one `register` line (docs/EXTENDING.md).
 
 A `Format` says everything the rest of the builder needs to know about it, so build, render,
 validate and the ensembles read the record instead of branching on format names:
@@ -80,4 +80,10 @@ def for_artifact(filename: str) -> Format | None:
 
 
 def _load() -> None:
-    from builder.formats import generator, llm, onnx, tensorrt, torch  # noqa: F401  (registration)
+    """Import every module of this package once: each registers its formats (a new format is a new module)."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        if info.name != "base":
+            importlib.import_module(f"{__name__}.{info.name}")

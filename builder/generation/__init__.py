@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder.errors import RunError, UserError
+from builder.paths import python_template
 from builder.signature import Signature, TensorSpec
 
 HERE = Path(__file__).resolve().parent
 GENERATOR = HERE.parent.parent / "templates" / "python" / "generator.py"
 RUNTIME_FILES = (HERE / "decoder.py", HERE / "engine.py", HERE / "blocks.py")
-TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "bfloat16", "int4": "bfloat16"}
+TORCH_DTYPES = python_template("backend_common").TORCH_DTYPES  # precision -> torch dtype, as served
 # greedy tokens that must agree with the fp32 reference (teacher-forced), per precision
 MIN_AGREEMENT = {"fp32": 1.0, "fp16": 0.9, "bf16": 0.85, "int8": 0.85, "int4": 0.7}
 CHECK_TOKENS = 16  # new tokens per verification prompt

@@ -1,7 +1,7 @@
 """A Hugging Face causal LM -> DecoderConfig + the flat weights of builder/generation/decoder.py.
 
-Supported: the Llama family as transformers implements it (llama, mistral, qwen2, qwen3, gemma and the
-models that reuse those classes, SmolLM2 among them). The rotary frequencies are read off the loaded
+Supported: the Llama family as transformers implements it (llama, mistral, qwen2, qwen3, gemma, phi3 and
+the models that reuse those classes, SmolLM2 among them). The rotary frequencies are read off the loaded
 model's own rotary embedding, so every static rope variant (default, linear, llama3, yarn) comes out as
 transformers computes it. Anything else is refused before work with one line saying what is supported.
 """
@@ -18,6 +18,7 @@ ARCHITECTURES = {
     "qwen2": {"qkv_bias": True},
     "qwen3": {"qk_norm": True},
     "gemma": {"gemma": True},
+    "phi3": {"fused": True},  # q|k|v and gate|up stored as one matrix each (docs/EXTENDING.md's example)
 }
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 
@@ -37,6 +38,9 @@ def convert(model, eos_token_ids: tuple[int, ...]) -> tuple[DecoderConfig, dict]
                         "(or write generation: false to export logits only)")
     rope = (getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
     rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    partial = rope.get("partial_rotary_factor") if isinstance(rope, dict) else None
+    if float(partial or getattr(cfg, "partial_rotary_factor", None) or 1.0) != 1.0:
+        raise UserError("partial rotary embeddings (partial_rotary_factor below 1) are not supported yet")
     if rope_type not in STATIC_ROPE:
         raise UserError(f"rope type {rope_type!r} depends on the sequence length; supported: "
                         f"{', '.join(STATIC_ROPE)}")
@@ -56,13 +60,17 @@ def convert(model, eos_token_ids: tuple[int, ...]) -> tuple[DecoderConfig, dict]
         weights["lm_head"], tied = sd["lm_head.weight"], False
     for i in range(cfg.num_hidden_layers):
         p, o = f"model.layers.{i}.", f"layers.{i}."
-        weights[o + "qkv.weight"] = torch.cat([sd[p + f"self_attn.{n}_proj.weight"] for n in "qkv"])
+        if extra.get("fused"):  # already in the decoder's layout: q, k, v rows; gate rows, then up rows
+            weights[o + "qkv.weight"] = sd[p + "self_attn.qkv_proj.weight"]
+            weights[o + "gate_up.weight"] = sd[p + "mlp.gate_up_proj.weight"]
+        else:
+            weights[o + "qkv.weight"] = torch.cat([sd[p + f"self_attn.{n}_proj.weight"] for n in "qkv"])
+            weights[o + "gate_up.weight"] = torch.cat([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]])
         if extra.get("qkv_bias") or p + "self_attn.q_proj.bias" in sd:
             weights[o + "qkv.bias"] = torch.cat([sd[p + f"self_attn.{n}_proj.bias"] for n in "qkv"])
         weights[o + "o.weight"] = sd[p + "self_attn.o_proj.weight"]
         if p + "self_attn.o_proj.bias" in sd:
             weights[o + "o.bias"] = sd[p + "self_attn.o_proj.bias"]
-        weights[o + "gate_up.weight"] = torch.cat([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]])
         if p + "mlp.gate_proj.bias" in sd:
             weights[o + "gate_up.bias"] = torch.cat([sd[p + "mlp.gate_proj.bias"], sd[p + "mlp.up_proj.bias"]])
         weights[o + "down.weight"] = sd[p + "mlp.down_proj.weight"]

@@ -22,8 +22,12 @@ the ensemble, and tests import them.
 
 import json
 import os
+import sys
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from backend_common import error_response  # noqa: E402 - beside this file
 
 try:
     import triton_python_backend_utils as pb_utils
@@ -155,10 +159,3 @@ class TritonPythonModel:
                 continue
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
         return responses
-
-
-def error_response(message, code="INVALID_ARG"):
-    """An error answer for one request; INVALID_ARG (HTTP 400) for a bad request, INTERNAL for a failure."""
-    code = getattr(pb_utils.TritonError, code, None)
-    error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
-    return pb_utils.InferenceResponse(error=error)

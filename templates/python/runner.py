@@ -27,16 +27,19 @@ import gc
 import json
 import math
 import os
+import sys
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from backend_common import TORCH_DTYPES, error_response, load_program  # noqa: E402 - beside this file
 
 try:
     import triton_python_backend_utils as pb_utils
 except ImportError:  # imported by tests, outside the python backend
     pb_utils = None
 
-TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 class Clock:
@@ -159,7 +162,7 @@ class TorchArtifact:
         # an explicit index: the program's device constants and the inputs must compare equal
         self.device = f"cuda:{torch.cuda.current_device()}" if gpu else "cpu"
         self.dtype = getattr(torch, TORCH_DTYPES[params.get("precision", "fp32")])
-        module = load_program(torch, path, self.device)
+        module = load_program(path, self.device)
         if params.get("compile", "none") == "inductor":
             module = torch.compile(module, dynamic=True)  # one compile; graphs are captured per bucket
         self.module = module
@@ -277,16 +280,6 @@ def static_input(torch, shape, dtype, seq_input, device):
 
 def torch_dtype(torch, numpy_dtype):
     return torch.from_numpy(np.zeros(0, dtype=numpy_dtype)).dtype
-
-
-def load_program(torch, path, device):
-    """An ExportedProgram's module on `device`: device constants inside the graph move too."""
-    program = torch.export.load(path)
-    if device != "cpu":
-        from torch.export.passes import move_to_device_pass
-
-        program = move_to_device_pass(program, device)
-    return program.module()
 
 
 def _names(text):
@@ -436,9 +429,7 @@ class TritonPythonModel:
 
     @staticmethod
     def _invalid(text):
-        code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
-        error = pb_utils.TritonError(text, code) if code is not None else pb_utils.TritonError(text)
-        return pb_utils.InferenceResponse(error=error)
+        return error_response(text)
 
     @staticmethod
     def _error(exc):
