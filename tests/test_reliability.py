@@ -184,7 +184,8 @@ def copy_repo(built, dst: Path) -> Path:
      "'tag:yaml.org,2002:python/object/apply:os.system'"),
     (f"models:\n  - {{name: enc, task: feature-extraction, source: {{config: {TINY_BERT}}}, "
      "variants: [{format: torch, precision: int8}]}\n",
-     "models[0](enc): variant torch_int8: torch int8 is supported for text generation (a generation: block) only; use format onnx for int8"),
+     "models[0](enc): variant torch_int8: torch int8 is not supported here: weight-only int8 (torchao) is the "
+     "generation endpoint's; use format onnx for int8"),
     (f"models:\n  - {{name: enc, task: feature-extraction, source: {{config: {TINY_BERT}}}, "
      "instances: {count: 0}, variants: [{format: onnx}]}\n",
      "models[0](enc).instances.count: Input should be greater than or equal to 1; got 0; write 1 or more"),

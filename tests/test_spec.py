@@ -73,7 +73,7 @@ BAD_SPECS = {
                               "models[0](lm).generation.max_sequences: Input should be greater than or equal to 1; got 0; write 1 or more"),
     "vllm_logits_only": ("models:" + LLM_MODEL.replace("format: torch", "format: vllm") + "    generation: false\n",
                          "models[0](lm): variant vllm_fp32: format vllm serves the generation endpoint; remove "
-                         "generation: false, or use onnx or torch for the logits-only forward"),
+                         "generation: false, or use onnx, tensorrt or torch for the logits-only forward"),
     "generation_with_onnx": ("models:" + LLM_MODEL.replace("format: torch", "format: onnx") + "    generation: {}\n",
                              "models[0](lm): variant onnx_fp32: the generation endpoint is served as format torch, "
                              "tensorrt-llm or vllm; remove the variant, or write generation: false for the logits-only "

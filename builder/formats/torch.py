@@ -45,4 +45,6 @@ def parameters(job, path: Path) -> dict:
 
 
 TORCH = register(Format(name="torch", artifact="model.pt2", export=export, runner=runner, python_runner="torch",
-                        parameters=parameters, options=("cuda_graphs", "compile")))
+                        parameters=parameters, options=("cuda_graphs", "compile"),
+                        refused={p: f"weight-only {p} (torchao) is the generation endpoint's; use format onnx for {p}"
+                                 for p in ("int8", "int4")}))
