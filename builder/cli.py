@@ -272,7 +272,7 @@ def ask(
     try:
         entries = {n: e for n, e in read_manifest(repo)["models"].items() if "generation" in e and e.get("status") == "passed"}
         if not entries:
-            raise UserError(f"{repo}: no text-generation model here; build one with a generation: block")
+            raise UserError(f"{repo}: no text-generation model here; build one with task: text-generation")
         name = model or next(iter(entries))
         if name not in entries:
             raise UserError(f"--model {name}: not a text-generation model of {repo}; have: {', '.join(entries)}")

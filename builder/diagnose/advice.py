@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import pandas as pd
 
-from builder import cpu
+from builder import cpu, formats
 
 # Thresholds: each is cited in the advice text when it fires.
 LAUNCH_BUSY_RATIO = 0.6  # GPU kernels busy below this share of the wall time per forward
@@ -80,7 +80,8 @@ def _measured(table: pd.DataFrame | None, variant: str) -> pd.DataFrame:
 
 def launch_bound(p, entry, rows) -> Advice | None:
     """GPU torch variant whose kernels are busy less than LAUNCH_BUSY_RATIO of a small-batch forward."""
-    if p.device != "cuda" or p.format != "torch" or p.config.get("params", {}).get("cuda_graphs") == "1":
+    if p.device != "cuda" or "cuda_graphs" not in formats.get(p.format).options \
+            or p.config.get("params", {}).get("cuda_graphs") == "1":
         return None
     small = [r for r in p.runs if r.batch <= SMALL_BATCH and r.busy_ratio is not None]
     run = min(small, key=lambda r: r.busy_ratio, default=None)
