@@ -193,3 +193,52 @@ def test_requests_wait_for_blocks_and_none_is_dropped(llama):
 def test_a_pool_smaller_than_one_sequence_is_refused(llama):
     with pytest.raises(ValueError, match="cannot hold one sequence of max_total_tokens 96"):
         _engine(llama, block_size=8, cache_blocks=11)
+
+
+def test_the_cache_settings_reach_the_served_config(tmp_path):
+    from tiny_llm import build_cli, spec_text
+
+    from builder.render import parse_config
+
+    gen = ("{max_sequences: 2, max_prompt_tokens: 64, max_total_tokens: 128, max_tokens: 16, kv_cache: paged, "
+           "block_size: 32, prefix_caching: false, cache_tokens: 512}")
+    result, repo = build_cli(tmp_path, spec_text(make_model_dir(tmp_path / "m"), generation=gen))
+    assert result.exit_code == 0, result.output
+    params = {k: v.string_value for k, v in parse_config((repo / "tiny" / "config.pbtxt").read_text()).parameters.items()}
+    assert {k: params[k] for k in ("kv_cache", "block_size", "prefix_caching", "cache_tokens")} == \
+        {"kv_cache": "paged", "block_size": "32", "prefix_caching": "0", "cache_tokens": "512"}
+    assert (repo / "tiny" / "1" / "blocks.py").is_file()  # the engine imports it beside itself
+
+
+def test_a_cache_smaller_than_one_sequence_is_refused_in_the_spec():
+    from pydantic import ValidationError
+
+    from builder.spec import Generation
+
+    with pytest.raises(ValidationError, match="cache_tokens .100. cannot hold one sequence of max_total_tokens .128."):
+        Generation(max_prompt_tokens=64, max_total_tokens=128, max_tokens=16, cache_tokens=100)
+
+
+@pytest.mark.gpu
+def test_block_tables_through_cuda_graphs_give_the_slot_caches_tokens(llama):
+    """The served GPU setup over a paged cache: graphed steps read the block table where it is, tables change
+    between replays (admission, growth, preemption with overlap), and the tokens equal the slot cache's."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from builder.generation.decoder import Graphs
+
+    tok, config, weights = llama
+    weights = {k: v.cuda() for k, v in weights.items()}
+    prompts = _ids(tok, PROMPTS[:3] + [PREFIX])
+
+    def run(kv, **options):
+        dec = Decoder(config, weights)
+        e = eng.Engine(dec, tok, max_sequences=3, max_total_tokens=72, prefill_chunk=5, kv_cache=kv, **options)
+        e.decode_step, e.graphed_prompts, e.overlap = Graphs(dec, length_bucket=16, max_rows=3 + 5), True, True
+        return e, [o.token_ids for o in eng.generate(e, prompts, 20, ignore_eos=True)]
+
+    _, want = run("slots")
+    e, got = run("paged", block_size=8)
+    assert got == want
+    e, got = run("paged", block_size=8, cache_blocks=10)  # too few blocks for 3: preemption between replays
+    assert got == want and e.preempted >= 1

@@ -81,6 +81,8 @@ def render(job, artifact: Path) -> bool:
         "stream_interval": gen.stream_interval, "precision": job.variant.precision, "device": instances.kind,
         "threads": instances.threads, "artifact": artifact.name, "add_special_tokens": "1",
         "cuda_graphs": int(job.variant.cuda_graphs), "compile": job.variant.compile,  # GPU instances only
+        "kv_cache": gen.kv_cache, "block_size": gen.block_size, "prefix_caching": int(gen.prefix_caching),
+        "cache_tokens": gen.cache_tokens, "gpu_memory_fraction": gen.gpu_memory_fraction,
     }
     text = render_template(
         "generation.pbtxt.j2", f"{job.name}/config.pbtxt", name=job.name,

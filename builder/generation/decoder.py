@@ -136,6 +136,10 @@ class Decoder(torch.nn.Module):
         itemsize = torch.empty((), dtype=dtype).element_size()
         return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * itemsize
 
+    def cache_tokens(self, memory: int, block_size: int) -> int:
+        """How many tokens a paged cache of `memory` bytes holds, in whole blocks."""
+        return memory // self.block_bytes(self.config, block_size, self.dtype) * block_size
+
     def set_tables(self, slots: list[int], tables: list[list[int]]) -> None:
         """Rows of the block table (unused entries: the scratch block), copied without waiting for the device:
         the copy is queued behind the steps already launched, before the next one (CUDA graphs read the table

@@ -96,10 +96,17 @@ class TritonPythonModel:
                                     quantization=quantization)
         self.tokenizer = Tokenizer.from_file(os.path.join(HERE, "tokenizer.json"))
         self.add_special = p.get("add_special_tokens", "1") == "1"
+        block, tokens = int(p.get("block_size", "16")), int(p.get("cache_tokens", "0"))
+        if not tokens and gpu:  # the paged cache: a share of the memory the weights left (the rest: steps, graphs)
+            free, _ = torch.cuda.mem_get_info(device)
+            tokens = model.cache_tokens(int(free * float(p.get("gpu_memory_fraction", "0.9"))), block)
         self.engine = engine_module.Engine(model, self.tokenizer, max_sequences=int(p["max_sequences"]),
                                            max_total_tokens=self.limits["max_total_tokens"],
                                            prefill_chunk=int(p["prefill_chunk"]),
-                                           stream_interval=int(p.get("stream_interval", "0")))
+                                           stream_interval=int(p.get("stream_interval", "0")),
+                                           kv_cache=p.get("kv_cache", "paged"), block_size=block,
+                                           cache_blocks=tokens // block,
+                                           prefix_caching=p.get("prefix_caching", "1") == "1")
         if gpu and p.get("cuda_graphs", "0") == "1":
             self._graphs(torch, model, p.get("compile", "none"), quantization)
         if gpu:

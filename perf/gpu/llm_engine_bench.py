@@ -1,0 +1,243 @@
+"""Our generation engine in-process on the GPU, at a model shape with random weights made on the device: what the
+served endpoint's engine does (paged KV cache, CUDA graphs, overlapped steps) without Triton, its client or a
+build (an 8B build writes 16 GB twice and checks against HF in fp32: more than a bench call has).
+
+Workloads, each a line of the report (tokens/s, TTFT and ITL per request, measured at the engine's emits):
+  streams    C streams kept busy (a new request when one ends, as perf_analyzer's concurrency mode does),
+             prompt P, output O (forced: ignore_eos), each prompt distinct
+  prefix     C streams of a SHARED-token system prompt + a distinct question of P tokens, prefix caching on and
+             then off (same weights, a fresh cache): TTFT p50 of both
+  long       a LONG-token prompt arriving while C streams decode: their ITL p99 during its prefill vs steady,
+             and its TTFT
+
+    python perf/gpu/llm_engine_bench.py --shape 8b --out DIR [--streams 1,64,256] [--prefix 64] [--long 32]
+
+Shapes: 1b (Llama-3.2-1B: vocab 128256, hidden 2048, 16 layers, 32 heads, 8 KV heads, intermediate 8192, tied)
+and 8b (Llama-3.1-8B: vocab 128256, hidden 4096, 32 layers, 32 heads, 8 KV heads, intermediate 14336).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1]))
+
+SHAPES = {
+    "1b": dict(vocab_size=128256, hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64,
+               intermediate_size=8192, tied_embeddings=True),
+    "8b": dict(vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
+               intermediate_size=14336, tied_embeddings=False),
+    "tiny": dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                 intermediate_size=128, tied_embeddings=True),  # --smoke: the script's logic on a CPU
+}
+
+
+class Tokens:
+    """A stand-in tokenizer: the engine only decodes output ids into text pieces."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(f" {i}" for i in ids)
+
+
+def random_decoder(shape: str, device: str, dtype):
+    """A Decoder of `shape` with random weights made on the device (norms 1, projections N(0, 0.02))."""
+    import torch
+
+    from builder.generation.decoder import Decoder, DecoderConfig
+
+    c = DecoderConfig(rms_norm_eps=1e-5, **SHAPES[shape])
+    g = torch.Generator(device=device).manual_seed(0)
+    rand = lambda *s: (torch.randn(*s, device=device, dtype=dtype, generator=g) * 0.02)  # noqa: E731
+    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    w = {"embed": rand(c.vocab_size, c.hidden_size) * 50, "norm": torch.ones(c.hidden_size, device=device, dtype=dtype),
+         "inv_freq": 1.0 / (500000.0 ** (torch.arange(0, c.head_dim, 2, device=device).float() / c.head_dim))}
+    if not c.tied_embeddings:
+        w["lm_head"] = rand(c.vocab_size, c.hidden_size)
+    for i in range(c.num_layers):
+        p = f"layers.{i}."
+        w[p + "qkv.weight"] = rand(q + 2 * kv, c.hidden_size)
+        w[p + "o.weight"] = rand(c.hidden_size, q)
+        w[p + "gate_up.weight"] = rand(2 * c.intermediate_size, c.hidden_size)
+        w[p + "down.weight"] = rand(c.hidden_size, c.intermediate_size)
+        w[p + "in_norm"] = torch.ones(c.hidden_size, device=device, dtype=dtype)
+        w[p + "post_norm"] = torch.ones(c.hidden_size, device=device, dtype=dtype)
+    return Decoder(c, w)
+
+
+def make_engine(dec, args, slots: int, prefix_caching: bool = True):
+    import torch
+
+    from builder.generation import decoder as D
+    from builder.generation import engine as E
+
+    tokens = args.cache_tokens
+    if not tokens and args.smoke:
+        tokens = slots * args.max_total
+    elif not tokens:
+        torch.cuda.empty_cache()
+        free, _ = torch.cuda.mem_get_info()
+        tokens = dec.cache_tokens(int(free * args.gpu_memory_fraction), args.block_size)
+    e = E.Engine(dec, Tokens(), max_sequences=slots, max_total_tokens=args.max_total, prefill_chunk=args.chunk,
+                 stream_interval=1, kv_cache=args.kv_cache, block_size=args.block_size,
+                 cache_blocks=tokens // args.block_size, prefix_caching=prefix_caching)
+    if args.smoke:
+        return e, tokens
+    step = torch.compile(dec.decode, dynamic=True) if args.compile else None
+    graphs = D.Graphs(dec, step, max_rows=slots + args.chunk, min_rows=2 if step else 1)
+    for key in graphs.keys():
+        graphs.graphs[key] = graphs.capture(*key)
+    e.decode_step, e.graphed_prompts, e.overlap = graphs, True, True
+    e.warm()
+    return e, tokens
+
+
+def drive(engine, requests: list[list[int]], concurrency: int, output: int, arrivals=None):
+    """Keep `concurrency` requests in flight until all ran; per request: submit time, emit times."""
+    from builder.generation import engine as E
+
+    stamps: list[list[float]] = [[] for _ in requests]
+    submitted = [0.0] * len(requests)
+    pending = list(range(len(requests)))
+    done = [0]
+
+    def submit(i):
+        submitted[i] = time.perf_counter()
+
+        def emit(out, i=i):
+            stamps[i].append(time.perf_counter())
+            if out.finished:
+                done[0] += 1
+                if pending and arrivals is None:
+                    submit(pending.pop(0))
+        engine.submit(E.Request(requests[i], output, emit=emit, stream=True, ignore_eos=True))
+
+    order = pending if arrivals is None else []
+    for _ in range(min(concurrency, len(requests)) if arrivals is None else 0):
+        submit(order.pop(0))
+    t0 = time.perf_counter()
+    later = sorted(arrivals or [], key=lambda a: a[0])  # (after seconds, request index)
+    while done[0] < len(requests):
+        while later and time.perf_counter() - t0 >= later[0][0]:
+            submit(later.pop(0)[1])
+        engine.step()
+    return submitted, stamps
+
+
+def stats(submitted, stamps, which=None) -> dict:
+    which = range(len(stamps)) if which is None else which
+    ttft = [(stamps[i][0] - submitted[i]) * 1e3 for i in which]
+    itl = [(b - a) * 1e3 for i in which for a, b in zip(stamps[i], stamps[i][1:])]
+    tokens = sum(len(stamps[i]) for i in which)
+    wall = max(stamps[i][-1] for i in which) - min(submitted[i] for i in which)
+    pct = lambda v, q: round(sorted(v)[min(len(v) - 1, int(q / 100 * len(v)))], 2) if v else None  # noqa: E731
+    return {"requests": len(ttft), "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99),
+            "itl_p50_ms": pct(itl, 50), "itl_p99_ms": pct(itl, 99), "tokens_per_s": round(tokens / wall, 1),
+            "tokens_per_s_per_stream": round(statistics.mean(len(stamps[i]) / (stamps[i][-1] - submitted[i])
+                                                             for i in which), 1)}
+
+
+VOCAB = [128256]
+
+
+def distinct(n: int, length: int, offset: int = 0) -> list[list[int]]:
+    """n prompts of `length` ids, different from their first id on (so no prefix is shared by chance)."""
+    span = VOCAB[0] - 10
+    return [[10 + (offset * 104729 + i * 7919 + j * 31) % span for j in range(length)] for i in range(n)]
+
+
+def main() -> int:
+    import torch
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--output", type=int, default=128)
+    p.add_argument("--streams", default="1,64", help="concurrency levels of the streams workload")
+    p.add_argument("--requests", type=int, default=2, help="requests per stream at each level")
+    p.add_argument("--prefix", type=int, default=0, help="streams of the shared-prefix workload (0: skip)")
+    p.add_argument("--shared", type=int, default=2048, help="shared system prompt tokens")
+    p.add_argument("--long", type=int, default=0, help="decoding streams of the long-prompt workload (0: skip)")
+    p.add_argument("--long-tokens", type=int, default=8192)
+    p.add_argument("--max-total", type=int, default=0, help="max_total_tokens (default: what the workloads need)")
+    p.add_argument("--chunk", type=int, default=256, help="prefill_chunk: prompt tokens per step")
+    p.add_argument("--kv-cache", default="paged")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--cache-tokens", type=int, default=0)
+    p.add_argument("--gpu-memory-fraction", type=float, default=0.8)
+    p.add_argument("--compile", action="store_true", help="inductor before the graphs (minutes of compiling)")
+    p.add_argument("--smoke", action="store_true", help="the tiny shape on the CPU, no graphs: the script's logic")
+    args = p.parse_args()
+    if args.smoke:
+        args.shape = "tiny"
+    VOCAB[0] = SHAPES[args.shape]["vocab_size"]
+    device = "cpu" if args.smoke else "cuda"
+    levels = [int(c) for c in args.streams.split(",") if c]
+    need = [args.prompt + args.output]
+    if args.prefix:
+        need.append(args.shared + args.prompt + args.output)
+    if args.long:
+        need.append(args.long_tokens + args.output)
+    args.max_total = args.max_total or max(need) + 16
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    log = lambda s: print(f"[{time.time() - t0:5.0f} s] {s}", flush=True)  # noqa: E731
+    dec = random_decoder(args.shape, device, torch.float32 if args.smoke else torch.bfloat16)
+    params = sum(v.numel() for v in dec.w.values())
+    report = {"shape": args.shape, "parameters": params, "gpu": "cpu" if args.smoke else torch.cuda.get_device_name(),
+              "torch": torch.__version__, "args": vars(args) | {"out": str(args.out)}, "results": {}}
+    log(f"{args.shape}: {params / 1e9:.2f} B parameters on {report['gpu']}")
+
+    def save():
+        (args.out / "engine.json").write_text(json.dumps(report, indent=1))
+
+    slots = max(levels + [args.prefix, args.long + 1])
+    engine, tokens = make_engine(dec, args, slots)
+    report["cache_tokens"] = tokens
+    log(f"engine: {slots} sequences, cache {tokens} tokens in blocks of {args.block_size}, graphs captured")
+    for c in levels:
+        reqs = distinct(c * args.requests, args.prompt, offset=c)  # distinct from their first token: no hits
+        drive(engine, distinct(c, args.prompt, offset=c + 50000), c, 4)  # warm this level's buckets
+        sub, st = drive(engine, reqs, c, args.output)
+        report["results"][f"streams c={c}"] = r = stats(sub, st)
+        log(f"streams c={c}: {r}")
+        save()
+    if args.prefix:
+        shared = distinct(1, args.shared, offset=99)[0]
+        for caching in (True, False):
+            engine.blocks.prefix_caching = caching
+            reqs = [shared + q for q in distinct(args.prefix * 2, args.prompt, offset=7 + caching)]
+            drive(engine, [shared + distinct(1, 8, offset=3)[0]], 1, 2)  # the prefix is cached before the run
+            sub, st = drive(engine, reqs, args.prefix, args.output)
+            report["results"][f"prefix {args.shared}+{args.prompt} c={args.prefix} caching={caching}"] = r = stats(sub, st)
+            log(f"prefix caching={caching}: {r}")
+            save()
+        engine.blocks.prefix_caching = True
+    if args.long:
+        reqs = distinct(args.long, args.prompt, offset=5) + distinct(1, args.long_tokens, offset=11)
+        output = max(args.output, 256)
+        arrivals = [(0.0, i) for i in range(args.long)] + [(1.0, args.long)]  # the long prompt 1 s into the decode
+        sub, st = drive(engine, reqs, args.long + 1, output, arrivals)
+        arrive, first = sub[args.long], st[args.long][0]
+        during = [(b - a) * 1e3 for i in range(args.long) for a, b in zip(st[i], st[i][1:]) if arrive <= b <= first + 0.05]
+        steady = [(b - a) * 1e3 for i in range(args.long) for a, b in zip(st[i], st[i][1:]) if b < arrive - 0.1]
+        pct = lambda v: round(sorted(v)[int(0.99 * (len(v) - 1))], 2) if v else None  # noqa: E731
+        report["results"][f"long {args.long_tokens} with c={args.long}"] = r = {
+            "long_ttft_ms": round((first - arrive) * 1e3, 1), "itl_p99_steady_ms": pct(steady),
+            "itl_p99_during_ms": pct(during), "itl_p50_steady_ms": round(statistics.median(steady), 2) if steady else None}
+        log(f"long prompt: {r}")
+        save()
+    report["summary"] = engine.summary()
+    save()
+    log(engine.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
