@@ -175,6 +175,18 @@ class Shapes(Strict):
         return out + [self.max_sequence_length]
 
 
+def _names(records: dict) -> str:
+    """'a, b or c' of the records' names."""
+    names = list(records)
+    return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
+
+
+def _in_process(fmt: str) -> bool:
+    """Whether a tensor format runs here (an ensemble's build-time check needs that)."""
+    record = formats.REGISTRY["tensors"].get(fmt)
+    return record is not None and record.in_process
+
+
 def _any_endpoint(name: str) -> tuple[str, str]:
     """(name, the first endpoint with a record of it)."""
     return name, next(e for e in formats.ENDPOINTS if name in formats.REGISTRY[e])
@@ -206,9 +218,8 @@ class Variant(Strict):
             raise ValueError(f"format {self.format} takes precision (and tolerance) only; remove calibration")
         if self.calibration == "static" and self.precision != "int8":
             raise ValueError("calibration: static applies to precision int8 only")
-        refused = next((f.refused[self.precision] for f in records if self.precision in f.refused), None)
-        if refused:
-            raise ValueError(f"{self.format} {self.precision} is not supported: {refused}")
+        if all(self.precision in f.refused for f in records):  # no endpoint makes it (one that does: Model checks)
+            raise ValueError(f"{self.format} {self.precision} is not supported: {records[0].refused[self.precision]}")
         return self
 
     @property
@@ -301,7 +312,7 @@ class Model(Serving):
         if dup:
             raise ValueError(f"variant {dup[0]} is listed twice")
         if isinstance(self.ensemble, bool):  # the shorthand: the fp32 variant, or the only one
-            chosen = next((v.tag for v in self.variants if v.precision == "fp32" and v.format != "tensorrt"),
+            chosen = next((v.tag for v in self.variants if v.precision == "fp32" and _in_process(v.format)),
                           tags[0] if len(tags) == 1 else None)
             if self.ensemble and chosen is None:
                 raise ValueError(f"ensemble: true picks the fp32 variant (or the only one) and this model has neither; "
@@ -323,23 +334,22 @@ class Model(Serving):
         if self.image_input != "float32" and self.task not in IMAGE_TASKS:
             raise ValueError(f"image_input applies to image models ({', '.join(IMAGE_TASKS)}); this model's task is "
                              f"{self.task}: remove image_input")
-        llm = [v.tag for v in self.variants if v.format in LLM_FORMATS]
-        if llm and self.task != "text-generation":
-            raise ValueError(f"variant {llm[0]}: format {llm[0].rsplit('_', 1)[0]} serves text-generation models only; "
-                             "use onnx or torch for this task")
-        if llm and self.generation is None:
-            raise ValueError(f"variant {llm[0]}: format {llm[0].rsplit('_', 1)[0]} serves the generation endpoint; "
-                             "remove generation: false, or use onnx or torch for the logits-only forward")
-        quantized = [v for v in self.variants if v.format == "torch" and v.precision in ("int8", "int4")]
-        if quantized and self.generation is None:  # weight-only through torchao: the generation runtime's
-            p = quantized[0].precision
-            raise ValueError(f"variant {quantized[0].tag}: torch {p} is supported for text generation only; "
-                             f"use format onnx for {p}")
-        if self.generation is not None:
-            other = [v.tag for v in self.variants if v.format not in ("torch", *LLM_FORMATS)]
-            if other:
-                raise ValueError(f"variant {other[0]}: the generation endpoint is served as format torch, tensorrt-llm "
-                                 "or vllm; remove the variant, or write generation: false for the logits-only forward")
+        endpoint = "generation" if self.generation is not None else "tensors"
+        served = formats.REGISTRY[endpoint]  # the format records of what this model is served as
+        for v in self.variants:
+            record = served.get(v.format)
+            if record is None and self.task != "text-generation":
+                raise ValueError(f"variant {v.tag}: format {v.format} serves text-generation models only; "
+                                 f"use {_names(served)} for this task")
+            if record is None and endpoint == "tensors":
+                raise ValueError(f"variant {v.tag}: format {v.format} serves the generation endpoint; remove "
+                                 f"generation: false, or use {_names(served)} for the logits-only forward")
+            if record is None:
+                raise ValueError(f"variant {v.tag}: the generation endpoint is served as format {_names(served)}; "
+                                 "remove the variant, or write generation: false for the logits-only forward")
+            if v.precision in record.refused:
+                raise ValueError(f"variant {v.tag}: {v.format} {v.precision} is not supported here: "
+                                 f"{record.refused[v.precision]}")
         return self
 
 
