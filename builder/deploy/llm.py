@@ -46,7 +46,8 @@ def find_llms(repo: Path) -> list[LLM]:
     entries = read_manifest(Path(repo)).get("models", {})
     found = []
     for name, e in sorted(entries.items()):
-        if e.get("status", "passed") != "passed" or e.get("role") == "llm-part":
+        # "rendered": an LLM target's model set, written but not run by the build
+        if e.get("status", "passed") not in ("passed", "rendered") or e.get("role") == "llm-part":
             continue
         settings = e.get("settings") or {}
         gen = settings.get("generation") or e.get("generation")
@@ -55,7 +56,7 @@ def find_llms(repo: Path) -> list[LLM]:
             found.append(LLM(name, "vllm", a["model"], int(a["max_model_len"]), int(a["max_num_seqs"]),
                              float(a["gpu_memory_utilization"]), int(a.get("tensor_parallel_size", 1)),
                              int(a.get("pipeline_parallel_size", 1)), dict(a)))
-        elif e.get("target") == "tensorrt-llm" and e.get("flow", "llmapi") == "llmapi":
+        elif e.get("target") == "tensorrt-llm" and (e.get("flow") or "llmapi") == "llmapi":
             a = settings["llm_args"]
             found.append(LLM(name, "trtllm", a["model"], int(a["max_seq_len"]), int(a["max_batch_size"]),
                              float(a["kv_cache_config"]["free_gpu_memory_fraction"]),
