@@ -106,9 +106,9 @@ def test_overlapped_decode_steps_give_the_same_outputs(llama, sampled, monkeypat
     launched = [a for a in launches if a is not None]
     assert len(launched) >= 20 and max(len(a.reqs) for a in launched) == 3  # most steps overlapped, all slots busy
     assert any(a.rows > len(a.reqs) for a in launched)  # prompt chunks in overlapped steps
-    reasons = [o[-1][2] if o else "cancelled" for o in plain]  # a cancelled request gets no answer
+    reasons = [o[-1][2] for o in plain]  # a cancelled request ends with "cancelled"
     assert reasons[3] == "cancelled" and {"length", "stop"} <= set(reasons) and all(o[-1][1] for o in plain if o)
-    assert max(len(o[-1][3]) for o in plain if o) > 20  # some ran past 20 tokens: the 48-token total bound it
+    assert max(len(o[-1][3] or ()) for o in plain) > 20  # some ran past 20 tokens: the 48-token total bound it
     assert engine.ahead is None and len(engine.free) == 3
 
 
@@ -323,7 +323,8 @@ def test_cancelled_request_frees_its_slot_for_a_waiting_one(llama):
     for _ in range(8):
         engine.step()
     assert "c" in done and done["c"].num_output_tokens == 5  # served in the slot a gave back
-    assert "a" not in done and "b" not in done  # a was dropped silently; b still decodes
+    # a ends with its final output (Triton releases a request only after one); b still decodes
+    assert done["a"].finished and done["a"].finish_reason == "cancelled" and "b" not in done
 
 
 def _draws(logits: list[float], n: int, **options) -> torch.Tensor:
@@ -675,3 +676,82 @@ def test_inductor_compiled_decode_step_equals_eager(llama):
         args = (tokens, slots, positions, 32, torch.tensor([decoding]), torch.tensor(list(range(decoding)) + [rows - 1]))
         eager = dec.decode(*args)
         torch.testing.assert_close(compiled(*args), eager, rtol=1e-4, atol=1e-4)
+
+
+def test_two_identical_requests_are_two_requests(llama):
+    """Requests compare by identity: two with the same prompt, options and callbacks are two (value equality made
+    `in` / running.remove / waiting.remove take whichever equal one came first), and both run to their end."""
+    tok, model = llama
+    engine = _engine(tok, model, slots=2, total=200)
+    ids = tok(PROMPTS[0])["input_ids"]
+    finals: list[eng.Output] = []
+    never = lambda: False  # noqa: E731 - one callback shared by both
+    same = dict(emit=lambda o: finals.append(o) if o.finished else None, ignore_eos=True, cancelled=never)
+    first, second = eng.Request(ids, 20, **same), eng.Request(ids, 20, **same)
+    assert first != second and len({first, second}) == 2
+    engine.submit(first)
+    engine.submit(second)
+    engine.step()
+    engine.waiting.append(first)  # a stale duplicate entry must not stand for the other request
+    assert second not in engine.waiting
+    engine.waiting.remove(first)
+    while len(finals) < 2:
+        engine.step()
+    assert [f.num_output_tokens for f in finals] == [20, 20] and finals[0].token_ids == finals[1].token_ids
+    assert sorted(engine.free) == [0, 1] and not engine.running
+
+
+def test_logprobs_of_the_picked_tokens_and_the_most_likely(llama):
+    """logprobs=k: every generated token comes with its log-probability and the k most likely tokens' (the
+    picked one first when greedy), in the outputs that carry it, streamed or not; other requests get none."""
+    tok, model = llama
+    engine = _engine(tok, model, slots=3, total=200)
+    ids = tok(PROMPTS[1])["input_ids"]
+    [plain] = eng.generate(engine, [ids], 12, ignore_eos=True)
+    for stream in (False, True):
+        outs: list[eng.Output] = []
+        engine.submit(eng.Request(ids, 12, emit=outs.append, stream=stream, ignore_eos=True, logprobs=3))
+        while not (outs and outs[-1].finished):
+            engine.step()
+        tokens = [t for o in outs for t in (o.tokens or [])]
+        assert [t[0] for t in tokens] == outs[-1].token_ids == plain.token_ids
+        for token, logprob, top in tokens:
+            assert len(top) == 3 and top[0][0] == token and abs(top[0][1] - logprob) < 1e-5
+            assert logprob <= 0 and top[0][1] >= top[1][1] >= top[2][1]
+    assert plain.tokens is None
+    # the values are the model's: a fresh forward over prompt + output gives the same log-softmax
+    with torch.no_grad():
+        full = torch.tensor([ids + plain.token_ids[:-1]])
+        ref = torch.log_softmax(model(full).logits[0, len(ids) - 1:].float(), -1)
+    want = ref.gather(-1, torch.tensor(plain.token_ids)[:, None])[:, 0]
+    assert torch.allclose(torch.tensor([t[1] for t in tokens]), want, atol=1e-3)
+
+
+class _OnlyTokens:
+    """A guide that allows a fixed set of tokens (what a grammar's mask does, without the grammar)."""
+
+    def __init__(self, allowed: list[int]):
+        self.allowed, self.accepted = allowed, []
+
+    def mask(self, row: torch.Tensor) -> None:
+        keep = torch.full_like(row, float("-inf"))
+        keep[self.allowed] = 0
+        row += keep
+
+    def accept(self, token: int) -> None:
+        self.accepted.append(token)
+
+
+def test_a_guide_masks_each_step_and_sees_every_token(llama):
+    tok, model = llama
+    engine = _engine(tok, model, slots=2, total=200)
+    ids = tok(PROMPTS[0])["input_ids"]
+    guide = _OnlyTokens([5, 17, 42])
+    outs: list[eng.Output] = []
+    engine.submit(eng.Request(ids, 10, emit=outs.append, ignore_eos=True, guide=guide, temperature=1.0, seed=3))
+    [other] = eng.generate(engine, [ids], 10, ignore_eos=True)  # unguided at the same time: unchanged
+    while not (outs and outs[-1].finished):
+        engine.step()
+    assert set(outs[-1].token_ids) <= {5, 17, 42} and guide.accepted == outs[-1].token_ids
+    [alone] = eng.generate(engine, [ids], 10, ignore_eos=True)
+    assert other.token_ids == alone.token_ids

@@ -1,5 +1,5 @@
 """Generation on the real Triton server: the HTTP generate extension and SSE, gRPC streaming,
-concurrent requests, cancellation, bad input, and the OpenAI-compatible front with the real `openai` client."""
+concurrent requests, cancellation, bad input (the OpenAI-compatible front: tests/test_openai.py)."""
 
 from __future__ import annotations
 
@@ -131,33 +131,6 @@ def test_bad_input_is_refused_and_the_server_stays_correct(served, body, expecte
     from builder.runtime import self_check
 
     assert [c.ok for c in self_check(server, repo)] == [True]
-
-
-def test_openai_front_with_the_openai_client(served):
-    import openai
-
-    from builder.generation.openai_front import start_front
-
-    server, repo = served
-    front = start_front(repo, server.http_url, 0)
-    try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{front.server_port}/v1", api_key="none", max_retries=0)
-        assert [m.id for m in client.models.list().data] == ["tiny"]
-        done = client.completions.create(model="tiny", prompt="Triton serves", max_tokens=10, extra_body={"ignore_eos": True})
-        assert done.choices[0].text == generate(server.http_url, "tiny", "Triton serves", max_tokens=10)["text_output"]
-        assert done.usage.completion_tokens <= 10
-        chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=12)
-        chunks = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello"}],
-                                                max_tokens=12, stream=True)
-        streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
-        assert chat.choices[0].message.content == streamed
-        assert chat.choices[0].finish_reason in ("stop", "length")
-        with pytest.raises(openai.BadRequestError, match="exceed the cache"):
-            client.completions.create(model="tiny", prompt="Hi", max_tokens=5000)
-        with pytest.raises(openai.NotFoundError):
-            client.completions.create(model="nope", prompt="Hi")
-    finally:
-        front.shutdown()
 
 
 def test_perf_measures_ttft_itl_and_tokens_with_perf_analyzer_streaming(served, tmp_path):

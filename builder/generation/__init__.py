@@ -22,7 +22,7 @@ from builder.signature import Signature, TensorSpec
 
 HERE = Path(__file__).resolve().parent
 GENERATOR = HERE.parent.parent / "templates" / "python" / "generator.py"
-RUNTIME_FILES = (HERE / "decoder.py", HERE / "engine.py", HERE / "blocks.py")
+RUNTIME_FILES = (HERE / "decoder.py", HERE / "engine.py", HERE / "blocks.py", HERE / "guide.py")
 TORCH_DTYPES = python_template("backend_common").TORCH_DTYPES  # precision -> torch dtype, as served
 # greedy tokens that must agree with the fp32 reference (teacher-forced), per precision
 MIN_AGREEMENT = {"fp32": 1.0, "fp16": 0.9, "bf16": 0.85, "int8": 0.85, "int4": 0.7}
@@ -48,7 +48,8 @@ INPUTS = (("text_input", "TYPE_STRING", False), ("max_tokens", "TYPE_INT32", Tru
           ("seed", "TYPE_UINT64", True), ("stop", "TYPE_STRING", True), ("ignore_eos", "TYPE_BOOL", True),
           ("add_special_tokens", "TYPE_BOOL", True))
 OUTPUTS = (("text_output", "TYPE_STRING"), ("finish_reason", "TYPE_STRING"), ("num_input_tokens", "TYPE_INT32"),
-           ("num_output_tokens", "TYPE_INT32"))
+           ("num_output_tokens", "TYPE_INT32"),
+           ("token_info", "TYPE_STRING"))  # JSON [[id, logprob, [[id, logprob], ...]], ...]: only when asked (logprobs)
 NUMPY = {"TYPE_STRING": "bytes", "TYPE_INT32": "int32", "TYPE_BOOL": "bool", "TYPE_FP32": "float32",
          "TYPE_UINT64": "uint64"}
 

@@ -55,9 +55,11 @@ class Output:
     num_output_tokens: int = 0
     error: str | None = None  # the request failed while running: the server stays up, the request gets this
     token_ids: list[int] | None = None  # the generated ids, on the final output
+    # the tokens since the previous output as (id, logprob, [(id, logprob) of the most likely]), when asked for
+    tokens: list | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # identity: two requests with the same fields are still two (running.remove, `in`)
 class Request:
     prompt: list[int]
     max_tokens: int
@@ -70,6 +72,8 @@ class Request:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     cancelled: Callable[[], bool] = lambda: False
+    logprobs: int = -1  # -1: none; 0: each generated token's log-probability; k: and the k most likely tokens'
+    guide: object = None  # guided decoding: .mask(row) limits a logits row in place, .accept(token) moves on
     # engine state
     slot: int = -1
     fed: int = 0  # prompt tokens already in the cache
@@ -79,6 +83,7 @@ class Request:
     streamed: int = 0  # output tokens when the last streamed response went out
     detok: "Detokenizer | None" = None
     draws: int = -1  # the seed of this request's draws (`seed`, or a random one when sampling starts)
+    scored: list = field(default_factory=list)  # (id, logprob, top) of tokens not in an output yet (logprobs >= 0)
     table: list[int] = field(default_factory=list)  # its KV-cache blocks (paged cache)
     refill: int = 0  # output tokens to put back in the cache before decoding on (after a preemption)
 
@@ -101,6 +106,7 @@ class Ahead:
     ready: object  # a CUDA event recorded after that copy; None on the CPU
     positions: list[int]  # the position each request's sampled row fed
     rows: int = 0  # rows in the step, prompt rows included
+    scores: list | None = None  # per request: (logprob, top) when it asked for logprobs (`scored`)
 
 
 class Detokenizer:
@@ -217,6 +223,37 @@ def pick(logits: torch.Tensor, reqs: list[Request], positions: list[int]) -> tor
     return drawn if every else logits.argmax(-1).index_copy(0, rows, drawn)
 
 
+def guided(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+    """The rows of guided requests limited to what their grammar allows next (on a copy: the decoder's buffers
+    stay as they are); the same tensor when no request is guided."""
+    rows = [i for i, r in enumerate(reqs) if r.guide is not None]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    for i in rows:
+        reqs[i].guide.mask(logits[i])
+    return logits
+
+
+def scored(logits: torch.Tensor, reqs: list[Request], picked: torch.Tensor) -> list | None:
+    """Per request, (the picked token's log-probability, [(id, log-probability)] of its `logprobs` most likely
+    tokens) where it asked for logprobs, else None; None for all when none asked (no work, no sync)."""
+    want = [i for i, r in enumerate(reqs) if r.logprobs >= 0]
+    if not want:
+        return None
+    at = torch.tensor(want, device=logits.device)
+    lp = torch.log_softmax(logits[at].float(), dim=-1)
+    chosen = lp.gather(-1, picked[at][:, None])[:, 0].tolist()
+    k = max(reqs[i].logprobs for i in want)
+    top = lp.topk(k, dim=-1) if k else None
+    ids, values = (top.indices.tolist(), top.values.tolist()) if k else ([], [])
+    out: list = [None] * len(reqs)
+    for j, i in enumerate(want):
+        n = reqs[i].logprobs
+        out[i] = (chosen[j], list(zip(ids[j][:n], values[j][:n])) if n else [])
+    return out
+
+
 class Engine:
     def __init__(self, decoder, tokenizer, *, max_sequences: int, max_total_tokens: int, prefill_chunk: int,
                  stream_interval: int = 0, kv_cache: str = "paged", block_size: int = 16, cache_blocks: int = 0,
@@ -231,6 +268,7 @@ class Engine:
         self.stream_interval = stream_interval  # tokens per streamed response after the first; 0: automatic
         self.interval = 1  # this step's
         self.eos = set(decoder.config.eos_token_ids)
+        self.decoder_slots = max_sequences
         self.blocks: BlockManager | None = None
         if kv_cache == "paged":
             per_sequence = blocks_for(max_total_tokens, block_size)
@@ -352,11 +390,14 @@ class Engine:
         self.steps += 1
         rows = self._feed(sampled, seqs)
         fed = [start + n - 1 for _, start, n in seqs]
-        picked = pick(logits[rows] if len(rows) < len(seqs) else logits, [sampled[i] for i in rows],
-                      [fed[i] for i in rows]).tolist()  # one sync for every row
+        picking = [sampled[i] for i in rows]
+        logits = guided(logits[rows] if len(rows) < len(seqs) else logits, picking)
+        picked_t = pick(logits, picking, [fed[i] for i in rows])
+        scores = scored(logits, picking, picked_t)
+        picked = picked_t.tolist()  # one sync for every row
         t3 = time.perf_counter()
-        for i, token in zip(rows, picked):
-            self._advance(sampled[i], token)
+        for j, (i, token) in enumerate(zip(rows, picked)):
+            self._advance(sampled[i], token, scores[j] if scores else None)
         self._tally((t0, t1, t2, t3, time.perf_counter()), len(tokens))
 
     def _admit(self) -> None:
@@ -414,7 +455,8 @@ class Engine:
         tokens on the device, then read the step ahead and advance its rows. False when a plain step must run
         now (prompts without graphed prompts); the step ahead has then been read."""
         ahead = self.ahead
-        can = self.overlap and (self.graphed_prompts or not any(r.prefilling for r in self.running))
+        can = self.overlap and (self.graphed_prompts or not any(r.prefilling for r in self.running)) \
+            and not any(r.guide is not None for r in self.running)  # a grammar's next mask needs the token read
         if ahead is None and not can:
             return False
         running = set(map(id, self.running))  # cancelled requests have left already
@@ -432,9 +474,9 @@ class Engine:
             self._fail(self.running, exc)
             return True
         t3 = time.perf_counter()
-        for req, token in zip(ahead.reqs if ahead else [], picked):
+        for k, (req, token) in enumerate(zip(ahead.reqs if ahead else [], picked)):
             if id(req) in running:  # finished earlier rows have no next row; a request appears once
-                self._advance(req, token)
+                self._advance(req, token, ahead.scores[k] if ahead.scores else None)
         self.ahead = nxt
         self._tally((t0, t1, t2, t3, time.perf_counter()), nxt.rows if nxt else 0)
         return nxt is not None
@@ -496,15 +538,17 @@ class Engine:
         mixed = len(rows) != len(slots)  # prompt rows: logits of the picked rows only
         logits = self._step(tokens, slots, fed, decoding if mixed else None, rows if mixed else None,
                             ahead.tokens if keep else None, keep if keep and len(keep) < len(ahead.reqs) else None)
+        logits = guided(logits, reqs)
         picked = pick(logits, reqs, positions)  # sampled rows too: pick does not sync
+        scores = scored(logits, reqs, picked)  # syncs, only where a request asked for logprobs
         self.steps += 1
         if picked.is_cuda:
             copy = torch.empty(picked.shape, dtype=picked.dtype, pin_memory=True)
             copy.copy_(picked, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(picked.device))  # this thread's current device may differ
-            return Ahead(reqs, picked, copy, ready, positions, len(slots))
-        return Ahead(reqs, picked, picked, None, positions, len(slots))
+            return Ahead(reqs, picked, copy, ready, positions, len(slots), scores)
+        return Ahead(reqs, picked, picked, None, positions, len(slots), scores)
 
     def _step(self, tokens: list[int], slots: list[int], positions: list[int], decoding: int | None = None,
               picks: list[int] | None = None, ahead_tokens: torch.Tensor | None = None,
@@ -545,11 +589,15 @@ class Engine:
             sampled.append(req)
         return tokens, seqs, last, sampled
 
-    def _advance(self, req: Request, token: int) -> None:
+    def _advance(self, req: Request, token: int, score: tuple | None = None) -> None:
         if token in self.eos and not req.ignore_eos:
             self._finish(req, "stop")
             return
         req.output.append(token)
+        if req.guide is not None:
+            req.guide.accept(token)
+        if score is not None:
+            req.scored.append((token, *score))
         due = req.stream and (req.sent == 0 or len(req.output) - req.streamed >= self.interval)
         if not (due or req.stop):  # text is needed only to send it or to look for a stop string: decode later
             req.detok.push(token)
@@ -566,7 +614,7 @@ class Engine:
             upto = len(req.text) - hold
             if upto > req.sent:
                 self._emit(req, Output(req.text[req.sent:upto], num_input_tokens=len(req.prompt),
-                                       num_output_tokens=len(req.output)))
+                                       num_output_tokens=len(req.output), tokens=self._scored(req)))
                 req.sent, req.streamed = upto, len(req.output)
 
     @staticmethod
@@ -588,7 +636,16 @@ class Engine:
         piece = req.text[req.sent:] if req.stream else req.text
         req.sent = len(req.text)
         self._release(req)
-        self._emit(req, Output(piece, True, reason, len(req.prompt), len(req.output), error, list(req.output)))
+        self._emit(req, Output(piece, True, reason, len(req.prompt), len(req.output), error, list(req.output),
+                               self._scored(req)))
+
+    @staticmethod
+    def _scored(req: Request) -> list | None:
+        """The scored tokens not sent yet, for an output (None when the request did not ask for logprobs)."""
+        if req.logprobs < 0:
+            return None
+        out, req.scored = req.scored, []
+        return out
 
     def _emit(self, req: Request, out: Output) -> None:
         try:
@@ -609,6 +666,15 @@ class Engine:
             if req in self.waiting:
                 self.waiting.remove(req)
             self._release(req)
+            # the final response: Triton releases a request only after one (with the FINAL flag) is sent
+            self._emit(req, Output("", True, "cancelled", len(req.prompt), len(req.output), "cancelled"))
+
+    def load(self) -> tuple[int, int, float]:
+        """(running sequences, waiting requests, the share of the KV cache's tokens in use) for metrics; read
+        from any thread (a snapshot, not exact while a step runs)."""
+        running = list(self.running)
+        held = sum(len(r.prompt) + len(r.output) for r in running)
+        return len(running), len(self.waiting) + self.inbox.qsize(), held / (self.decoder_slots * self.max_total)
 
 
 def generate(engine: Engine, prompts: list[list[int]], max_tokens: int, **options) -> list[Output]:

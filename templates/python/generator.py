@@ -9,14 +9,21 @@ clients and load generators work on all three:
            top_k (INT32), seed (UINT64), stop (BYTES, any number of strings), ignore_eos (BOOL),
            add_special_tokens (BOOL: default true, as a tokenizer does; false for text with them already)
   outputs  text_output (BYTES: generated text only), finish_reason (BYTES: "stop" | "length"),
-           num_input_tokens, num_output_tokens (INT32)
+           num_input_tokens, num_output_tokens (INT32), token_info (BYTES, JSON: only with the `logprobs`
+           parameter: [[id, logprob, [[id, logprob] of the most likely]], ...] of the response's new tokens)
+  request parameters (optional; Triton's generate route takes them as JSON fields, gRPC as parameters):
+           logprobs (int: 0 each token's log-probability, k also the k most likely), prompt_ids (a JSON list
+           of token ids, used instead of tokenizing text_input), guide (JSON: {"json_schema": ...} or
+           {"json_object": true}: decoding limited to text the grammar accepts, through xgrammar)
 
 `execute` checks each request, hands it to the engine thread and returns; the engine makes the responses
 and a sending thread sends them, in order, while the engine runs its next step: the first token at once and
 then new text every `stream_interval` tokens when `stream` is true (the generation.stream_interval of the
 spec; 0: 1 token per response up to 8 running sequences, then fewer responses per step), else one response
 with the whole text; the last one carries the FINAL flag. A cancelled request (client gone, or cancelled)
-frees its cache slot at the engine's next cancellation poll.
+frees its cache slot at the engine's next cancellation poll and gets a final CANCELLED response then (Triton
+releases a request only once a FINAL response went out). The engine's load (running and waiting sequences,
+the KV cache's use) is published as Triton custom metrics (METRICS) a few times a second.
 """
 
 import gc
@@ -39,6 +46,12 @@ TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8"
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # optional one-value inputs (besides text_input and stop)
 SCALARS = ("max_tokens", "stream", "temperature", "top_p", "top_k", "seed", "ignore_eos", "add_special_tokens")
+MAX_LOGPROBS = 20
+# Triton custom metrics (its /metrics, label `model`): what the engine holds, published every METRICS_EVERY_S
+METRICS = {"running": ("triton_builder_running_sequences", "Sequences in the engine's running batch"),
+           "waiting": ("triton_builder_waiting_sequences", "Requests waiting for a place in the running batch"),
+           "cache": ("triton_builder_kv_cache_usage_ratio", "Share of the KV cache's tokens in use (0..1)")}
+METRICS_EVERY_S = 0.25
 
 
 class RequestError(ValueError):
@@ -123,6 +136,22 @@ class TritonPythonModel:
         self.sending.start()
         self.thread = threading.Thread(target=self._run, name="generation-engine", daemon=True)
         self.thread.start()
+        self.metrics = threading.Thread(target=self._publish_load, name="generation-metrics", daemon=True)
+        self.metrics.start()
+        self.guides = None  # the grammar compiler, made on the first guided request
+
+    def _publish_load(self):
+        """The engine's load as gauges of Triton's /metrics; a set is a round trip to Triton, so only changes."""
+        families = [pb_utils.MetricFamily(name=name, description=text, kind=pb_utils.MetricFamily.GAUGE)
+                    for name, text in METRICS.values()]  # kept: a family must outlive its metrics
+        gauges = {key: family.Metric(labels={"model": self.name}) for key, family in zip(METRICS, families)}
+        last = None
+        while not self.stop.wait(METRICS_EVERY_S):
+            now = self.engine.load()
+            if now != last:
+                for gauge, value in zip(gauges.values(), now):
+                    gauge.set(float(value))
+                last = now
 
     def _graphs(self, torch, model, compile_mode, quantization):
         """Decode steps as CUDA graphs (optionally inductor-compiled first), captured now for every batch bucket
@@ -177,11 +206,15 @@ class TritonPythonModel:
         texts = _texts(request, "text_input")
         if len(texts) != 1:
             raise RequestError(f"text_input: give exactly one text (got {len(texts)})")
-        if not texts[0].strip():
-            raise RequestError("text_input: the text is empty")
+        extra = self._parameters(request)
         values = {name: _scalar(request, name) for name in SCALARS}
-        special = self.add_special if values["add_special_tokens"] is None else bool(values["add_special_tokens"])
-        prompt = self.tokenizer.encode(texts[0], add_special_tokens=special).ids
+        if extra.get("prompt_ids") is not None:
+            prompt = extra["prompt_ids"]
+        else:
+            if not texts[0].strip():
+                raise RequestError("text_input: the text is empty")
+            special = self.add_special if values["add_special_tokens"] is None else bool(values["add_special_tokens"])
+            prompt = self.tokenizer.encode(texts[0], add_special_tokens=special).ids
         limit, total = self.limits["max_prompt_tokens"], self.limits["max_total_tokens"]
         if len(prompt) > limit:
             raise RequestError(f"text_input: the prompt has {len(prompt)} tokens; this model takes at most {limit} "
@@ -210,7 +243,50 @@ class TritonPythonModel:
             prompt, int(max_tokens), emit=lambda out: self.outbox.put((sender, out, gone)),
             stream=bool(values["stream"]), temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
             seed=values["seed"], stop=stop, ignore_eos=bool(values["ignore_eos"]),
-            cancelled=lambda: gone.is_set() or sender.is_cancelled())
+            cancelled=lambda: gone.is_set() or sender.is_cancelled(), logprobs=extra.get("logprobs", -1),
+            guide=self._guide(extra["guide"]) if extra.get("guide") else None)
+
+    def _parameters(self, request):
+        """The request's parameters this model reads (logprobs, prompt_ids, guide), checked."""
+        try:
+            given = json.loads(request.parameters() or "{}")
+        except (AttributeError, ValueError):
+            given = {}
+        out = {}
+        logprobs = given.get("logprobs")
+        if logprobs is not None:
+            if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= MAX_LOGPROBS:
+                raise RequestError(f"logprobs: give a whole number from 0 to {MAX_LOGPROBS} (got {logprobs!r})")
+            out["logprobs"] = logprobs
+        ids = given.get("prompt_ids")
+        if ids is not None:
+            try:
+                ids = json.loads(ids) if isinstance(ids, str) else ids
+            except ValueError:
+                ids = None
+            vocab = self.engine.decoder.config.vocab_size
+            if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and 0 <= i < vocab for i in ids):
+                raise RequestError(f"prompt_ids: give a non-empty JSON list of token ids below {vocab}")
+            out["prompt_ids"] = ids
+        guide = given.get("guide")
+        if guide:
+            try:
+                out["guide"] = json.loads(guide) if isinstance(guide, str) else guide
+            except ValueError as exc:
+                raise RequestError(f"guide: not JSON ({exc})") from None
+        return out
+
+    def _guide(self, spec):
+        """A grammar matcher for {"json_schema": schema} or {"json_object": true} (any JSON object)."""
+        import guide as guide_module  # beside this file: needs xgrammar, loaded on the first guided request
+
+        if self.guides is None:
+            self.guides = guide_module.Compiler(self.tokenizer, self.engine.decoder.config.vocab_size,
+                                                sorted(self.engine.eos))
+        try:
+            return self.guides.matcher(spec)
+        except ValueError as exc:
+            raise RequestError(f"guide: {exc}") from None
 
     def _send_loop(self):
         """Responses go out from this thread, in order: each send is a round trip to Triton (150-370 µs), and
@@ -220,7 +296,7 @@ class TritonPythonModel:
             if item is None:
                 return
             sender, out, gone = item
-            if gone.is_set():
+            if gone.is_set() and not out.finished:  # the final one still goes: Triton waits for it
                 continue
             try:
                 self._send(sender, out)
@@ -229,20 +305,27 @@ class TritonPythonModel:
 
     @staticmethod
     def _send(sender, out):
-        if out.error is not None:
+        if out.finish_reason == "cancelled":
+            code = getattr(pb_utils.TritonError, "CANCELLED", pb_utils.TritonError.UNKNOWN)
+            response = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError("cancelled", code))
+        elif out.error is not None:
             response = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(out.error))
         else:
-            response = pb_utils.InferenceResponse(output_tensors=[
+            tensors = [
                 pb_utils.Tensor("text_output", np.array([out.text.encode("utf-8")], dtype=np.object_)),
                 pb_utils.Tensor("finish_reason", np.array([out.finish_reason.encode()], dtype=np.object_)),
                 pb_utils.Tensor("num_input_tokens", np.array([out.num_input_tokens], dtype=np.int32)),
                 pb_utils.Tensor("num_output_tokens", np.array([out.num_output_tokens], dtype=np.int32)),
-            ])
+            ]
+            if out.tokens is not None:
+                tensors.append(pb_utils.Tensor("token_info", np.array([json.dumps(out.tokens).encode()], dtype=np.object_)))
+            response = pb_utils.InferenceResponse(output_tensors=tensors)
         sender.send(response, flags=FINAL if out.finished else 0)
 
     def finalize(self):
         self.stop.set()
         self.thread.join(timeout=10)
+        self.metrics.join(timeout=1)
         pb_utils.Logger.log_info(f"generation engine of {self.name}: {self.engine.summary()}")
         self.outbox.put(None)  # after the engine: what it emitted last still goes out
         self.sending.join(timeout=10)

@@ -1,0 +1,469 @@
+"""The routes of the OpenAI-compatible front (FastAPI): models, completions, chat, tokenize, health, metrics.
+
+Every check that can be made is made before the first byte: the body's schema (pydantic), the model, values
+this server cannot honour, and the model's own limits (the first response of every sequence is awaited before
+the HTTP status is sent, so a prompt that is too long is a 400, streamed or not). A stream that fails later
+ends with an error event; a client that goes away cancels its sequences (their slots are freed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from sse_starlette import EventSourceResponse
+from starlette.exceptions import HTTPException
+
+from builder.openai import schema as s
+from builder.openai.errors import APIError, error_body
+from builder.openai.metrics import Metrics
+from builder.openai.prompts import Tokenizers, chat_prompt, completion_prompts, template_messages
+from builder.openai.triton import GenerationError, Piece, Triton
+
+ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/tokenize", "/detokenize",
+          "/health", "/version", "/metrics")
+
+
+@dataclass
+class Sequence:
+    """One generated sequence (a choice): where it goes in the answer and what came back."""
+
+    index: int
+    prompt: int  # which prompt of the request
+    text: str
+    ids: list[int] | None
+    inputs: dict
+    parameters: dict
+    pieces: list[Piece] = field(default_factory=list)
+    stream: AsyncIterator[Piece] | None = None
+
+
+class Front:
+    def __init__(self, repo: Path, grpc_url: str, metrics_url: str | None):
+        from builder.manifest import read_manifest
+
+        self.repo, self.grpc_url, self.metrics_url = Path(repo), grpc_url, metrics_url
+        self.models = {n: e for n, e in read_manifest(repo)["models"].items()
+                       if "generation" in e and e.get("status") == "passed"}
+        self.tokenizers = Tokenizers(repo)
+        self.metrics = Metrics()
+        self.triton: Triton | None = None
+        self.created = int(time.time())
+
+    def model(self, name: str) -> dict:
+        if name not in self.models:
+            raise APIError(404, f"The model '{name}' does not exist; available: {', '.join(self.models) or 'none'}",
+                           param="model", code="model_not_found")
+        return self.models[name]
+
+    # -- sequences --
+    async def start(self, model: str, seqs: list[Sequence], t0: float) -> None:
+        """Open every sequence and wait for its first response: a refusal is the client's 400 (or 500)."""
+        waiting = self.metrics.waiting.labels(model)
+        waiting.inc(len(seqs))
+        try:
+            for seq in seqs:
+                seq.stream = self.triton.generate(model, seq.text, seq.inputs.pop("stop", []), seq.inputs,
+                                                  seq.parameters)
+            firsts = await asyncio.gather(*(anext(seq.stream) for seq in seqs), return_exceptions=True)
+        finally:
+            waiting.dec(len(seqs))
+        failed = [f for f in firsts if isinstance(f, BaseException)]
+        if failed:
+            await asyncio.gather(*(seq.stream.aclose() for seq in seqs), return_exceptions=True)
+            exc = failed[0]
+            if isinstance(exc, GenerationError) and not exc.started and not exc.args[0].startswith("generation failed"):
+                raise APIError(400, exc.args[0])
+            if isinstance(exc, (GenerationError, APIError)):
+                raise APIError(500, str(exc), kind="server_error")
+            raise exc
+        now = time.perf_counter()
+        for seq, first in zip(seqs, firsts):
+            self.metrics.ttft.labels(model).observe(now - t0)
+            seq.pieces.append(first)
+
+    async def follow(self, model: str, seq: Sequence, t0: float) -> AsyncIterator[Piece]:
+        """The sequence's pieces from the first on, timed for the metrics."""
+        running = self.metrics.running.labels(model)
+        running.inc()
+        last = time.perf_counter()
+        try:
+            first = seq.pieces[0]
+            yield first
+            if not first.final:
+                async for piece in seq.stream:
+                    now = time.perf_counter()
+                    n = max(1, len(piece.tokens) or 1)
+                    if piece.text or piece.tokens:
+                        for _ in range(n):
+                            self.metrics.itl.labels(model).observe((now - last) / n)
+                        last = now
+                    seq.pieces.append(piece)
+                    yield piece
+            final = seq.pieces[-1]
+            self.metrics.e2e.labels(model).observe(time.perf_counter() - t0)
+            self.metrics.generation_tokens.labels(model).inc(final.num_output_tokens)
+        finally:
+            running.dec()
+            await seq.stream.aclose()
+
+
+def _stop(body) -> list[str]:
+    stop = body.stop
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stop) > 4:
+        raise APIError(400, "stop: give at most 4 strings", param="stop")
+    return [x for x in stop if x]
+
+
+def _refuse_unsupported(body) -> None:
+    for name, why in s.unsupported(body):
+        raise APIError(400, f"{name}: {why}", param=name)
+
+
+def _inputs(body, max_tokens: int | None, stream: bool) -> dict:
+    inputs = {"stream": stream}
+    for name in ("temperature", "top_p", "top_k", "ignore_eos"):
+        if getattr(body, name) is not None:
+            inputs[name] = getattr(body, name)
+    if max_tokens is not None:
+        inputs["max_tokens"] = max_tokens
+    inputs["stop"] = _stop(body)
+    return inputs
+
+
+def _sequences(body, prompts: list[tuple[str, list[int] | None]], inputs: dict, parameters: dict) -> list[Sequence]:
+    seqs = []
+    for p, (text, ids) in enumerate(prompts):
+        for j in range(body.n):
+            ins = dict(inputs, stop=list(inputs["stop"]))
+            if body.seed is not None:
+                ins["seed"] = (body.seed + j) % 2**64  # n choices of one seed still differ when sampled
+            params = dict(parameters)
+            if ids is not None:
+                params["prompt_ids"] = json.dumps(ids)
+                text = text or " "
+            seqs.append(Sequence(len(seqs), p, text, ids, ins, params))
+    return seqs
+
+
+def _usage(seqs: list[Sequence], prompts: int) -> s.Usage:
+    finals = [seq.pieces[-1] for seq in seqs]
+    prompt = sum(next(f.num_input_tokens for seq, f in zip(seqs, finals) if seq.prompt == p) for p in range(prompts))
+    completion = sum(f.num_output_tokens for f in finals)
+    return s.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def _token(tokenizer, token_id: int) -> str:
+    return tokenizer.decode([token_id])
+
+
+def completion_logprobs(tokenizer, tokens: list, offset: int) -> dict:
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for token_id, logprob, top in tokens:
+        text = _token(tokenizer, token_id)
+        out["tokens"].append(text)
+        out["token_logprobs"].append(logprob)
+        out["top_logprobs"].append({_token(tokenizer, t): lp for t, lp in top})
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out
+
+
+def chat_logprobs(tokenizer, tokens: list) -> dict:
+    def entry(token_id, logprob):
+        text = _token(tokenizer, token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [dict(entry(t, lp), top_logprobs=[entry(i, v) for i, v in top]) for t, lp, top in tokens]}
+
+
+def create_app(repo: Path, grpc_url: str, metrics_url: str | None = None) -> FastAPI:
+    front = Front(repo, grpc_url, metrics_url)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        front.triton = Triton(grpc_url)
+        for name in front.models:  # loaded before the first request, not during it
+            await asyncio.to_thread(front.tokenizers.get, name)
+        yield
+        await front.triton.close()
+
+    app = FastAPI(title="triton-builder OpenAI-compatible API", lifespan=lifespan, openapi_url=None, docs_url=None,
+                  redoc_url=None)
+    app.state.front = front
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        route = request.url.path.rstrip("/")
+        route = route if route in ROUTES else "/v1/models/{id}" if route.startswith("/v1/models/") else "other"
+        try:
+            response = await call_next(request)
+        except Exception:
+            front.metrics.requests.labels(route, "500").inc()
+            raise
+        front.metrics.requests.labels(route, str(response.status_code)).inc()
+        return response
+
+    @app.exception_handler(APIError)
+    async def api_error(request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        where = [str(x) for x in first.get("loc", ()) if x != "body" and not _type_name(x)]
+        param = ".".join(where) or None
+        if first.get("type") == "extra_forbidden":
+            message = f"{param}: this parameter is not supported by this server"
+        elif first.get("type") == "json_invalid":
+            message, param = f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}", None
+        else:
+            message = f"{param}: {first['msg']}" if param else first["msg"]
+        return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):
+        message = f"no route {request.method} {request.url.path}" if exc.status_code in (404, 405) else str(exc.detail)
+        return JSONResponse(error_body(message, "invalid_request_error"), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal(request, exc: Exception):
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500)
+
+    # -- routes --
+    def card(name: str) -> s.ModelCard:
+        return s.ModelCard(id=name, created=front.created)
+
+    @app.get("/v1/models")
+    async def models() -> s.ModelList:
+        return s.ModelList(data=[card(n) for n in front.models])
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> s.ModelCard:
+        front.model(name)
+        return card(name)
+
+    @app.get("/health")
+    async def health():
+        if await front.triton.ready():
+            return Response(status_code=200)
+        return JSONResponse(error_body("the inference server is not ready", "server_error"), status_code=503)
+
+    @app.get("/version")
+    async def version():
+        from importlib.metadata import version as package_version
+
+        try:
+            triton = await front.triton.version()
+        except Exception:  # noqa: BLE001 - the front's version still answers
+            triton = None
+        return {"version": package_version("triton-builder"), "triton": triton}
+
+    @app.get("/metrics")
+    async def metrics():
+        text = await asyncio.to_thread(front.metrics.text, front.metrics_url)
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.post("/tokenize")
+    async def tokenize(body: s.TokenizeRequest):
+        entry = front.model(body.model)
+        tokenizer = front.tokenizers.get(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give either prompt or messages", param="prompt")
+        if body.messages is not None:
+            text = chat_prompt(tokenizer, s.ChatRequest(model=body.model, messages=body.messages), None)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tokenizer(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"]
+        return {"tokens": ids, "count": len(ids), "max_model_len": entry["generation"]["max_total_tokens"]}
+
+    @app.post("/detokenize")
+    async def detokenize(body: s.DetokenizeRequest):
+        front.model(body.model)
+        tokenizer = front.tokenizers.get(body.model)
+        if any(not 0 <= t < len(tokenizer) for t in body.tokens):
+            raise APIError(400, f"tokens: ids must be from 0 to {len(tokenizer) - 1}", param="tokens")
+        return {"prompt": tokenizer.decode(body.tokens)}
+
+    @app.post("/v1/completions")
+    async def completions(body: s.CompletionRequest, request: Request):
+        t0 = time.perf_counter()
+        front.model(body.model)
+        _refuse_unsupported(body)
+        tokenizer = front.tokenizers.get(body.model)
+        prompts = completion_prompts(tokenizer, body.prompt)
+        parameters = {"logprobs": body.logprobs} if body.logprobs is not None else {}
+        seqs = _sequences(body, prompts, _inputs(body, body.max_tokens, body.stream), parameters)
+        await front.start(body.model, seqs, t0)
+        rid, created = "cmpl-" + uuid.uuid4().hex[:24], int(time.time())
+        echo = [text if ids is None else tokenizer.decode(ids) for text, ids in prompts] if body.echo else None
+
+        if not body.stream:
+            await _drain(front, body.model, seqs, t0)
+            choices = []
+            for seq in seqs:
+                text = "".join(p.text for p in seq.pieces)
+                tokens = [t for p in seq.pieces for t in p.tokens]
+                lead = echo[seq.prompt] if echo else ""
+                choices.append(s.CompletionChoice(
+                    index=seq.index, text=lead + text, finish_reason=seq.pieces[-1].finish_reason or "stop",
+                    logprobs=completion_logprobs(tokenizer, tokens, len(lead)) if body.logprobs is not None else None))
+            _count_prompt(front, body.model, seqs, len(prompts))
+            return s.Completion(id=rid, created=created, model=body.model, choices=choices,
+                                usage=_usage(seqs, len(prompts)))
+
+        offsets = {seq.index: 0 for seq in seqs}
+
+        def chunk(seq: Sequence, piece: Piece | None, first: bool) -> dict:
+            text = (echo[seq.prompt] if echo and first else "") + (piece.text if piece else "")
+            logprobs = None
+            if body.logprobs is not None and piece is not None:
+                logprobs = completion_logprobs(tokenizer, piece.tokens, offsets[seq.index])
+                offsets[seq.index] += sum(len(x) for x in logprobs["tokens"])
+            reason = (piece.finish_reason or "stop") if piece is not None and piece.final else None
+            return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
+                    "choices": [{"index": seq.index, "text": text, "finish_reason": reason, "logprobs": logprobs}]}
+
+        return _sse(front, body, seqs, len(prompts), t0, chunk, lambda usage: {
+            "id": rid, "object": "text_completion", "created": created, "model": body.model, "choices": [],
+            "usage": usage})
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: s.ChatRequest, request: Request):
+        t0 = time.perf_counter()
+        front.model(body.model)
+        _refuse_unsupported(body)
+        from builder.openai import guided
+
+        plan = guided.plan(body)  # response_format / tools: a grammar for the engine, a parser for the text
+        tokenizer = front.tokenizers.get(body.model)
+        text = chat_prompt(tokenizer, body, plan.template_tools)
+        parameters = {}
+        if body.logprobs:
+            parameters["logprobs"] = body.top_logprobs or 0
+        elif body.top_logprobs is not None:
+            raise APIError(400, "top_logprobs: only with logprobs: true", param="top_logprobs")
+        if plan.guide is not None:
+            parameters["guide"] = json.dumps(plan.guide)
+        inputs = _inputs(body, body.max_completion_tokens or body.max_tokens, body.stream)
+        inputs["add_special_tokens"] = False  # the template wrote them
+        seqs = _sequences(body, [(text, None)], inputs, parameters)
+        await front.start(body.model, seqs, t0)
+        rid, created = "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
+
+        if not body.stream:
+            await _drain(front, body.model, seqs, t0)
+            choices = []
+            for seq in seqs:
+                content = "".join(p.text for p in seq.pieces)
+                reason = seq.pieces[-1].finish_reason or "stop"
+                calls = plan.parse(content) if plan.parses else None
+                message = s.ChatMessage(content=content)
+                if calls:
+                    message = s.ChatMessage(content=None, tool_calls=calls)
+                    reason = "tool_calls"
+                tokens = [t for p in seq.pieces for t in p.tokens]
+                choices.append(s.ChatChoice(index=seq.index, message=message, finish_reason=reason,
+                                            logprobs=chat_logprobs(tokenizer, tokens) if body.logprobs else None))
+            _count_prompt(front, body.model, seqs, 1)
+            return s.ChatCompletion(id=rid, created=created, model=body.model, choices=choices,
+                                    usage=_usage(seqs, 1))
+
+        usage_field = body.stream_options is not None and body.stream_options.include_usage
+        streams = {seq.index: plan.stream() for seq in seqs}
+
+        def chunk(seq: Sequence, piece: Piece | None, first: bool) -> dict:
+            delta: dict = {"role": "assistant", "content": ""} if first else {}
+            reason = None
+            if piece is not None:
+                delta.update(streams[seq.index].feed(piece.text, piece.final))
+                if piece.final:
+                    reason = "tool_calls" if streams[seq.index].called else (piece.finish_reason or "stop")
+            out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                   "choices": [{"index": seq.index, "delta": delta, "finish_reason": reason,
+                                "logprobs": chat_logprobs(tokenizer, piece.tokens) if body.logprobs and piece else None}]}
+            if usage_field:
+                out["usage"] = None
+            return out
+
+        return _sse(front, body, seqs, 1, t0, chunk, lambda usage: {
+            "id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model, "choices": [],
+            "usage": usage})
+
+    return app
+
+
+def _type_name(part) -> bool:
+    """A union member's name in a validation error's location (list[int], str, ...), not a field."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "dict") or "[" in part
+                                      or part.startswith(("function-", "literal", "union")))
+
+
+def _count_prompt(front: Front, model: str, seqs: list[Sequence], prompts: int) -> None:
+    front.metrics.prompt_tokens.labels(model).inc(_usage(seqs, prompts).prompt_tokens)
+
+
+async def _drain(front: Front, model: str, seqs: list[Sequence], t0: float) -> None:
+    async def one(seq):
+        async for _ in front.follow(model, seq, t0):
+            pass
+
+    try:
+        await asyncio.gather(*(one(seq) for seq in seqs))
+    except GenerationError as exc:
+        raise APIError(500, str(exc), kind="server_error") from None
+
+
+def _sse(front: Front, body, seqs: list[Sequence], prompts: int, t0: float, chunk, usage_chunk) -> EventSourceResponse:
+    """The sequences' pieces as server-sent events (merged as they come), then usage if asked, then [DONE]."""
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+
+    async def events():
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(seq: Sequence):
+            try:
+                async for piece in front.follow(body.model, seq, t0):
+                    await queue.put((seq, piece))
+            except GenerationError as exc:
+                await queue.put((seq, exc))
+            finally:
+                await queue.put((seq, None))
+
+        for seq in seqs:  # the role chunk first, as OpenAI's streams begin
+            if hasattr(body, "messages"):
+                yield {"data": json.dumps(chunk(seq, None, True))}
+        tasks = [asyncio.create_task(pump(seq)) for seq in seqs]
+        open_ = len(seqs)
+        first = {seq.index: not hasattr(body, "messages") for seq in seqs}
+        try:
+            while open_:
+                seq, item = await queue.get()
+                if item is None:
+                    open_ -= 1
+                elif isinstance(item, GenerationError):
+                    yield {"data": json.dumps(error_body(str(item), "server_error"))}
+                    return
+                else:
+                    yield {"data": json.dumps(chunk(seq, item, first[seq.index]))}
+                    first[seq.index] = False
+            _count_prompt(front, body.model, seqs, prompts)
+            if include_usage:
+                yield {"data": json.dumps(usage_chunk(_usage(seqs, prompts).model_dump()))}
+            yield {"data": "[DONE]"}
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    return EventSourceResponse(events(), sep="\n", ping=15)

@@ -1,0 +1,94 @@
+"""Requests into prompts: the model's tokenizer and chat template, loaded once per model from the repository."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+from builder.openai.errors import APIError
+from builder.openai.schema import ChatRequest, Message
+
+
+class Tokenizers:
+    def __init__(self, repo: Path):
+        self.repo = Path(repo)
+        self._loaded: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    def get(self, model: str):
+        with self._lock:
+            if model not in self._loaded:
+                from transformers import AutoTokenizer
+
+                self._loaded[model] = AutoTokenizer.from_pretrained(str(self.repo / model / "1"))
+            return self._loaded[model]
+
+
+def _content(message: Message, i: int) -> str | None:
+    """A message's text: a string, or its text parts joined (other kinds of part are refused)."""
+    if message.content is None or isinstance(message.content, str):
+        return message.content
+    texts = []
+    for j, part in enumerate(message.content):
+        kind = getattr(part, "type", None) or (part.get("type") if isinstance(part, dict) else None)
+        if kind != "text":
+            raise APIError(400, f"messages[{i}].content[{j}]: content parts of type {kind!r} are not supported by "
+                           "this text model; give text parts", param=f"messages.{i}.content.{j}")
+        texts.append(part.text if hasattr(part, "text") else str(part.get("text", "")))
+    return "".join(texts)
+
+
+def template_messages(messages: list[Message]) -> list[dict]:
+    """Messages as chat templates expect them: text content, tool calls with their arguments as objects."""
+    out = []
+    for i, m in enumerate(messages):
+        entry: dict = {"role": "system" if m.role == "developer" else m.role, "content": _content(m, i) or ""}
+        if m.name:
+            entry["name"] = m.name
+        if m.tool_calls:
+            calls = []
+            for call in m.tool_calls:
+                try:
+                    arguments = json.loads(call.function.arguments or "{}")
+                except json.JSONDecodeError:
+                    arguments = call.function.arguments
+                calls.append({"id": call.id, "type": "function",
+                              "function": {"name": call.function.name, "arguments": arguments}})
+            entry["tool_calls"] = calls
+        if m.tool_call_id:
+            entry["tool_call_id"] = m.tool_call_id
+        out.append(entry)
+    return out
+
+
+def chat_prompt(tokenizer, body: ChatRequest, tools: list[dict] | None) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise APIError(400, f"model {body.model!r} has no chat template; use /v1/completions with a prompt",
+                       param="messages")
+    try:
+        return tokenizer.apply_chat_template(template_messages(body.messages), tools=tools, tokenize=False,
+                                             add_generation_prompt=True)
+    except APIError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the template rejected what the client sent
+        raise APIError(400, f"messages: the model's chat template failed: {exc}", param="messages") from None
+
+
+def completion_prompts(tokenizer, prompt) -> list[tuple[str, list[int] | None]]:
+    """(text, token ids or None) per prompt of a completions request: a string, strings, ids, lists of ids."""
+    if isinstance(prompt, str):
+        return [(prompt, None)]
+    if not prompt:
+        raise APIError(400, "prompt: give a string, a list of strings, or token ids", param="prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [(tokenizer.decode(prompt), list(prompt))]
+    out = []
+    for i, p in enumerate(prompt):
+        if isinstance(p, str):
+            out.append((p, None))
+        elif isinstance(p, list) and p and all(isinstance(t, int) for t in p):
+            out.append((tokenizer.decode(p), list(p)))
+        else:
+            raise APIError(400, f"prompt[{i}]: give a string or a non-empty list of token ids", param="prompt")
+    return out
