@@ -144,8 +144,8 @@ bench-bundle: setup ## Prepare .bundle/ (server + wheels, < 64 MiB) for the GPU 
 bench-gpu: ## On a GPU machine (no registry needed): build, serve, measure, report into RESULTS_GPU (MPS=1: instances share the GPU through CUDA MPS)
 	perf/gpu/bench.sh $(RESULTS_GPU)
 
-bench-gpu-llm: ## On a GPU machine: Llama-3.2-1B shape, our torch endpoint served (bf16 inductor + graphs, int8, int4) vs HF generate, then bf16's steps in-process, into RESULTS_GPU-llm
-	DRIVER=perf/gpu/llm_bench.py perf/gpu/bench.sh $(RESULTS_GPU)-llm
+bench-gpu-llm: ## On a GPU machine: SHAPE=1b (default) or 8b Llama shape, our torch endpoint served (bf16 inductor + graphs, int8, int4) vs HF generate, then bf16's steps in-process, into RESULTS_GPU-llm; LLM_ARGS: more driver options (--prompt-tokens, --output-tokens, --concurrency, ...)
+	DRIVER=perf/gpu/llm_bench.py perf/gpu/bench.sh $(RESULTS_GPU)-llm --shape $(or $(SHAPE),1b) $(LLM_ARGS)
 
 test-gpu: ## On a GPU machine (no registry needed): the tests marked gpu, pytest from the bundle
 	perf/gpu/gpu_tests.sh

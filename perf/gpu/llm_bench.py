@@ -38,12 +38,18 @@ VARIANTS = ["{format: torch, precision: bf16}",
             "{format: torch, precision: int4, cuda_graphs: true, compile: inductor, tolerance: {min_cosine: 0.5}}"]
 
 
-def spec_text(model_dir: Path, kind: str, slots: int, prompt: int, output: int, variants: list[str]) -> str:
+def spec_text(model_dir: Path, kind: str, slots: int, prompt: int, output: int, variants: list[str],
+              name: str = "llama1b", prefix_caching: bool = False) -> str:
+    """The bench's spec. Its KV cache holds what `slots` sequences of max_total_tokens take (cache_tokens), as the
+    slot layout did: several variants share the GPU in one server, and a pool sized from the free memory would
+    let the first one loaded take most of it. perf_analyzer sends one prompt to every request, so prefix caching
+    is off unless asked for: every request after the first would find its prompt cached."""
     total = max(512, 2 * (prompt + output))
-    return (f"models:\n  - name: llama1b\n    task: text-generation\n    source: {{path: {model_dir}}}\n"
+    return (f"models:\n  - name: {name}\n    task: text-generation\n    source: {{path: {model_dir}}}\n"
             f"    instances: {{kind: {kind}, count: 1}}\n"
             f"    generation: {{max_sequences: {slots}, max_prompt_tokens: {total // 2}, max_total_tokens: {total}, "
-            f"max_tokens: {output}, prefill_chunk: {2 * prompt}}}\n"
+            f"max_tokens: {output}, prefill_chunk: {2 * prompt}, cache_tokens: {slots * total}, "
+            f"prefix_caching: {str(prefix_caching).lower()}}}\n"
             f"    variants:\n" + "".join(f"      - {v}\n" for v in variants))
 
 
@@ -199,7 +205,10 @@ def main() -> int:
     p.add_argument("--tritonserver", type=Path, default=None)
     p.add_argument("--stub-python", type=Path, default=None)
     p.add_argument("--smoke", action="store_true", help="CPU, 2 layers, short lengths: the pipeline, not the numbers")
-    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--shape", choices=["1b", "8b"], default="1b", help="Llama-3.2-1B or Llama-3.1-8B (llm_model.py)")
+    p.add_argument("--layers", type=int, default=None, help="default: the shape's (16 for 1b, 32 for 8b)")
+    p.add_argument("--prefix-caching", action="store_true", help="leave prefix caching on (every request sends the "
+                   "same prompt: all but the first find it cached)")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--output-tokens", type=int, default=128)
     p.add_argument("--concurrency", default="1,32")
@@ -247,11 +256,13 @@ def main() -> int:
     def log(text: str) -> None:  # seconds since the start on every line: where a 10-minute call's time went
         print(f"[{time.time() - t0:5.0f} s] {text}", flush=True)
 
-    log(f"model: {args.layers} layers, Llama-3.2-1B shape")
-    model_dir = llm_model.make(work / "llama1b", args.layers)
+    args.layers = args.layers or llm_model.SHAPES[args.shape]["num_hidden_layers"]
+    log(f"model: {args.layers} layers, Llama {args.shape} shape")
+    model_dir = llm_model.make(work / f"llama{args.shape}", args.layers, args.shape, device)
     slots = max(concurrency)
     spec = work / "llm.yaml"
-    spec.write_text(spec_text(model_dir, kind, slots, args.prompt_tokens, args.output_tokens, variants))
+    spec.write_text(spec_text(model_dir, kind, slots, args.prompt_tokens, args.output_tokens, variants,
+                              f"llama{args.shape}", args.prefix_caching))
     repo = work / "repo"
     shutil.rmtree(repo, ignore_errors=True)
     result = build(spec, repo, keep_going=True, cache=False)
@@ -330,7 +341,7 @@ def report(out: Path, work: Path, results: Path, env: dict, args, names: list[st
 
     frame = pd.read_csv(results / "llm.csv")
     lines = [f"# GPU LLM bench ({env.get('nvidia_smi') or env['device']})", "",
-             f"Llama-3.2-1B shape, {args.layers} layers, random weights; prompt {args.prompt_tokens} tokens, "
+             f"Llama {args.shape} shape, {args.layers} layers, random weights; prompt {args.prompt_tokens} tokens, "
              f"output {args.output_tokens} tokens (forced); {time.strftime('%Y-%m-%d')}", "",
              "| variant | c | TTFT p50 ms | ITL p50 ms | ITL p99 ms | tok/s per stream | tok/s in all |",
              "|---|---:|---:|---:|---:|---:|---:|"]

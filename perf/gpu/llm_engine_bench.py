@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[1]))
+# the runtime files as the served model imports them (beside each other, torch only): no builder package needed
+sys.path.insert(0, str(HERE.parents[1] / "builder" / "generation"))
 
 SHAPES = {
     "1b": dict(vocab_size=128256, hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64,
@@ -49,7 +50,7 @@ def random_decoder(shape: str, device: str, dtype):
     """A Decoder of `shape` with random weights made on the device (norms 1, projections N(0, 0.02))."""
     import torch
 
-    from builder.generation.decoder import Decoder, DecoderConfig
+    from decoder import Decoder, DecoderConfig
 
     c = DecoderConfig(rms_norm_eps=1e-5, **SHAPES[shape])
     g = torch.Generator(device=device).manual_seed(0)
@@ -73,8 +74,8 @@ def random_decoder(shape: str, device: str, dtype):
 def make_engine(dec, args, slots: int, prefix_caching: bool = True):
     import torch
 
-    from builder.generation import decoder as D
-    from builder.generation import engine as E
+    import decoder as D
+    import engine as E
 
     tokens = args.cache_tokens
     if not tokens and args.smoke:
@@ -99,7 +100,7 @@ def make_engine(dec, args, slots: int, prefix_caching: bool = True):
 
 def drive(engine, requests: list[list[int]], concurrency: int, output: int, arrivals=None):
     """Keep `concurrency` requests in flight until all ran; per request: submit time, emit times."""
-    from builder.generation import engine as E
+    import engine as E
 
     stamps: list[list[float]] = [[] for _ in requests]
     submitted = [0.0] * len(requests)
@@ -143,6 +144,30 @@ def stats(submitted, stamps, which=None) -> dict:
 
 
 VOCAB = [128256]
+
+
+def check_graphs() -> dict:
+    """The tiny shape in fp32 on the GPU, CUDA graphs and overlap as served: the slot cache's greedy tokens, and the
+    paged cache's with a roomy pool and with one so small that sequences are preempted between replays."""
+    import torch
+
+    import decoder as D
+    import engine as E
+
+    VOCAB[0] = SHAPES["tiny"]["vocab_size"]
+    dec = random_decoder("tiny", "cuda", torch.float32)
+    prompts = distinct(4, 40, offset=1) + [distinct(1, 9, offset=2)[0]]
+
+    def run(kv, blocks=0):
+        e = E.Engine(dec, Tokens(), max_sequences=3, max_total_tokens=96, prefill_chunk=5, kv_cache=kv, block_size=8,
+                     cache_blocks=blocks)
+        e.decode_step, e.graphed_prompts, e.overlap = D.Graphs(dec, length_bucket=16, max_rows=3 + 5), True, True
+        return e, [o.token_ids for o in E.generate(e, prompts, 40, ignore_eos=True)]
+
+    _, want = run("slots")
+    _, paged = run("paged")
+    small, squeezed = run("paged", 14)
+    return {"paged_equal": paged == want, "preempted_equal": squeezed == want, "preempted": small.preempted}
 
 
 def distinct(n: int, length: int, offset: int = 0) -> list[list[int]]:
@@ -197,6 +222,10 @@ def main() -> int:
     def save():
         (args.out / "engine.json").write_text(json.dumps(report, indent=1))
 
+    if not args.smoke:
+        report["graphs_check"] = check = check_graphs()
+        log(f"block tables through CUDA graphs, tokens equal to the slot cache's: {check}")
+        VOCAB[0] = SHAPES[args.shape]["vocab_size"]
     slots = max(levels + [args.prefix, args.long + 1])
     engine, tokens = make_engine(dec, args, slots)
     report["cache_tokens"] = tokens
