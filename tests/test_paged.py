@@ -190,6 +190,24 @@ def test_requests_wait_for_blocks_and_none_is_dropped(llama):
     assert all(len(finals[i].token_ids) == 6 for i in range(4))
 
 
+def test_short_requests_in_a_long_context_cache_run_4x_more_than_slots_would(llama):
+    """max_total_tokens 8192 with the memory of 4 slots (32768 tokens): requests of 128-512 tokens run 8 at once
+    and more, where the slot layout runs 4."""
+    tok = llama[0]
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 300, (int(n),), generator=g).tolist() for n in torch.randint(124, 508, (16,), generator=g)]
+    e = _engine(llama, slots=16, total=8192, chunk=2048, block_size=16, cache_blocks=4 * 8192 // 16)
+    finals = {}
+    for i, p in enumerate(prompts):
+        e.submit(eng.Request(p, 4, emit=lambda o, i=i: finals.__setitem__(i, o) if o.finished else None,
+                             ignore_eos=True))
+    most = 0
+    while len(finals) < len(prompts):
+        e.step()
+        most = max(most, len(e.running))
+    assert most == 16 and not e.waiting and e.preempted == 0  # every request at once: 4x the 4 slots and more
+
+
 def test_a_pool_smaller_than_one_sequence_is_refused(llama):
     with pytest.raises(ValueError, match="cannot hold one sequence of max_total_tokens 96"):
         _engine(llama, block_size=8, cache_blocks=11)
