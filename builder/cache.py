@@ -34,7 +34,6 @@ ENV = CACHE_ENV
 LAYOUT = "v1"
 ENTRY = "entry.json"
 CODE_ROOTS = ("builder", "templates")  # the builder's own code: any edit invalidates every entry
-default_root = cache_root
 
 
 def sha256_file(path: Path, memo: dict = {}) -> str:  # noqa: B006 - per-process memo on purpose
@@ -129,7 +128,7 @@ class Hit:
 
 class BuildCache:
     def __init__(self, root: Path | None = None):
-        self.root = Path(root) if root is not None else default_root()
+        self.root = Path(root) if root is not None else cache_root()
 
     def _dir(self, key: str) -> Path:
         return self.root / LAYOUT / key[:2] / key
@@ -183,7 +182,7 @@ class BuildCache:
 def open_cache(enabled: bool) -> BuildCache | None:
     if not enabled:
         return None
-    root = default_root()
+    root = cache_root()
     if root.exists() and not root.is_dir():
         raise UserError(f"{ENV}={root}: not a directory; point it at a directory or use --no-cache")
     return BuildCache(root)
