@@ -19,7 +19,7 @@ from builder.validate import validate_repository
 from tiny_llm import make_model_dir, spec_text
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGE = ROOT / "docs" / "EXTENDING.md"
+PAGE = ROOT / "docs/EXTENDING.md"
 
 
 def blocks(kind: str) -> list[str]:
