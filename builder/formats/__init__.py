@@ -29,6 +29,8 @@ validate and the ensembles read the record instead of branching on format names:
   returns its manifest entries; None: export, verify, render, record as above.
 - `options`: the variant fields it takes beyond format, precision and tolerance (torch: cuda_graphs,
   compile); `refused`: precision -> why it cannot make that precision. The spec reads both.
+- `request(text, output_tokens, sampling, flow)`: the generation endpoint's streaming request in the
+  served model's own tensor names (perf's LLM load).
 
 A variant flows through the build as one `Job` record (builder.build): caching, export,
 verification, config and manifest all read it.
