@@ -2,6 +2,10 @@
 
     results_dir = run_perf(Path("model_repository"), concurrency=(1, 4, 16))
     write_report(results_dir)
+
+`run_perf` checks the request (Settings), picks the variants, writes their input data and the run's
+manifest, and hands the measuring to a `Run` (one variant after another on one server, with the
+server's CPU/GPU use and ensembles' step times per level); text-generation models go to perf/llm.py.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import socket
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -108,6 +113,39 @@ def _answers(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class Settings:
+    """How every variant of a run is measured (the run manifest's `settings`); checked when made."""
+
+    concurrency: tuple[int, ...]
+    protocol: str = "grpc"
+    measurement_ms: int = 2000
+    stability_pct: float = 25.0
+    max_trials: int = 10
+    batch_size: int = 1
+    max_attempts: int = 3
+    relaxed_stability_pct: float | None = 100.0
+    percentile: int | None = None
+    repeats: int = 1
+    input_entries: int = 4
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise UserError(f"protocol {self.protocol!r} must be one of {', '.join(PROTOCOLS)}")
+        if self.repeats < 1:
+            raise UserError(f"repeats {self.repeats} must be >= 1")
+        if not self.concurrency or self.concurrency[0] < 1:
+            raise UserError(f"concurrency levels {list(self.concurrency)} must be integers >= 1")
+
+    def flags(self, model: str, url: str, input_data: str | None = None) -> PerfFlags:
+        return PerfFlags(model=model, url=url, protocol=self.protocol, measurement_ms=self.measurement_ms,
+                         stability_pct=self.stability_pct, max_trials=self.max_trials, batch_size=self.batch_size,
+                         percentile=self.percentile, input_data=input_data)
+
+    def record(self) -> dict:
+        return {**asdict(self), "concurrency": list(self.concurrency)}
+
+
 def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concurrency=(1, 4, 16),
              out: Path | None = None, protocol: str = "grpc", measurement_ms: int = 2000,
              stability_pct: float = 25.0, max_trials: int = 10, batch_size: int = 1, max_attempts: int = 3,
@@ -133,13 +171,8 @@ def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concur
     """
     repo = Path(repo)
     console = console or Console(highlight=False)
-    if protocol not in PROTOCOLS:
-        raise UserError(f"protocol {protocol!r} must be one of {', '.join(PROTOCOLS)}")
-    if repeats < 1:
-        raise UserError(f"repeats {repeats} must be >= 1")
-    levels = sorted(set(int(c) for c in concurrency))
-    if not levels or levels[0] < 1:
-        raise UserError(f"concurrency levels {list(concurrency)} must be integers >= 1")
+    settings = Settings(tuple(sorted({int(c) for c in concurrency})), protocol, measurement_ms, stability_pct,
+                        max_trials, batch_size, max_attempts, relaxed_stability_pct, percentile, repeats, input_entries)
     build = read_manifest(repo)
     if server is None:  # about to start one: a broken repository is a clear error before any process starts
         from builder.validate import validate_repository
@@ -153,9 +186,45 @@ def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concur
                             "pick them, or the others, with --model")
         from builder.perf.llm import measure_generators
 
-        return measure_generators(repo, generators, server=server, concurrency=levels, out=out,
+        return measure_generators(repo, generators, server=server, concurrency=list(settings.concurrency), out=out,
                                   prompt_tokens=prompt_tokens, output_tokens=output_tokens,
                                   perf_analyzer=perf_analyzer, console=console, sampling=sampling)
+    signatures = signatures_of(repo, variants, batch_size)
+    binary = find_perf_analyzer(perf_analyzer)
+    settings.flags("check", "127.0.0.1:1")  # the flags checked once before anything starts
+    started = datetime.now(timezone.utc)
+    results_dir = new_results_dir(out, started)
+    inputs = input_data_files(repo, variants, signatures, results_dir, input_entries, input_files or {})
+    manifest = {
+        "schema": RUN_SCHEMA, "run": results_dir.name, "repo": str(repo.resolve()),
+        "started": started.isoformat(timespec="seconds"), "finished": None, "complete": False,
+        "settings": settings.record(),
+        "perf_analyzer": {"path": str(binary), "version": perf_analyzer_version(binary)},
+        "server": None, "versions": tool_versions(), "build_versions": build.get("tool_versions", {}),
+        "machine": machine_info(),
+        "variants": {name: {**variant_record(name, entry), "inputs": describe_inputs(inputs[name])}
+                     for name, entry in variants.items()},
+        "commands": [], "errors": [],
+    }
+    run = Run(settings, results_dir, manifest, inputs, binary, console)
+    try:
+        with contextlib.ExitStack() as stack:
+            if server is None:
+                from builder.runtime import start_server
+
+                console.print(f"starting a {runtime} Triton server on {escape(str(repo))}")
+                server = stack.enter_context(start_server(repo, runtime=runtime))
+            run.measure_all(server, stack, keep_going)
+    except BaseException as exc:  # the server failed to start, Ctrl-C, ...: keep what was measured, then re-raise
+        manifest["errors"].append(f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        run.save()
+    return run.outcome()
+
+
+def signatures_of(repo: Path, variants: dict[str, dict], batch_size: int) -> dict:
+    """Each variant's signature from its manifest entry; refused where it has none or the batch is too big."""
     signatures = {}
     for name, entry in variants.items():
         if "signature" not in entry:
@@ -164,156 +233,154 @@ def run_perf(repo: Path, *, server=None, models: list[str] | None = None, concur
         if batch_size > 1 and sig.max_batch_size < batch_size:
             raise UserError(f"model {name}: batch size {batch_size} exceeds its max_batch_size {sig.max_batch_size}")
         signatures[name] = sig
-    binary = find_perf_analyzer(perf_analyzer)
-    # Validate the flags once before anything starts (the URL is filled in later).
-    PerfFlags(model="check", url="127.0.0.1:1", protocol=protocol, measurement_ms=measurement_ms,
-              stability_pct=stability_pct, max_trials=max_trials, batch_size=batch_size, percentile=percentile)
+    return signatures
 
-    started = datetime.now(timezone.utc)
-    results_dir = new_results_dir(out, started)
-    run_name = results_dir.name
-    inputs = {name: write_input_data(sig, results_dir / "inputs" / f"{name}.json", entries=input_entries,
+
+def input_data_files(repo: Path, variants: dict[str, dict], signatures: dict, results_dir: Path, entries: int,
+                     given: dict[str, Path]) -> dict[str, Path]:
+    """results_dir/inputs/<variant>.json for every variant: made from its signature (token inputs from its
+    ensemble's tokenizer where it has one), or copied from `given`."""
+    inputs = {name: write_input_data(sig, results_dir / "inputs" / f"{name}.json", entries=entries,
                                      tokenizer=ensemble_tokenizer(repo, variants[name]))
-              for name, sig in signatures.items() if name not in (input_files or {})}
-    for name, source in (input_files or {}).items():
+              for name, sig in signatures.items() if name not in given}
+    for name, source in given.items():
         target = results_dir / "inputs" / f"{name}.json"
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, target)
         inputs[name] = target
-    manifest = {
-        "schema": RUN_SCHEMA, "run": run_name, "repo": str(repo.resolve()),
-        "started": started.isoformat(timespec="seconds"), "finished": None, "complete": False,
-        "settings": {"concurrency": levels, "protocol": protocol, "measurement_ms": measurement_ms,
-                     "stability_pct": stability_pct, "max_trials": max_trials, "batch_size": batch_size,
-                     "max_attempts": max_attempts, "relaxed_stability_pct": relaxed_stability_pct,
-                     "percentile": percentile, "repeats": repeats,
-                     "input_entries": input_entries},
-        "perf_analyzer": {"path": str(binary), "version": perf_analyzer_version(binary)},
-        "server": None, "versions": tool_versions(), "build_versions": build.get("tool_versions", {}),
-        "machine": machine_info(),
-        "variants": {name: {**variant_record(name, entry), "inputs": describe_inputs(inputs[name])}
-                     for name, entry in variants.items()},
-        "commands": [], "errors": [],
-    }
-    rows: list[dict] = []
-    repeat_rows: list[dict] = []  # repeats > 1: every repeat's rows, with its number
-    steps_rows: list[dict] = []  # ensembles: time per composing model, from Triton's statistics
-    env = perf_env()
+    return inputs
 
-    def row_args(name: str) -> dict:
-        entry = manifest["variants"][name]
-        return dict(run=run_name, model=entry["model"], variant=name, format=entry["format"],
-                    precision=entry["precision"], batch_size=batch_size)
 
-    def record_attempts(name: str, attempts) -> None:
-        manifest["commands"].extend(
+class Run:
+    """One perf run in progress: measures the variants one after another on a server, keeps every row (and
+    the server's CPU/GPU use and, for ensembles, each step's time per level), and writes what it has."""
+
+    def __init__(self, settings: Settings, results_dir: Path, manifest: dict, inputs: dict[str, Path],
+                 binary: Path, console: Console):
+        self.settings, self.results_dir, self.manifest, self.inputs = settings, results_dir, manifest, inputs
+        self.binary, self.console, self.env = binary, console, perf_env()
+        self.rows: list[dict] = []
+        self.repeat_rows: list[dict] = []  # repeats > 1: every repeat's rows, with its number
+        self.steps_rows: list[dict] = []  # ensembles: time per composing model, from Triton's statistics
+        self.usage: dict[tuple[str, int], dict] = {}  # (variant, concurrency) -> server CPU / GPU use then
+        self.failure: PerfAnalyzerError | None = None
+        self.lost = ""  # set when the server stopped answering during the run
+        self.failed: list[str] = []  # variants perf_analyzer failed on
+        self.pending = list(manifest["variants"])
+
+    def row_args(self, name: str) -> dict:
+        entry = self.manifest["variants"][name]
+        return dict(run=self.results_dir.name, model=entry["model"], variant=name, format=entry["format"],
+                    precision=entry["precision"], batch_size=self.settings.batch_size)
+
+    def level_rows(self, name: str, levels) -> list[dict]:
+        return [level_row(level, **self.row_args(name), usage=self.usage.get((name, level.concurrency)))
+                for level in levels]
+
+    def record_attempts(self, name: str, attempts) -> None:
+        self.manifest["commands"].extend(
             {"variant": name, "command": a.command, "returncode": a.returncode, "seconds": round(a.seconds, 2)}
             for a in attempts)
 
-    def show(name: str, level: LevelResult) -> None:
-        v, used = level.values, usage.get((name, level.concurrency), {})
+    def show(self, name: str, level: LevelResult) -> None:
+        v, used = level.values, self.usage.get((name, level.concurrency), {})
         numbers = f"{v['throughput']:.1f} infer/s, p99 {v['p99_us'] / 1000:.2f} ms" if v else "no numbers"
         numbers += "".join(f", {label} {used[key]:.0f} %" for key, label in
                            (("server_cpu_pct", "server CPU"), ("gpu_util_pct", "GPU")) if key in used)
         style = {"ok": "green", "unstable": "yellow"}.get(level.status, "red")
         tries = f", {level.attempts} attempts" if level.attempts > 1 else ""
-        console.print(f"  {name} c={level.concurrency}: {numbers} [{style}]{level.status}[/{style}]{tries}",
-                      soft_wrap=True)
+        self.console.print(f"  {name} c={level.concurrency}: {numbers} [{style}]{level.status}[/{style}]{tries}",
+                           soft_wrap=True)
 
-    usage: dict[tuple[str, int], dict] = {}  # (variant, concurrency) -> server CPU / GPU use during that level
-    failure: PerfAnalyzerError | None = None
-    lost = ""  # set when the server stopped answering during the run
-    failed: list[str] = []  # variants perf_analyzer failed on
-    pending = list(variants)
-    try:
-        with contextlib.ExitStack() as stack:
-            if server is None:
-                from builder.runtime import start_server
+    def measure_all(self, server, stack: contextlib.ExitStack, keep_going: bool) -> None:
+        self.manifest["server"] = server_record(server)
+        url = getattr(server, f"{self.settings.protocol}_url", None)
+        if not url:
+            raise UserError(f"the server given has no {self.settings.protocol} URL; pass protocol='grpc' or 'http' "
+                            "to match it")
+        sampler = stack.enter_context(UsageSampler(pid=getattr(server, "pid", None),
+                                                   metrics_url=getattr(server, "metrics_url", None)))
+        read_stats = _stats_reader(server) if any(v.get("steps") for v in self.manifest["variants"].values()) \
+            else None
+        while self.pending:
+            name = self.pending[0]
+            try:
+                result = self.measure_variant(name, url, sampler, read_stats)
+            except PerfAnalyzerError as exc:
+                self.record_attempts(name, exc.attempts)
+                self.rows.extend(self.level_rows(name, exc.levels))
+                self.pending.pop(0)
+                if self.failure is not None:  # an earlier variant's, measured past with keep_going
+                    self.manifest["errors"].append(str(self.failure))
+                self.failure = exc
+                self.failed.append(name)
+                if not _answers(url):
+                    self.lost = f"the Triton server at {url} stopped answering while {name} was measured"
+                    self.manifest["errors"].append(self.lost)
+                    return
+                if not keep_going:
+                    return
+                self.console.print(f"  {escape(name)} failed ({escape(str(exc))}); measuring the others", soft_wrap=True)
+                continue
+            self.record_attempts(name, result.attempts)
+            self.rows.extend(self.level_rows(name, result.levels))
+            self.pending.pop(0)
 
-                console.print(f"starting a {runtime} Triton server on {escape(str(repo))}")
-                server = stack.enter_context(start_server(repo, runtime=runtime))
-            manifest["server"] = server_record(server)
-            url = getattr(server, f"{protocol}_url", None)
-            if not url:
-                raise UserError(f"the server given has no {protocol} URL; pass protocol='grpc' or 'http' to match it")
-            sampler = stack.enter_context(UsageSampler(pid=getattr(server, "pid", None),
-                                                       metrics_url=getattr(server, "metrics_url", None)))
-            read_stats = _stats_reader(server) if any(v.get("steps") for v in manifest["variants"].values()) \
-                else None
-            while pending:
-                name = pending[0]
-                entry = manifest["variants"][name]
-                steps = entry.get("steps") if read_stats else None
-                snapshot = {"stats": read_stats() if steps else None}
-                sampler.take()  # start this variant's first level afresh
+    def measure_variant(self, name: str, url: str, sampler, read_stats):
+        """Every level of `name`, `repeats` times (the median repeat kept); raises PerfAnalyzerError."""
+        settings, entry = self.settings, self.manifest["variants"][name]
+        steps = entry.get("steps") if read_stats else None
+        snapshot = {"stats": read_stats() if steps else None}
+        sampler.take()  # start this variant's first level afresh
 
-                def on_level(level: LevelResult, name=name, steps=steps, snapshot=snapshot) -> None:
-                    usage[(name, level.concurrency)] = sampler.take()
-                    show(name, level)
-                    if not steps:
-                        return
-                    after = read_stats()
-                    if snapshot["stats"] is not None and after is not None and level.values:
-                        steps_rows.extend(step_rows(snapshot["stats"], after, steps, run=run_name, variant=name,
-                                                    concurrency=level.concurrency))
-                    snapshot["stats"] = after
+        def on_level(level: LevelResult) -> None:
+            self.usage[(name, level.concurrency)] = sampler.take()
+            self.show(name, level)
+            if not steps:
+                return
+            after = read_stats()
+            if snapshot["stats"] is not None and after is not None and level.values:
+                self.steps_rows.extend(step_rows(snapshot["stats"], after, steps, run=self.results_dir.name,
+                                                 variant=name, concurrency=level.concurrency))
+            snapshot["stats"] = after
 
-                console.print(f"[bold]{name}[/bold] ({entry['model']}, {entry['format']} {entry['precision']}): "
-                              f"concurrency {', '.join(map(str, levels))}", soft_wrap=True)
-                flags = PerfFlags(model=name, url=url, protocol=protocol, measurement_ms=measurement_ms,
-                                  stability_pct=stability_pct, max_trials=max_trials, batch_size=batch_size,
-                                  percentile=percentile, input_data=str(inputs[name].resolve()))
-                try:
-                    repeated = []
-                    for r in range(repeats):
-                        repeated.append(measure(flags, levels, results_dir / "raw" / name / (f"r{r + 1}" if repeats > 1 else ""),
-                                                max_attempts=max_attempts, relaxed_stability_pct=relaxed_stability_pct,
-                                                binary=binary, env=env, on_level=on_level))
-                        if repeats > 1:
-                            repeat_rows.extend({**level_row(level, **row_args(name), usage=usage.get((name, level.concurrency))),
-                                                "repeat": r + 1} for level in repeated[-1].levels)
-                    result = median_repeat(repeated)
-                except PerfAnalyzerError as exc:
-                    record_attempts(name, exc.attempts)
-                    rows.extend(level_row(level, **row_args(name), usage=usage.get((name, level.concurrency)))
-                                for level in exc.levels)
-                    pending.pop(0)
-                    if failure is not None:  # an earlier variant's, measured past with keep_going
-                        manifest["errors"].append(str(failure))
-                    failure = exc
-                    failed.append(name)
-                    if not _answers(url):
-                        lost = f"the Triton server at {url} stopped answering while {name} was measured"
-                        manifest["errors"].append(lost)
-                        break
-                    if not keep_going:
-                        break
-                    console.print(f"  {escape(name)} failed ({escape(str(exc))}); measuring the others", soft_wrap=True)
-                    continue
-                record_attempts(name, result.attempts)
-                rows.extend(level_row(level, **row_args(name), usage=usage.get((name, level.concurrency)))
-                            for level in result.levels)
-                pending.pop(0)
-    except BaseException as exc:  # the server failed to start, Ctrl-C, ...: keep what was measured, then re-raise
-        manifest["errors"].append(f"{type(exc).__name__}: {exc}")
-        raise
-    finally:
-        for name in pending:
-            rows.extend(not_run_rows(levels, **row_args(name)))
-        if failure is not None:
-            manifest["errors"].append(str(failure))
-        manifest["complete"] = failure is None and not pending and all(
-            r["status"] in ("ok", "unstable") for r in rows)
-        manifest["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        save_results(results_dir, to_frame(rows), manifest)
-        if repeat_rows:
-            pd.DataFrame(repeat_rows, columns=[*COLUMNS, "repeat"]).to_csv(results_dir / REPEATS_CSV, index=False)
-        save_steps(results_dir, steps_rows)
-    if failure is not None:
-        head = f"{lost}\n" if lost else ""
-        if len(failed) > 1:
-            head += f"{len(failed)} variants failed ({', '.join(failed)}); the last: "
-        raise RunError(f"{head}{failure}\npartial results kept in {results_dir} (marked incomplete)") from failure
-    unstable = sum(r["status"] != "ok" for r in rows)
-    console.print(f"results in {escape(str(results_dir))}" + (f" ({unstable} level(s) not stable: see status)" if unstable else ""))
-    return results_dir
+        self.console.print(f"[bold]{name}[/bold] ({entry['model']}, {entry['format']} {entry['precision']}): "
+                           f"concurrency {', '.join(map(str, settings.concurrency))}", soft_wrap=True)
+        flags = settings.flags(name, url, str(self.inputs[name].resolve()))
+        repeated = []
+        for r in range(settings.repeats):
+            workdir = self.results_dir / "raw" / name / (f"r{r + 1}" if settings.repeats > 1 else "")
+            repeated.append(measure(flags, settings.concurrency, workdir, max_attempts=settings.max_attempts,
+                                    relaxed_stability_pct=settings.relaxed_stability_pct, binary=self.binary,
+                                    env=self.env, on_level=on_level))
+            if settings.repeats > 1:
+                self.repeat_rows.extend({**row, "repeat": r + 1} for row in self.level_rows(name, repeated[-1].levels))
+        return median_repeat(repeated)
+
+    def save(self) -> None:
+        """results.csv (+ repeats.csv, steps.csv) and manifest.json with whatever was measured."""
+        for name in self.pending:
+            self.rows.extend(not_run_rows(self.settings.concurrency, **self.row_args(name)))
+        if self.failure is not None:
+            self.manifest["errors"].append(str(self.failure))
+        self.manifest["complete"] = self.failure is None and not self.pending and all(
+            r["status"] in ("ok", "unstable") for r in self.rows)
+        self.manifest["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        save_results(self.results_dir, to_frame(self.rows), self.manifest)
+        if self.repeat_rows:
+            pd.DataFrame(self.repeat_rows, columns=[*COLUMNS, "repeat"]).to_csv(self.results_dir / REPEATS_CSV,
+                                                                               index=False)
+        save_steps(self.results_dir, self.steps_rows)
+
+    def outcome(self) -> Path:
+        """The results directory; RunError naming it where perf_analyzer failed."""
+        if self.failure is not None:
+            head = f"{self.lost}\n" if self.lost else ""
+            if len(self.failed) > 1:
+                head += f"{len(self.failed)} variants failed ({', '.join(self.failed)}); the last: "
+            raise RunError(f"{head}{self.failure}\npartial results kept in {self.results_dir} (marked incomplete)") \
+                from self.failure
+        unstable = sum(r["status"] != "ok" for r in self.rows)
+        self.console.print(f"results in {escape(str(self.results_dir))}"
+                           + (f" ({unstable} level(s) not stable: see status)" if unstable else ""))
+        return self.results_dir
