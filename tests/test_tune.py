@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from builder.cli import app
+from builder.perf import search
 from builder.perf import tune as tuning
 from builder.render import parse_config, preferred_batch_sizes
 from test_perf_server import make_toy_repo
@@ -39,44 +40,44 @@ parameters { key: "threads" value { string_value: "1" } }
 
 def test_every_candidate_config_parses_and_keeps_preferred_sizes_within_max_batch_size():
     cfg = parse_config(TOY)
-    default = tuning.settings_of(cfg)
-    assert default == tuning.Settings(1, 16, (4, 8, 16), 500)
-    grid = tuning.grids(default, cores=2, min_batch=2)
+    default = search.settings_of(cfg)
+    assert default == search.Settings(1, 16, (4, 8, 16), 500)
+    grid = search.grids(default, cores=2, min_batch=2)
     assert grid["max_batch_size"] == [2, 4, 8, 16] and grid["instances"] == [1, 2, 3, 4]
     seen = []
 
     def evaluate(s):
-        text = tuning.config_text(tuning.with_settings(cfg, s), "m/config.pbtxt")
+        text = search.config_text(search.with_settings(cfg, s), "m/config.pbtxt")
         back = parse_config(text)
-        assert tuning.settings_of(back) == s.normal()
+        assert search.settings_of(back) == s.normal()
         assert all(b <= back.max_batch_size for b in back.dynamic_batching.preferred_batch_size)
         assert back.parameters["threads"].string_value == "1" and back.input[0].name == "x"
         seen.append(s)
         return 1.0
 
-    tuning.search(default, grid, 6, evaluate)
+    search.search(default, grid, 6, evaluate)
     assert len(seen) == 6 and seen[0] == default and len(set(seen)) == 6
 
 
 def test_search_finds_the_best_within_its_budget():
-    default = tuning.Settings(1, 16, (), 100)
-    grid = tuning.grids(default, cores=2)
+    default = search.Settings(1, 16, (), 100)
+    grid = search.grids(default, cores=2)
 
     def score(s):  # best at 2 instances, delay 2000 µs, max batch 16; a dip elsewhere
-        return 100 - 30 * abs(s.instances - 2) - 5 * abs(tuning.DELAY_STEPS_US.index(s.queue_delay_us) - 3) \
+        return 100 - 30 * abs(s.instances - 2) - 5 * abs(search.DELAY_STEPS_US.index(s.queue_delay_us) - 3) \
             - 3 * (16 // s.max_batch_size - 1)
 
-    tried = tuning.search(default, grid, 10, score)
+    tried = search.search(default, grid, 10, score)
     assert len(tried) <= 10 and tried[0][0] == default
     best = max(tried, key=lambda p: p[1])[0]
-    assert best == tuning.Settings(2, 16, (), 2000)
+    assert best == search.Settings(2, 16, (), 2000)
     # a failed candidate (no score) is never the centre of the refinement
-    tried = tuning.search(default, grid, 5, lambda s: None if s != default else 1.0)
+    tried = search.search(default, grid, 5, lambda s: None if s != default else 1.0)
     assert len(tried) == 5
 
 
 def test_a_gain_must_clear_the_defaults_own_spread():
-    default, other = tuning.Settings(1, 8, (), 0), tuning.Settings(2, 8, (), 0)
+    default, other = search.Settings(1, 8, (), 0), search.Settings(2, 8, (), 0)
 
     def runs(*pairs):
         return [tuning.Candidate(i, s, throughput=t, p99_ms=1.0, concurrency=4, fits=True) for i, (s, t) in enumerate(pairs)]
@@ -141,7 +142,7 @@ def test_tune_applies_the_best_and_the_server_serves_it(tmp_path):
 
     cfg = parse_config((repo / "toy_onnx_fp32" / "config.pbtxt").read_text())
     assert (repo / "toy_onnx_fp32" / "config.pbtxt").read_text() != before
-    assert tuning.settings_of(cfg) == tuning.Settings(**{**chosen["settings"], "preferred": ()})
+    assert search.settings_of(cfg) == search.Settings(**{**chosen["settings"], "preferred": ()})
     assert cfg.parameters["delay_ms"].string_value == "4.0"  # everything else kept
     entry = json.loads((repo / "triton-builder.json").read_text())["models"]["toy_onnx_fp32"]
     assert entry["tuned"]["label"] == chosen["label"]
@@ -186,8 +187,8 @@ def test_report_shows_the_tuned_configuration_of_the_best_variant(tmp_path):
 
     results = tmp_path / "results"
     shutil.copytree(Path(__file__).parent / "fixtures" / "compare" / "base", results)
-    runs = [tuning.Candidate(0, tuning.Settings(1, 8, (), 0), 100.0, 5.0, 4, True),
-            tuning.Candidate(1, tuning.Settings(2, 8, (), 0), 150.0, 6.0, 4, True)]
+    runs = [tuning.Candidate(0, search.Settings(1, 8, (), 0), 100.0, 5.0, 4, True),
+            tuning.Candidate(1, search.Settings(2, 8, (), 0), 150.0, 6.0, 4, True)]
     summary = {**tuning.summarize("toy_a", runs, 50), "budget": 2}
     (results / "tune.json").write_text(json.dumps(summary, default=str))
     text = write_report(results).read_text()

@@ -34,19 +34,19 @@ MA_VERSION = "1.58.0"
 
 def profiled_models(repo: Path, manifest: dict, names: list[str] | None) -> list[str]:
     """Passed variants with a config and perf input data; or exactly those named (checked)."""
-    from builder.perf.tune import _why_not
+    from builder.perf.tune import why_not
 
     entries = manifest["models"]
     if names:
         for name in names:
             if name not in entries:
                 raise UserError(f"--model {name}: not in {repo}; have: {', '.join(sorted(entries))}")
-            why = _why_not(repo, name, entries[name])
+            why = why_not(repo, name, entries[name])
             if why:
                 raise UserError(f"--model {name}: {why}")
         chosen = list(dict.fromkeys(names))
     else:
-        chosen = sorted(n for n, e in entries.items() if _why_not(repo, n, e) is None)
+        chosen = sorted(n for n, e in entries.items() if why_not(repo, n, e) is None)
         if not chosen:
             raise UserError(f"{repo}: no passed variant to profile")
     missing = [n for n in chosen if not (repo / n / PERF_INPUT).is_file()]
