@@ -138,7 +138,7 @@ def test_gpu_tally_counts_kernel_time_once():
 
     from torch.autograd import DeviceType
 
-    from builder.diagnose.profile import tally
+    from builder.diagnose.torch_profile import tally
 
     def event(key, device_type, self_device_us, count=10, self_cpu_us=0.0):
         return SimpleNamespace(key=key, device_type=device_type, self_device_time_total=self_device_us,

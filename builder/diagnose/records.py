@@ -96,3 +96,8 @@ class VariantProfile:
             ridge = self.peak_flops / self.peak["bytes_per_s"]
             return "compute-bound" if run.flops / run.bytes >= ridge else "memory-bound"
         return "– (no integer peak)" if self.precision in ("int8", "int4") else "–"
+
+
+def shares(ops: list[dict]) -> dict[str, float]:
+    total = sum(o["self_us"] for o in ops)
+    return {c: (sum(o["self_us"] for o in ops if o["category"] == c) / total if total else 0.0) for c in CATEGORIES}
