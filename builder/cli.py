@@ -214,9 +214,9 @@ def perf(
     from builder.perf import run_perf
 
     try:
-        levels = [int(c) for c in concurrency.split(",") if c.strip()]
-    except ValueError:
-        _fail(UserError(f"--concurrency {concurrency!r}: give integers separated by commas, e.g. 1,4,16"))
+        levels = _levels(concurrency, "1,4,16")
+    except UserError as exc:
+        _fail(exc)
     if temperature < 0 or not 0 < top_p <= 1:
         _fail(UserError(f"--temperature {temperature} / --top-p {top_p}: temperature must be >= 0 and top-p in (0, 1]"))
     sampling = {"temperature": temperature, **({"top_p": top_p} if top_p < 1 else {})} if temperature > 0 else None
@@ -409,10 +409,7 @@ def tune(
     from builder.perf.tune import tune as run_tune
 
     try:
-        try:
-            levels = [int(c) for c in concurrency.split(",") if c.strip()]
-        except ValueError:
-            raise UserError(f"--concurrency {concurrency!r}: give integers separated by commas, e.g. 4,16") from None
+        levels = _levels(concurrency, "4,16")
         with _interruptible("tune stopped; the repository is unchanged"):
             where, summary = run_tune(repo, model=model, results=results, budget=budget,
                                       latency_budget_ms=latency_budget_ms, concurrency=levels,
@@ -449,10 +446,7 @@ def analyzer_files(
     from builder.perf.modelanalyzer import write_analyzer_files
 
     try:
-        try:
-            levels = [int(c) for c in concurrency.split(",") if c.strip()] if concurrency else None
-        except ValueError:
-            raise UserError(f"--concurrency {concurrency!r}: give integers separated by commas, e.g. 4,16") from None
+        levels = _levels(concurrency, "4,16") if concurrency else None
         files = write_analyzer_files(repo, out, models=model, tritonserver=tritonserver, stub_python=stub_python,
                                      concurrency=levels, latency_budget_ms=latency_budget_ms, force=force)
     except BuilderError as exc:
