@@ -20,7 +20,7 @@ COMPOSE_SCHEMA := .tools/compose_spec.json
 MA_DIR ?= model_analyzer
 
 .DEFAULT_GOAL := help
-.PHONY: help setup lock build validate serve perf report deploy profile compare tune analyzer-files demo demo-llm bench-int8 bench-llm-cpu bench-admission test test-all test-reliability test-matrix bench-bundle bench-gpu bench-gpu-llm bench-gpu-scaling test-gpu clean
+.PHONY: help setup lock build validate serve perf report deploy profile compare tune analyzer-files demo demo-llm bench-int8 bench-llm-cpu bench-admission test test-all test-clients test-reliability test-matrix bench-bundle bench-gpu bench-gpu-llm bench-gpu-scaling test-gpu clean
 
 help: ## List the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -128,6 +128,9 @@ test: setup ## The default suite: unit + real-server tests (CPU, < 15 min)
 
 test-all: setup ## Every CPU test, slow ones included (soak)
 	$(BIN)/pytest -q -m "not gpu" $(PYTEST_ARGS)
+
+test-clients: setup ## Real LLM clients (LangChain, AIPerf; venvs in .tools/clients, made on first use) vs serve --openai-port on SmolLM2, and /v1/embeddings on MiniLM (minutes)
+	$(BIN)/pytest -q -m clients tests/test_openai_clients.py tests/test_openai_embeddings.py $(PYTEST_ARGS)
 
 test-reliability: setup ## The reliability harness (bad input, faults, ~3 min soak): "N cases tried, N handled as specified"
 	$(BIN)/pytest -q -m "reliability and not gpu" $(PYTEST_ARGS)

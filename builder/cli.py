@@ -126,7 +126,7 @@ def serve(
     log: Optional[Path] = typer.Option(None, help="Keep the server's log in this file (text-generation models "
                                                   "write where their steps' time went to it when they unload)."),
     openai_port: Optional[int] = typer.Option(None, help="Also serve an OpenAI-compatible API (/v1/models, "
-                                                         "/v1/completions, /v1/chat/completions, /tokenize, /health, "
+                                                         "/v1/completions, /v1/chat/completions, /v1/embeddings, /health, "
                                                          "/metrics) for text-generation models on this port."),
 ) -> None:
     """Start Triton on a repository, wait until every model is READY, self-check, serve until Ctrl-C."""

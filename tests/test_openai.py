@@ -27,7 +27,7 @@ def front(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("oa")
     model_dir = make_model_dir(tmp / "m", "llama", chat=True)
-    result, repo = build_cli(tmp, spec_text(model_dir, generation="{max_sequences: 2, max_prompt_tokens: 64, "
+    result, repo = build_cli(tmp, spec_text(model_dir, generation="{max_sequences: 2, max_prompt_tokens: 400, "
                                                                   "max_total_tokens: 480, max_tokens: 16, prefill_chunk: 8}"))
     assert result.exit_code == 0, result.output
     with start_server(repo) as server:
@@ -150,6 +150,9 @@ def test_errors_come_before_the_first_byte_even_streamed(client):
         with pytest.raises(openai.BadRequestError) as caught:
             client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=5000, stream=stream)
         assert "exceed the cache" in caught.value.body["message"] and caught.value.status_code == 400
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "word " * 500}], stream=True)
+    assert caught.value.body["param"] == "messages" and caught.value.body["message"].startswith("messages: the prompt has")
     with pytest.raises(openai.BadRequestError, match="image_url"):
         client.chat.completions.create(model="tiny", max_tokens=4, messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}])

@@ -49,6 +49,7 @@ def test_plans_of_response_format_and_tool_choice():
     named = plan(_chat(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "weather"}}))
     assert named.forced and named.guide["json_schema"]["properties"]["name"] == {"const": "weather"}
     assert named.guide["json_schema"]["properties"]["arguments"] == TOOL["function"]["parameters"]
+    assert [t["function"]["name"] for t in named.template_tools] == ["weather"]
     assert plan(_chat(tools=[TOOL], tool_choice="none")).template_tools is None
 
 
@@ -80,3 +81,60 @@ def test_error_bodies_never_carry_a_server_address():
     body = error_body("failed at 127.0.0.1:8001/v2/models/x/generate and http://localhost:8000", "server_error")
     assert "127.0.0.1" not in body["error"]["message"] and "localhost" not in body["error"]["message"]
     assert set(body["error"]) == {"message", "type", "param", "code"}
+
+
+class _FakeTriton:
+    """Stands in for the gRPC client: a refusal before any token, or a failure after the first piece."""
+
+    async def generate(self, model, text, stop, inputs, parameters):
+        from builder.openai.triton import GenerationError, Piece
+
+        if inputs.get("max_tokens") == 999:
+            raise GenerationError("max_tokens: 999 new tokens exceed the cache", started=False)
+        yield Piece("Hello", num_input_tokens=3, num_output_tokens=1)
+        raise GenerationError("generation failed: RuntimeError: lost 10.0.0.5:8001 (http://10.0.0.5:8000/v2)", True)
+
+    async def ready(self):
+        return True
+
+    async def close(self):
+        pass
+
+
+@pytest.fixture
+def fake_front(tmp_path):
+    from builder.openai import start_front
+    from tiny_llm import make_tokenizer
+
+    (tmp_path / "m" / "1").mkdir(parents=True)
+    make_tokenizer(tmp_path / "m" / "1", chat=True)
+    (tmp_path / "triton-builder.json").write_text(json.dumps({"schema": 1, "models": {"m": {
+        "status": "passed", "generation": {"max_total_tokens": 128}}}}))
+    front = start_front(tmp_path, "127.0.0.1:1", 0)
+    front.server.config.app.state.front.triton = _FakeTriton()
+    yield f"http://127.0.0.1:{front.server_port}"
+    front.shutdown()
+
+
+def _post(url: str, body: dict) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_a_failure_mid_stream_is_an_error_event_without_addresses_and_a_refusal_is_a_400(fake_front):
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    status, text = _post(f"{fake_front}/v1/chat/completions", body)
+    events = [json.loads(line[5:]) for line in text.splitlines() if line.startswith("data:")]
+    assert status == 200 and events[1]["choices"][0]["delta"]["content"] == "Hello"
+    error = events[-1]["error"]
+    assert error["type"] == "server_error" and "RuntimeError" in error["message"]
+    assert "10.0.0.5" not in text and "[DONE]" not in text
+    status, text = _post(f"{fake_front}/v1/chat/completions", dict(body, max_tokens=999))
+    assert status == 400 and json.loads(text)["error"]["param"] == "max_tokens"

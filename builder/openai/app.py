@@ -1,4 +1,5 @@
-"""The routes of the OpenAI-compatible front (FastAPI): models, completions, chat, tokenize, health, metrics.
+"""The routes of the OpenAI-compatible front (FastAPI): models, completions, chat, embeddings, tokenize, health,
+version, metrics.
 
 Every check that can be made is made before the first byte: the body's schema (pydantic), the model, values
 this server cannot honour, and the model's own limits (the first response of every sequence is awaited before
@@ -52,21 +53,44 @@ class Front:
         from builder.manifest import read_manifest
 
         self.repo, self.grpc_url, self.metrics_url = Path(repo), grpc_url, metrics_url
-        self.models = {n: e for n, e in read_manifest(repo)["models"].items()
-                       if "generation" in e and e.get("status") == "passed"}
+        entries = read_manifest(repo)["models"]
+        self.models = {n: e for n, e in entries.items() if "generation" in e and e.get("status") == "passed"}
+        # feature-extraction ensembles (text in, sentence embedding out) for /v1/embeddings
+        self.embedders = {n: e for n, e in entries.items() if e.get("role") == "ensemble" and e.get("status") == "passed"
+                          and e.get("task") == "feature-extraction"
+                          and [t["name"] for t in e["signature"]["outputs"]] == ["EMBEDDING"]}
+        self.counters: dict[str, object] = {}  # embedder -> its pre-processing tokenizer (usage counts)
         self.tokenizers = Tokenizers(repo)
         self.metrics = Metrics()
         self.triton: Triton | None = None
         self.created = int(time.time())
 
-    def model(self, name: str) -> dict:
-        if name not in self.models:
-            raise APIError(404, f"The model '{name}' does not exist; available: {', '.join(self.models) or 'none'}",
+    def model(self, name: str, among: dict | None = None) -> dict:
+        among = self.models if among is None else among
+        if name not in among:
+            raise APIError(404, f"The model '{name}' does not exist; available: {', '.join(among) or 'none'}",
                            param="model", code="model_not_found")
-        return self.models[name]
+        return among[name]
+
+    def max_batch(self, name: str) -> int:
+        import re
+
+        found = re.search(r"max_batch_size:\s*(\d+)", (self.repo / name / "config.pbtxt").read_text())
+        return int(found.group(1)) if found else 1
+
+    def count_tokens(self, name: str, texts: list[str]) -> int:
+        """Tokens the ensemble's pre-processing step makes of `texts` (its own tokenizer.json)."""
+        if name not in self.counters:
+            from tokenizers import Tokenizer
+
+            path = self.repo / self.embedders[name]["steps"][0] / "1" / "tokenizer.json"
+            self.counters[name] = Tokenizer.from_file(str(path)) if path.is_file() else None
+        tokenizer = self.counters[name]
+        # attention masks, not ids: a tokenizer.json may pad a batch to its longest text
+        return sum(sum(e.attention_mask) for e in tokenizer.encode_batch(texts)) if tokenizer is not None else 0
 
     # -- sequences --
-    async def start(self, model: str, seqs: list[Sequence], t0: float) -> None:
+    async def start(self, model: str, seqs: list[Sequence], t0: float, chat: bool = False) -> None:
         """Open every sequence and wait for its first response: a refusal is the client's 400 (or 500)."""
         waiting = self.metrics.waiting.labels(model)
         waiting.inc(len(seqs))
@@ -82,7 +106,13 @@ class Front:
             await asyncio.gather(*(seq.stream.aclose() for seq in seqs), return_exceptions=True)
             exc = failed[0]
             if isinstance(exc, GenerationError) and not exc.started and not exc.args[0].startswith("generation failed"):
-                raise APIError(400, exc.args[0])
+                message, param = exc.args[0], None
+                if message.startswith("text_input: "):  # the model's input is the client's prompt or messages
+                    param = "messages" if chat else "prompt"
+                    message = f"{param}: {message.removeprefix('text_input: ')}"
+                elif message.split(":", 1)[0] in ("max_tokens", "temperature", "top_p", "top_k", "logprobs", "guide"):
+                    param = message.split(":", 1)[0]
+                raise APIError(400, message, param=param)
             if isinstance(exc, (GenerationError, APIError)):
                 raise APIError(500, str(exc), kind="server_error")
             raise exc
@@ -246,12 +276,33 @@ def create_app(repo: Path, grpc_url: str, metrics_url: str | None = None) -> Fas
 
     @app.get("/v1/models")
     async def models() -> s.ModelList:
-        return s.ModelList(data=[card(n) for n in front.models])
+        return s.ModelList(data=[card(n) for n in [*front.models, *front.embedders]])
 
     @app.get("/v1/models/{name:path}")
     async def model(name: str) -> s.ModelCard:
-        front.model(name)
+        front.model(name, {**front.models, **front.embedders})
         return card(name)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: s.EmbeddingRequest):
+        import base64
+
+        front.model(body.model, front.embedders)
+        if body.dimensions is not None:
+            raise APIError(400, "dimensions: this model's embeddings have one size; leave it out", param="dimensions")
+        texts = [body.input] if isinstance(body.input, str) else list(body.input)
+        if not texts or any(not t for t in texts):
+            raise APIError(400, "input: give a non-empty string or list of non-empty strings", param="input")
+        try:
+            vectors = await front.triton.embed(body.model, texts, front.max_batch(body.model))
+        except GenerationError as exc:
+            raise APIError(400, str(exc), param="input") from None
+        data = [{"object": "embedding", "index": i,
+                 "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if body.encoding_format == "base64"
+                 else v.tolist()} for i, v in enumerate(vectors)]
+        tokens = await asyncio.to_thread(front.count_tokens, body.model, texts)
+        return {"object": "list", "data": data, "model": body.model,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
     @app.get("/health")
     async def health():
@@ -358,7 +409,7 @@ def create_app(repo: Path, grpc_url: str, metrics_url: str | None = None) -> Fas
         inputs = _inputs(body, body.max_completion_tokens or body.max_tokens, body.stream)
         inputs["add_special_tokens"] = False  # the template wrote them
         seqs = _sequences(body, [(text, None)], inputs, parameters)
-        await front.start(body.model, seqs, t0)
+        await front.start(body.model, seqs, t0, chat=True)
         rid, created = "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
 
         if not body.stream:

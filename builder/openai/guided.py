@@ -138,6 +138,7 @@ def plan(body: ChatRequest) -> Plan:
         schemas = [_function_schema(t) for t in chosen]
         out.guide = {"json_schema": schemas[0] if len(schemas) == 1 else {"anyOf": schemas}}
         out.forced = out.parses = True
+        out.template_tools = [t.model_dump(exclude_none=True) for t in chosen]  # the model sees what it calls
         return out
     out.template_tools = [t.model_dump(exclude_none=True) for t in tools]
     out.parses = True

