@@ -12,8 +12,9 @@ def num(value, fmt: str = "{:.2f}", none: str = "–") -> str:
     return fmt.format(value)
 
 
-def table(header: list[str], rows: list[list]) -> list[str]:
-    """A markdown table as lines; `|` inside cells is escaped."""
+def table(header: list[str], rows: list[list], right: int = 0) -> list[str]:
+    """A markdown table as lines; `|` inside cells is escaped; the last `right` columns right-aligned."""
     cell = lambda s: str(s).replace("|", "\\|")  # noqa: E731
-    return ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|",
+    rule = ["---"] * (len(header) - right) + ["---:"] * right
+    return ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "|".join(rule) + "|",
             *("| " + " | ".join(cell(c) for c in row) + " |" for row in rows)]

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 from rich.console import Console
 
+from builder import markdown as md
 from builder.errors import RunError, UserError
 from builder.perf.analyzer import find_perf_analyzer, perf_env
 
@@ -201,15 +202,13 @@ def write_llm_report(results: Path, frame: pd.DataFrame) -> list[str]:
 
     lines = ["## Text generation", "",
              f"Prompt {int(frame['prompt_tokens'].iloc[0])} tokens, output {int(frame['output_tokens'].iloc[0])} tokens "
-             "(forced: max_tokens + ignore_eos), perf_analyzer --streaming over gRPC.", "",
-             "| variant | concurrency | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | tok/s per stream | tok/s | req/s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in frame.itertuples():
-        if r.status != "ok":
-            lines.append(f"| {r.variant} | {r.concurrency} | failed | | | | | | |")
-            continue
-        lines.append(f"| {r.variant} | {r.concurrency} | {r.ttft_p50_ms:.0f} | {r.ttft_p99_ms:.0f} | {r.itl_p50_ms:.1f} | "
-                     f"{r.itl_p99_ms:.1f} | {r.tokens_per_s_per_stream:.1f} | {r.tokens_per_s:.1f} | {r.requests_per_s:.2f} |")
+             "(forced: max_tokens + ignore_eos), perf_analyzer --streaming over gRPC.", ""]
+    rows = [[r.variant, r.concurrency, "failed", "", "", "", "", "", ""] if r.status != "ok" else
+            [r.variant, r.concurrency, f"{r.ttft_p50_ms:.0f}", f"{r.ttft_p99_ms:.0f}", f"{r.itl_p50_ms:.1f}",
+             f"{r.itl_p99_ms:.1f}", f"{r.tokens_per_s_per_stream:.1f}", f"{r.tokens_per_s:.1f}", f"{r.requests_per_s:.2f}"]
+            for r in frame.itertuples()]
+    lines += md.table(["variant", "concurrency", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms",
+                       "tok/s per stream", "tok/s", "req/s"], rows, right=8)
     ok = frame[frame.status == "ok"]
     for column, label, file in (("ttft_p50_ms", "TTFT p50 (ms)", "llm_ttft.png"), ("tokens_per_s", "output tokens/s (all streams)", "llm_tokens.png")):
         fig, ax = plt.subplots(figsize=(6, 4))
