@@ -138,3 +138,15 @@ def test_a_failure_mid_stream_is_an_error_event_without_addresses_and_a_refusal_
     assert "10.0.0.5" not in text and "[DONE]" not in text
     status, text = _post(f"{fake_front}/v1/chat/completions", dict(body, max_tokens=999))
     assert status == 400 and json.loads(text)["error"]["param"] == "max_tokens"
+
+
+def test_a_forced_call_streams_its_name_then_its_arguments_as_decoded():
+    named = plan(_chat(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "weather"}}))
+    stream = named.stream()
+    pieces = ['{"name": "wea', 'ther", "argu', 'ments": {"city": "Pa', 'ris"}', "}"]
+    deltas = [d for i, p in enumerate(pieces) for d in stream.feed(p, i == len(pieces) - 1).get("tool_calls", [])]
+    assert deltas[0]["function"] == {"name": "weather", "arguments": ""} and deltas[0]["id"].startswith("call_")
+    assert len(deltas) > 2 and all(d["index"] == 0 for d in deltas)  # the arguments came in more than one delta
+    text = "".join(pieces)
+    assert "".join(d["function"]["arguments"] for d in deltas) == '{"city": "Paris"}' \
+        == named.parse(text)[0].function.arguments

@@ -439,7 +439,8 @@ def create_app(repo: Path, grpc_url: str, metrics_url: str | None = None) -> Fas
             if piece is not None:
                 delta.update(streams[seq.index].feed(piece.text, piece.final))
                 if piece.final:
-                    reason = "tool_calls" if streams[seq.index].called else (piece.finish_reason or "stop")
+                    reason = piece.finish_reason or "stop"  # a call cut by max_tokens stays "length"
+                    reason = "tool_calls" if streams[seq.index].called and reason != "length" else reason
             out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
                    "choices": [{"index": seq.index, "delta": delta, "finish_reason": reason,
                                 "logprobs": chat_logprobs(tokenizer, piece.tokens) if body.logprobs and piece else None}]}

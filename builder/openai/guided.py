@@ -7,7 +7,8 @@
   in the model's own format: Hermes / Qwen `<tool_call>{...}</tool_call>`, Llama 3 JSON (`{"name": ...,
   "parameters": ...}`, optionally after `<|python_tag|>`), Mistral `[TOOL_CALLS][{...}]`; text that is not a
   call stays content. "none": the tools are left out of the prompt.
-Streamed, text that may start a call is held back until it is known; calls go out as tool_calls deltas.
+Streamed, a forced call goes out as it is decoded (its name, then its arguments in pieces); with "auto", text
+that may start a call is held back until it is known, and calls go out as tool_calls deltas at the end.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from builder.openai.errors import APIError
 from builder.openai.schema import ChatRequest, FunctionCall, ToolCall
 
+FORCED = re.compile(r'\{"name": "([^"\\]+)", "arguments": ')  # the start of a forced call (compact JSON)
 HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
 STARTS = ("<tool_call>", "[TOOL_CALLS]", "<|python_tag|>", "{")
 
@@ -63,6 +65,10 @@ class Plan:
     forced: bool = False  # the output is a call as JSON (required / named)
 
     def parse(self, text: str) -> list[ToolCall]:
+        if self.forced:
+            head = FORCED.match(text)
+            if head and text.endswith("}"):  # the arguments as the model wrote them (what a stream sent)
+                return [_call(head.group(1), text[head.end():-1])]
         return parse_calls(text, self.names)
 
     def stream(self) -> "CallStream":
@@ -77,6 +83,8 @@ class CallStream:
         self.decided = plan.forced
 
     def feed(self, text: str, final: bool) -> dict:
+        if self.plan.forced:
+            return self._forced(text, final)
         if not self.plan.parses:
             return {"content": text} if text else {}
         if self.decided and not self.holding:
@@ -101,6 +109,26 @@ class CallStream:
             return {"content": self.held}
         self.called = True
         return {"tool_calls": [dict(c.model_dump(), index=i) for i, c in enumerate(calls)]}
+
+    def _forced(self, text: str, final: bool) -> dict:
+        """A forced call streams as it is decoded: once `{"name": "f", "arguments": ` is out, a delta with the
+        call's id and name, then the arguments' text as it comes (the last character held back: it may be the
+        closing brace of the wrapper, which is not part of the arguments)."""
+        self.held += text
+        deltas = []
+        if not self.called:
+            head = FORCED.match(self.held)
+            if head is None:
+                return {"content": self.held} if final and self.held else {}
+            self.called, self.sent = True, head.end()
+            call = _call(head.group(1), "")
+            deltas.append({"index": 0, "id": call.id, "type": "function",
+                           "function": {"name": call.function.name, "arguments": ""}})
+        end = len(self.held) - 1 if not final or self.held.endswith("}") else len(self.held)
+        if end > self.sent:
+            deltas.append({"index": 0, "function": {"arguments": self.held[self.sent:end]}})
+            self.sent = end
+        return {"tool_calls": deltas} if deltas else {}
 
 
 def _function_schema(tool) -> dict:
