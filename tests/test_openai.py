@@ -141,6 +141,11 @@ def test_chat_stream_with_usage_equals_the_answer(client):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
     assert all(c.usage is None for c in chunks[:-1])
+    running = list(client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=12, stream=True,
+                                                  stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    counts = [c.usage.completion_tokens for c in running]
+    assert counts == sorted(counts) and counts[-1] == whole.usage.completion_tokens and counts[0] <= 1
+    assert {c.usage.prompt_tokens for c in running} == {whole.usage.prompt_tokens}
 
 
 def test_errors_come_before_the_first_byte_even_streamed(client):

@@ -479,6 +479,12 @@ async def _drain(front: Front, model: str, seqs: list[Sequence], t0: float) -> N
 def _sse(front: Front, body, seqs: list[Sequence], prompts: int, t0: float, chunk, usage_chunk) -> EventSourceResponse:
     """The sequences' pieces as server-sent events (merged as they come), then usage if asked, then [DONE]."""
     include_usage = body.stream_options is not None and body.stream_options.include_usage
+    continuous = body.stream_options is not None and body.stream_options.continuous_usage_stats
+
+    def data(out: dict) -> dict:
+        if continuous:  # the usage so far on every chunk (vLLM's continuous_usage_stats; AIPerf --per-chunk-usage)
+            out["usage"] = _usage(seqs, prompts).model_dump()
+        return {"data": json.dumps(out)}
 
     async def events():
         queue: asyncio.Queue = asyncio.Queue()
@@ -494,7 +500,7 @@ def _sse(front: Front, body, seqs: list[Sequence], prompts: int, t0: float, chun
 
         for seq in seqs:  # the role chunk first, as OpenAI's streams begin
             if hasattr(body, "messages"):
-                yield {"data": json.dumps(chunk(seq, None, True))}
+                yield data(chunk(seq, None, True))
         tasks = [asyncio.create_task(pump(seq)) for seq in seqs]
         open_ = len(seqs)
         first = {seq.index: not hasattr(body, "messages") for seq in seqs}
@@ -507,7 +513,7 @@ def _sse(front: Front, body, seqs: list[Sequence], prompts: int, t0: float, chun
                     yield {"data": json.dumps(error_body(str(item), "server_error"))}
                     return
                 else:
-                    yield {"data": json.dumps(chunk(seq, item, first[seq.index]))}
+                    yield data(chunk(seq, item, first[seq.index]))
                     first[seq.index] = False
             _count_prompt(front, body.model, seqs, prompts)
             if include_usage:

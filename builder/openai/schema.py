@@ -225,8 +225,6 @@ def unsupported(body: Sampling) -> list[tuple[str, str]]:
         out.append(("min_tokens", "not implemented by this engine; leave it out or 0"))
     if body.stream_options is not None and not body.stream:
         out.append(("stream_options", "only with stream: true"))
-    if body.stream_options is not None and body.stream_options.continuous_usage_stats:
-        out.append(("stream_options.continuous_usage_stats", "not implemented; include_usage gives a final usage chunk"))
     if isinstance(body, CompletionRequest):
         if body.suffix:
             out.append(("suffix", "insertion (suffix) is not supported by this model"))
