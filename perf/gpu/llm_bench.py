@@ -108,7 +108,8 @@ def step_times(repo: Path, names: list[str], device: str, batches: list[int], pr
         quant = precision if precision in ("int8", "int4") else "none"
         dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(precision, torch.bfloat16)
         dec = decoder.load(folder, device=device, dtype=dtype, quantization=quant)
-        dec.allocate(slots, position + 64)
+        width = -(-(position + 64) // 16)  # the served layout: a paged cache (slot i starts on blocks i * width..)
+        dec.allocate_paged(slots, position + 64, slots * width, 16)
         modes = {"eager": dec.decode}
         if device == "cuda":  # buckets up to slots + two prompts: the engine's prompt steps replay them too
             modes["graphs"] = decoder.Graphs(dec, max_rows=slots + 2 * prompt)
