@@ -129,7 +129,7 @@ test: setup ## The default suite: unit + real-server tests (CPU, < 15 min)
 test-all: setup ## Every CPU test, slow ones included (soak)
 	$(BIN)/pytest -q -m "not gpu" $(PYTEST_ARGS)
 
-test-clients: setup ## Real LLM clients (LangChain, AIPerf; venvs in .tools/clients, made on first use) vs serve --openai-port on SmolLM2, and /v1/embeddings on MiniLM (minutes)
+test-clients: setup ## Real LLM clients (LangChain, AIPerf, guidellm; venvs in .tools/clients, made on first use) vs serve --openai-port on SmolLM2, and /v1/embeddings on MiniLM (minutes)
 	$(BIN)/pytest -q -m clients tests/test_openai_clients.py tests/test_openai_embeddings.py $(PYTEST_ARGS)
 
 test-reliability: setup ## The reliability harness (bad input, faults, ~3 min soak): "N cases tried, N handled as specified"

@@ -1,6 +1,7 @@
 """The real clients LLM users run, each from its own venv under .tools/clients (made here on first use),
 against `serve --openai-port` on the real SmolLM2-135M-Instruct: LangChain's ChatOpenAI (invoke, stream with
-usage, with_structured_output by JSON schema and by function calling) and AIPerf with its defaults.
+usage, with_structured_output by JSON schema and by function calling), AIPerf with its defaults, and the
+documented curl, openai, AIPerf and guidellm commands (guidellm checks /health first and sends content parts).
 Minutes, and a download on first use: `make test-clients`, not `make test`."""
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.clients, pytest.mark.server]
 SHELL_ENV = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")} | {"NO_COLOR": "1"}
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ROOT / ".tools" / "clients"
-CLIENTS = {"langchain": ["langchain-openai==1.8.1"], "aiperf": ["aiperf==0.13.0"]}
+CLIENTS = {"langchain": ["langchain-openai==1.8.1"], "aiperf": ["aiperf==0.13.0"],
+           "guidellm": ["guidellm==0.8.1"]}  # guidellm: ~6 GB (torch and CUDA wheels)
 # the demo's model with room for AIPerf's default prompts (550 tokens on average)
 SPEC = """models:
   - name: smollm
@@ -119,3 +121,16 @@ def test_the_documented_curl_openai_and_aiperf_commands_run_as_written(smollm, t
                          capture_output=True, text=True, timeout=900, env=SHELL_ENV)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     assert not json.loads((tmp_path / "profile_export_aiperf.json").read_text())["error_summary"]
+
+
+def test_the_documented_guidellm_command_runs_as_written(smollm, tmp_path):
+    [line] = [line for b in _blocks(ROOT / "docs" / "LLM.md", "bash") for line in b.splitlines()
+              if line.startswith("guidellm ")]
+    command = _as_here(line, smollm).replace("guidellm ", f"{venv('guidellm').parent / 'guidellm'} ", 1)
+    out = subprocess.run(["bash", "-c", command + f" --output kind=json,path={tmp_path / 'out.json'} "
+                          "--disable-console-interactive"], capture_output=True, text=True, timeout=900,
+                         env=SHELL_ENV, cwd=tmp_path)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    [bench] = json.loads((tmp_path / "out.json").read_text())["benchmarks"]
+    totals = bench["metrics"]["request_totals"]
+    assert totals["errored"] == 0 and totals["successful"] == totals["total"] > 0
