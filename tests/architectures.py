@@ -22,11 +22,14 @@ ARCHITECTURES = {
     "electra": ("feature-extraction", dict(model_type="electra", embedding_size=16, **TEXT)),
     "deberta_v2": ("feature-extraction", dict(model_type="deberta-v2", **TEXT)),
     "mpnet": ("feature-extraction", dict(model_type="mpnet", **{**TEXT, "max_position_embeddings": 70})),
-    # sequence classifiers
-    "bert_cls": ("text-classification", dict(model_type="bert", num_labels=3, **TEXT)),
+    # sequence classifiers. initializer_range 0.1: with the default 0.02 a random head's logits are ~0.005, so
+    # int8's rounding of 2e-4 turns a 2-label logit vector's cosine to 0.95 (roberta_cls); at 0.1 the logits
+    # are ~0.1-1 as a trained head's, and int8 / int4 verify with margin (>= 0.997 / >= 0.987). At 0.2 the
+    # random weights are wide enough for int4's 16 levels to miss (0.72)
+    "bert_cls": ("text-classification", dict(model_type="bert", num_labels=3, initializer_range=0.1, **TEXT)),
     "distilbert_cls": ("text-classification", dict(model_type="distilbert", vocab_size=320, dim=32, n_layers=2,
-                                                   n_heads=2, hidden_dim=64, num_labels=3)),
-    "roberta_cls": ("text-classification", dict(model_type="roberta", num_labels=2,
+                                                   n_heads=2, hidden_dim=64, num_labels=3, initializer_range=0.1)),
+    "roberta_cls": ("text-classification", dict(model_type="roberta", num_labels=2, initializer_range=0.1,
                                                 **{**TEXT, "max_position_embeddings": 70})),
     # vision classifiers
     "vit": ("image-classification", dict(model_type="vit", patch_size=8, hidden_size=32, num_hidden_layers=1,

@@ -1,6 +1,6 @@
 """`triton-builder deploy` on the SmolLM2 spec (examples/llm.yaml): the LLM targets. Dynamo's
 DynamoGraphDeployment and KServe's LLMInferenceService are validated against their published CRDs
-(tests/fixtures/deploy_crds/, where each was read is in SOURCES.md) with unknown fields refused; core kinds
+(tests/fixtures/deploy_crds/, where each was read: tests/fixtures/deploy_crds/SOURCES.md) with unknown fields refused; core kinds
 with kubernetes-validate --strict; Dockerfiles with hadolint; the LLM rules with promtool; compose with the
 Compose specification's schema. Nothing is run: no cluster, Docker engine or GPU here."""
 

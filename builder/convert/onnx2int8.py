@@ -69,13 +69,16 @@ def convert(src: Path, dst: Path, calibration: str = "dynamic", samples: list[di
 # static QDQ scales each activation by its calibrated range, one scale per tensor: a tensor with outliers
 # (BERT-family FFN inputs after GELU reach 10x their 99.9th percentile) puts most of its values in a few
 # levels. MiniLM quantized that way gives cosine 0.89 on any CPU. Such nodes stay fp32, worst first, in
-# growing steps, until the calibration batches' outputs are within the tolerance plus this margin (the
-# verification then checks fresh batches).
+# growing shares of all MatMul/Gemm nodes, until batches held out of the calibration are within the
+# tolerance plus this margin (held out: on the batches it was calibrated on, a Swin passed at 0.983 and
+# then verified at 0.94 on fresh ones).
 STATIC_MARGIN = 0.003
-FP32_STEPS = (0, 4, 8, 16, 24, 32, 48, 64)
+FP32_SHARES = (0, 1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 1)
 
 
 def keep_fp32(prepared: Path, dst: Path, samples: list[dict], options: dict, target: float) -> list[str]:
+    import math
+
     import onnx
     import onnxruntime as ort
 
@@ -95,15 +98,20 @@ def keep_fp32(prepared: Path, dst: Path, samples: list[dict], options: dict, tar
     feeds = [{i.name: s[i.name] for i in session.get_inputs()} for s in samples]
     runs = [dict(zip([o.name for o in session.get_outputs()], session.run(None, f))) for f in feeds]
     order = sorted(nodes, key=lambda n: int8_fit_db(np.concatenate([r[inputs[n.name]].ravel() for r in runs])))
+    held = max(1, len(samples) // 4) if len(samples) > 1 else 0
+    fit = samples[:len(samples) - held]
+    checks = list(zip(feeds, runs))[len(samples) - held:] or list(zip(feeds, runs))
     excluded: list[str] = []
-    for step in FP32_STEPS:
+    for step in sorted({math.ceil(len(nodes) * share) for share in FP32_SHARES}):
         excluded = [n.name for n in order[:step]]
-        _quantize_static(prepared, dst, samples, options, excluded, False)
+        _quantize_static(prepared, dst, fit, options, excluded, False)
         quantized = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
-        worst = min(compare(name, got, r[name], tol, f.get("attention_mask")).cosine for f, r in zip(feeds, runs)
+        worst = min(compare(name, got, r[name], tol, f.get("attention_mask")).cosine for f, r in checks
                     for name, got in zip(final, quantized.run(final, f)))
-        if worst >= target or step >= len(nodes):
+        if worst >= target:
             break
+    if held:  # the chosen nodes, calibrated on every batch
+        _quantize_static(prepared, dst, samples, options, excluded, False)
     return excluded
 
 
