@@ -28,7 +28,7 @@ RUNNER = PYTHON_MODELS / "runner.py"
 BACKEND_COMMON = PYTHON_MODELS / "backend_common.py"  # what runner.py imports, beside it
 TOOLS = ("torch", "transformers", "onnx", "onnxruntime", "onnxscript", "numpy", "tritonclient")
 VERIFY_SAMPLES = 4
-CALIBRATION_SAMPLES = 8
+CALIBRATION_SAMPLES = 32
 
 
 @dataclass
