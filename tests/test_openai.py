@@ -213,6 +213,14 @@ def test_tokenize_detokenize_health_version(front):
     assert status == 404 and missing["error"]["type"] == "invalid_request_error"
 
 
+def _open_request(front, body: dict) -> socket.socket:
+    raw = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", front[1].server_port))
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Content-Length: {len(raw)}\r\n\r\n".encode() + raw)
+    return sock
+
+
 def _open_stream(front, body: dict) -> socket.socket:
     """A raw HTTP streaming request whose first event has arrived (so that closing it is a client going away)."""
     raw = json.dumps(body).encode()
@@ -227,13 +235,14 @@ def _open_stream(front, body: dict) -> socket.socket:
 
 
 def test_clients_that_go_away_free_their_slots_quietly(front, client, caplog, capfd):
-    """Both slots taken by long streams whose clients then disconnect: a new request is served at once (the
-    slots were freed, not held for 450 tokens) and nothing is logged as an error (uvicorn's loggers write to
+    """Both slots taken by long requests (one streamed, one not) whose clients then disconnect: a new request is
+    served at once (the slots were freed, not held for 450 tokens) and nothing is logged as an error (uvicorn's loggers write to
     stderr themselves, so stderr is read too)."""
     caplog.set_level(logging.INFO)
     capfd.readouterr()
     long = {"model": "tiny", "prompt": "The quick brown fox", "max_tokens": 450, "stream": True, "ignore_eos": True}
-    socks = [_open_stream(front, long) for _ in range(2)]
+    socks = [_open_stream(front, long), _open_request(front, dict(long, stream=False))]  # streamed, and not
+    time.sleep(2)  # both decoding
     for sock in socks:
         sock.close()
     t0 = time.monotonic()

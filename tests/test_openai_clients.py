@@ -52,13 +52,13 @@ def smollm(tmp_path_factory):
     with start_server(repo) as server:
         front = start_front(repo, server.grpc_url, 0, metrics_url=server.metrics_url)
         try:
-            yield repo, f"http://127.0.0.1:{front.server_port}", server.http_url
+            yield repo, f"http://127.0.0.1:{front.server_port}", server.http_url, server.metrics_url
         finally:
             front.shutdown()
 
 
 def test_langchain_chat_openai_invoke_stream_and_structured_output(smollm):
-    _, url, _ = smollm
+    _, url, _, _ = smollm
     out = subprocess.run([str(venv("langchain")), str(ROOT / "tests" / "clients" / "langchain_check.py"), f"{url}/v1",
                           "smollm"], capture_output=True, text=True, timeout=600, env=SHELL_ENV)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -69,7 +69,7 @@ def test_langchain_chat_openai_invoke_stream_and_structured_output(smollm):
 
 
 def test_aiperf_with_its_defaults(smollm, tmp_path):
-    repo, url, _ = smollm
+    repo, url, _, _ = smollm
     aiperf = venv("aiperf").parent / "aiperf"
     out = subprocess.run([str(aiperf), "profile", "--model", "smollm", "--url", url, "--endpoint-type", "chat",
                           "--streaming", "--tokenizer", str(repo / "smollm" / "1"), "--request-count", "8",
@@ -88,7 +88,7 @@ def _blocks(path: Path, lang: str) -> list[str]:
 
 def _as_here(command: str, smollm) -> str:
     """A documented command aimed at this test's servers: the documented addresses and repository replaced."""
-    repo, url, http = smollm
+    repo, url, http, _ = smollm
     port = url.rsplit(":", 1)[1]
     for doc in ("localhost:9000", "127.0.0.1:9000"):
         command = command.replace(doc, f"127.0.0.1:{port}")
@@ -134,3 +134,43 @@ def test_the_documented_guidellm_command_runs_as_written(smollm, tmp_path):
     [bench] = json.loads((tmp_path / "out.json").read_text())["benchmarks"]
     totals = bench["metrics"]["request_totals"]
     assert totals["errored"] == 0 and totals["successful"] == totals["total"] > 0
+
+
+def _engine_running(metrics_url: str) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{metrics_url}/metrics") as answer:
+        lines = answer.read().decode().splitlines()
+    return sum(float(x.rsplit(" ", 1)[1]) for x in lines if x.startswith("triton_builder_running_sequences{"))
+
+
+def test_clients_that_go_away_free_their_engine_slots(smollm, capfd):
+    """Two 1,000-token requests (~100 s each here), one streamed and one not, whose clients disconnect after 3 s:
+    the engine's running sequences fall to 0 within seconds (Triton's gauge), and nothing is printed."""
+    import socket
+    import time
+
+    _, url, _, metrics_url = smollm
+    port = int(url.rsplit(":", 1)[1])
+    socks = []
+    for stream in (True, False):
+        raw = json.dumps({"model": "smollm", "prompt": "Once upon a time", "max_tokens": 1000, "ignore_eos": True,
+                          "stream": stream}).encode()
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(raw)}\r\n\r\n".encode() + raw)
+        socks.append(sock)
+    capfd.readouterr()
+    deadline = time.monotonic() + 30
+    while _engine_running(metrics_url) < 2 and time.monotonic() < deadline:
+        time.sleep(0.25)
+    time.sleep(3)
+    assert _engine_running(metrics_url) == 2  # both still decoding
+    for sock in socks:
+        sock.close()
+    t0 = time.monotonic()
+    while _engine_running(metrics_url) > 0 and time.monotonic() - t0 < 30:
+        time.sleep(0.25)
+    assert _engine_running(metrics_url) == 0 and time.monotonic() - t0 < 15
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Error" not in err, err[-2000:]

@@ -147,6 +147,31 @@ class Front:
             await seq.stream.aclose()
 
 
+class CountRequests:
+    """Requests by route and status code, as a plain ASGI middleware: Starlette's BaseHTTPMiddleware wraps
+    `receive`, and a client's disconnect then no longer reaches the handler (its sequences would run on)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = scope["path"].rstrip("/")
+        route = route if route in ROUTES else "/v1/models/{id}" if route.startswith("/v1/models/") else "other"
+        status = [500]
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            self.metrics.requests.labels(route, str(status[0])).inc()
+
+
 def _stop(body) -> list[str]:
     stop = body.stop
     stop = [stop] if isinstance(stop, str) else list(stop or [])
@@ -232,17 +257,7 @@ def create_app(repo: Path, grpc_url: str, metrics_url: str | None = None) -> Fas
                   redoc_url=None)
     app.state.front = front
 
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        route = request.url.path.rstrip("/")
-        route = route if route in ROUTES else "/v1/models/{id}" if route.startswith("/v1/models/") else "other"
-        try:
-            response = await call_next(request)
-        except Exception:
-            front.metrics.requests.labels(route, "500").inc()
-            raise
-        front.metrics.requests.labels(route, str(response.status_code)).inc()
-        return response
+    app.add_middleware(CountRequests, metrics=front.metrics)
 
     @app.exception_handler(APIError)
     async def api_error(request, exc: APIError):
@@ -355,12 +370,12 @@ def create_app(repo: Path, grpc_url: str, metrics_url: str | None = None) -> Fas
         prompts = completion_prompts(tokenizer, body.prompt)
         parameters = {"logprobs": body.logprobs} if body.logprobs is not None else {}
         seqs = _sequences(body, prompts, _inputs(body, body.max_tokens, body.stream), parameters)
-        await front.start(body.model, seqs, t0)
+        await _watched(request, front.start(body.model, seqs, t0))
         rid, created = "cmpl-" + uuid.uuid4().hex[:24], int(time.time())
         echo = [text if ids is None else tokenizer.decode(ids) for text, ids in prompts] if body.echo else None
 
         if not body.stream:
-            await _drain(front, body.model, seqs, t0)
+            await _drain(front, body.model, seqs, t0, request)
             choices = []
             for seq in seqs:
                 text = "".join(p.text for p in seq.pieces)
@@ -409,11 +424,11 @@ def create_app(repo: Path, grpc_url: str, metrics_url: str | None = None) -> Fas
         inputs = _inputs(body, body.max_completion_tokens or body.max_tokens, body.stream)
         inputs["add_special_tokens"] = False  # the template wrote them
         seqs = _sequences(body, [(text, None)], inputs, parameters)
-        await front.start(body.model, seqs, t0, chat=True)
+        await _watched(request, front.start(body.model, seqs, t0, chat=True))
         rid, created = "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
 
         if not body.stream:
-            await _drain(front, body.model, seqs, t0)
+            await _drain(front, body.model, seqs, t0, request)
             choices = []
             for seq in seqs:
                 content = "".join(p.text for p in seq.pieces)
@@ -465,13 +480,30 @@ def _count_prompt(front: Front, model: str, seqs: list[Sequence], prompts: int) 
     front.metrics.prompt_tokens.labels(model).inc(_usage(seqs, prompts).prompt_tokens)
 
 
-async def _drain(front: Front, model: str, seqs: list[Sequence], t0: float) -> None:
+DISCONNECT_POLL_S = 0.5
+
+
+async def _watched(request: Request, coro) -> object:
+    """Await `coro` unless the client goes away first: then it is cancelled (its sequences' gRPC calls with it,
+    which frees their slots) and the answer is a 499 nobody reads. Polled: Starlette says so only when asked."""
+    work = asyncio.ensure_future(coro)
+    while not work.done():
+        await asyncio.wait({work}, timeout=DISCONNECT_POLL_S)
+        if not work.done() and await request.is_disconnected():
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+            raise APIError(499, "the client went away")
+    return work.result()
+
+
+async def _drain(front: Front, model: str, seqs: list[Sequence], t0: float, request: Request) -> None:
+    """Every sequence to its end (a client that goes away meanwhile cancels them)."""
     async def one(seq):
         async for _ in front.follow(model, seq, t0):
             pass
 
     try:
-        await asyncio.gather(*(one(seq) for seq in seqs))
+        await _watched(request, asyncio.gather(*(one(seq) for seq in seqs)))
     except GenerationError as exc:
         raise APIError(500, str(exc), kind="server_error") from None
 
