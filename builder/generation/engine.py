@@ -674,7 +674,10 @@ class Engine:
         from any thread (a snapshot, not exact while a step runs)."""
         running = list(self.running)
         held = sum(len(r.prompt) + len(r.output) for r in running)
-        return len(running), len(self.waiting) + self.inbox.qsize(), held / (self.decoder_slots * self.max_total)
+        capacity = self.decoder_slots * self.max_total  # the slot layout; paged: the pool's tokens
+        if self.blocks is not None:  # blocks shared by a prefix count once; cached unused ones are free to take
+            held, capacity = self.blocks.used * self.blocks.block_size, self.blocks.num_blocks * self.blocks.block_size
+        return len(running), len(self.waiting) + self.inbox.qsize(), held / capacity
 
 
 def generate(engine: Engine, prompts: list[list[int]], max_tokens: int, **options) -> list[Output]:
