@@ -17,6 +17,7 @@ from rich.console import Console
 from architectures import ARCHITECTURES, VARIANTS, spec_text
 from builder.build import build
 from builder.errors import UserError
+from builder import cpu
 from builder.spec import FORMATS, PRECISIONS, load_spec
 
 # Every (format, precision) the spec's types allow; the ones not in VARIANTS must be refused.
@@ -110,6 +111,11 @@ def render(results: dict) -> str:
         "machine, CPU only. Tiny random-init configs of real Hugging Face architectures (tests/architectures.py), "
         "every variant verified against the fp32 PyTorch model on 4 fresh batches.",
         "",
+        f"The CPU: {cpu.describe()['machine']} with {', '.join(cpu.features()) or 'no features reported'}. Where a "
+        "result depends on it: int8 uses 7-bit weights, which give the same numbers with and without VNNI (checked "
+        "on an emulated AVX2-only CPU, docs/PERFORMANCE.md \"CPU int8\"), so the onnx_int8 columns hold on "
+        "AVX2-only CPUs too; fp16 and bf16 numerics do not depend on the instruction set here, their speed does.",
+        "",
         f"{len(results)} architectures; {built} variants built: {passed} passed verification, {len(failed)} failed "
         "it (a result with its numbers, below), 0 errors, no traceback. Every other format x precision is refused "
         "before any work, with the line shown under the table.",
@@ -126,8 +132,10 @@ def render(results: dict) -> str:
     if failed:
         lines += ["## Verification failures", ""]
         lines += [f"- {name} {tag}: {why}" for name, (tag, _, why, _) in failed]
-        lines += ["", "The failures are quantized variants of random-init tiny models; whether a trained checkpoint "
-                  "of the same architecture passes is not measured here.", ""]
+        lines += ["", "The failures are quantized variants of random-init tiny models. A random classification head "
+                  "gives logits near zero (~0.01 for these image classifiers), where a rounding error of 1e-3 alone "
+                  "turns a sample's cosine; whether a trained checkpoint of the same architecture passes is not "
+                  "measured here.", ""]
     lines += ["## Refused before any work", "", "| variant | why, and what to use instead |", "|---|---|"]
     lines += [f"| {tag} | {why} |" for tag, why in refused.items()]
     return "\n".join(lines) + "\n"
