@@ -268,10 +268,10 @@ def test_llm_rule_unit_tests_pass_promtool_and_catch_a_wrong_rule(smollm, tmp_pa
     shutil.copytree(out / "prometheus", tmp_path / "p")
     rules = tmp_path / "p" / "llm_rules.yml"
     text = rules.read_text()
-    broken = text.replace("histogram_quantile(0.95, sum by (model_name, le) "
-                          "(rate(triton_builder:time_to_first_token_seconds_bucket",
-                          "histogram_quantile(0.5, sum by (model_name, le) "
-                          "(rate(triton_builder:time_to_first_token_seconds_bucket"), 1
+    broken = text.replace("histogram_quantile(0.95, sum by (model, le) "
+                          "(rate(triton_builder_time_to_first_token_seconds_bucket",
+                          "histogram_quantile(0.5, sum by (model, le) "
+                          "(rate(triton_builder_time_to_first_token_seconds_bucket"), 1
     assert broken[0] != text
     rules.write_text(broken[0])
     proc = subprocess.run([promtool, "test", "rules", "llm_rules_test.yml"], cwd=tmp_path / "p", capture_output=True,
@@ -416,3 +416,22 @@ def test_llm_rule_unit_tests_hold_for_other_budgets_and_windows(options, tmp_pat
 
     deploy(smollm_repo(tmp_path, "vllm"), tmp_path / "out", DeployOptions(targets=("compose",), **options))
     assert "SUCCESS" in run([tool("promtool"), "test", "rules", "llm_rules_test.yml"], cwd=tmp_path / "out" / "prometheus")
+
+
+def test_the_engine_publishes_the_llm_metric_names():
+    """generator.py is served without the builder, so it spells the engine's metric names out: they must be
+    llm_metrics' (the dashboard and rules read those), and the front must copy each from Triton's /metrics."""
+    import ast
+
+    from builder.deploy import llm_metrics
+    from builder.openai import metrics
+
+    tree = ast.parse((ROOT / "templates" / "python" / "generator.py").read_text())
+    assigned = next(node.value for node in tree.body if isinstance(node, ast.Assign)
+                    and any(getattr(t, "id", None) == "METRICS" for t in node.targets))
+    published = {name: kind for name, kind, _ in ast.literal_eval(assigned).values()}
+    assert published == {llm_metrics.RUNNING: "GAUGE", llm_metrics.WAITING: "GAUGE", llm_metrics.KV_USAGE: "GAUGE",
+                         llm_metrics.QUEUE: "HISTOGRAM", llm_metrics.PREFIX_QUERIES: "COUNTER",
+                         llm_metrics.PREFIX_HITS: "COUNTER"}
+    assert set(published) == set(llm_metrics.ENGINE) == set(metrics.ENGINE)
+    assert set(llm_metrics.ENGINE) | set(llm_metrics.FRONT) == set(llm_metrics.ALL)

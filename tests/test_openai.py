@@ -255,18 +255,31 @@ def test_clients_that_go_away_free_their_slots_quietly(front, client, caplog, ca
 
 
 def test_metrics_count_requests_latencies_tokens_and_the_engine(front, client):
+    from builder.deploy import llm_metrics as llm
     from builder.openai import metrics as m
 
     client.completions.create(model="tiny", prompt="Hi", max_tokens=4, stream=False)
     list(client.completions.create(model="tiny", prompt="Hi", max_tokens=4, stream=True))
+    client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
     assert _post(front, "/v1/completions", {"model": "tiny", "prompt": "Hi", "best_of": 3})[0] == 400
+    time.sleep(2 * 0.25)  # the engine publishes its metrics every 0.25 s (generator.py METRICS_EVERY_S)
     with urllib.request.urlopen(_url(front, "/metrics")) as answer:
         text = answer.read().decode()
-    for name in (m.TIME_TO_FIRST_TOKEN + "_count", m.INTER_TOKEN_LATENCY + "_bucket", m.E2E_LATENCY + "_sum",
-                 m.PROMPT_TOKENS + "_total", m.GENERATION_TOKENS + "_total", m.RUNNING, m.WAITING, *m.ENGINE):
+    engine = [name + "_bucket" if name == llm.QUEUE else name for name in llm.ENGINE]
+    for name in (llm.TTFT + "_count", llm.ITL + "_bucket", llm.E2E + "_sum", llm.PROMPT_TOKENS,
+                 llm.GENERATION_TOKENS, llm.REQUESTS, m.RUNNING, m.WAITING, *engine):
         assert f"\n{name}{{" in text, name
     assert f'{m.REQUESTS}_total{{route="/v1/completions",status="200"}}' in text
     assert f'{m.REQUESTS}_total{{route="/v1/completions",status="400"}}' in text
+
+    def value(series: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(series))
+
+    assert value(f'{llm.TTFT}_count{{model="tiny"}}') >= 3
+    assert value(f'{llm.REQUESTS}{{finished_reason="length",model="tiny"}}') \
+        + value(f'{llm.REQUESTS}{{finished_reason="stop",model="tiny"}}') >= 3
+    assert value(f'{llm.QUEUE}_count{{model="tiny"}}') >= 3  # the engine's histogram, copied from Triton's
+    assert value(f'{llm.PREFIX_QUERIES}{{model="tiny"}}') > 0
     server, _ = front
     with urllib.request.urlopen(f"http://{server.metrics_url}/metrics") as answer:  # Triton's own has the engine's
         triton = answer.read().decode()

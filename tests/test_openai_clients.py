@@ -139,9 +139,11 @@ def test_the_documented_guidellm_command_runs_as_written(smollm, tmp_path):
 def _engine_running(metrics_url: str) -> float:
     import urllib.request
 
+    from builder.deploy.llm_metrics import RUNNING
+
     with urllib.request.urlopen(f"http://{metrics_url}/metrics") as answer:
         lines = answer.read().decode().splitlines()
-    return sum(float(x.rsplit(" ", 1)[1]) for x in lines if x.startswith("triton_builder_running_sequences{"))
+    return sum(float(x.rsplit(" ", 1)[1]) for x in lines if x.startswith(RUNNING + "{"))
 
 
 def test_clients_that_go_away_free_their_engine_slots(smollm, capfd):

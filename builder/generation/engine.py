@@ -44,6 +44,7 @@ HOLDBACK_PROMPT_TOKENS = 5  # prompt tokens decoded with the output so the first
 HOLD_TOKENS = 8  # a character is at most 4 UTF-8 bytes: output held back longer than this will not complete
 ROWS_PER_STEP = 8  # stream_interval 0: streamed responses per step in all, about (1 per token up to 8 sequences)
 CANCEL_EVERY = 16  # steps between cancellation polls while no request waits for a slot
+MAX_QUEUE_TIMES = 100_000  # queue times kept for the metrics thread at most: an engine without one stays bounded
 
 
 @dataclass
@@ -86,6 +87,8 @@ class Request:
     scored: list = field(default_factory=list)  # (id, logprob, top) of tokens not in an output yet (logprobs >= 0)
     table: list[int] = field(default_factory=list)  # its KV-cache blocks (paged cache)
     refill: int = 0  # output tokens to put back in the cache before decoding on (after a preemption)
+    arrived: float = field(default_factory=time.monotonic)  # when it was made (submitted), for the queue time
+    admitted: bool = False  # it has had a slot once (a preempted request's second wait is not queue time)
 
     @property
     def prefilling(self) -> bool:
@@ -282,6 +285,9 @@ class Engine:
             decoder.allocate(max_sequences, max_total_tokens)
         self.dirty: dict[int, list[int]] = {}  # slot -> block table, to copy to the decoder before the next step
         self.preempted = 0  # sequences sent back to wait (their blocks taken) since the start
+        # seconds each request waited from arrival to its first admission, until the metrics thread takes them
+        self.queue_times: list[float] = []
+        self.queue_lock = threading.Lock()
         self.decode_step = decoder.decode  # the server may swap in decoder.Graphs(decoder) on a GPU
         # decode steps overlap the host's work (on with CUDA graphs): step N+1 is launched with step N's tokens
         # still on the device, then N's tokens are read and its rows advanced while the device runs N+1 (`ahead`
@@ -419,6 +425,11 @@ class Engine:
             self.running.append(req)
             if self.blocks is not None:
                 self.dirty[req.slot] = req.table
+            if not req.admitted:
+                req.admitted = True
+                with self.queue_lock:
+                    if len(self.queue_times) < MAX_QUEUE_TIMES:  # nobody takes them: not a leak
+                        self.queue_times.append(time.monotonic() - req.arrived)
 
     def _make_room(self) -> bool:
         """Paged: every running sequence's table grows to what the next step may write (its next row, and the
@@ -668,6 +679,12 @@ class Engine:
             self._release(req)
             # the final response: Triton releases a request only after one (with the FINAL flag) is sent
             self._emit(req, Output("", True, "cancelled", len(req.prompt), len(req.output), "cancelled"))
+
+    def take_queue_times(self) -> list[float]:
+        """The queue times recorded since the last call (any thread)."""
+        with self.queue_lock:
+            out, self.queue_times = self.queue_times, []
+        return out
 
     def load(self) -> tuple[int, int, float]:
         """(running sequences, waiting requests, the share of the KV cache's tokens in use) for metrics; read

@@ -99,6 +99,10 @@ class Front:
                 seq.stream = self.triton.generate(model, seq.text, seq.inputs.pop("stop", []), seq.inputs,
                                                   seq.parameters)
             firsts = await asyncio.gather(*(anext(seq.stream) for seq in seqs), return_exceptions=True)
+        except asyncio.CancelledError:  # the client left before the first token
+            for _ in seqs:
+                self.finished(model, "abort")
+            raise
         finally:
             waiting.dec(len(seqs))
         failed = [f for f in firsts if isinstance(f, BaseException)]
@@ -144,7 +148,13 @@ class Front:
             self.metrics.generation_tokens.labels(model).inc(final.num_output_tokens)
         finally:
             running.dec()
+            if not (seq.pieces and seq.pieces[-1].final):  # the client left, or generation failed
+                self.finished(model, "abort")
             await seq.stream.aclose()
+
+    def finished(self, model: str, reason: str) -> None:
+        """A sequence (choice) ended with `reason` as the client sees it (stop, length, tool_calls, abort)."""
+        self.metrics.finished.labels(model, reason).inc()
 
 
 class CountRequests:
@@ -381,8 +391,10 @@ def create_app(repo: Path, grpc_url: str, metrics_url: str | None = None) -> Fas
                 text = "".join(p.text for p in seq.pieces)
                 tokens = [t for p in seq.pieces for t in p.tokens]
                 lead = echo[seq.prompt] if echo else ""
+                reason = seq.pieces[-1].finish_reason or "stop"
+                front.finished(body.model, reason)
                 choices.append(s.CompletionChoice(
-                    index=seq.index, text=lead + text, finish_reason=seq.pieces[-1].finish_reason or "stop",
+                    index=seq.index, text=lead + text, finish_reason=reason,
                     logprobs=completion_logprobs(tokenizer, tokens, len(lead)) if body.logprobs is not None else None))
             _count_prompt(front, body.model, seqs, len(prompts))
             return s.Completion(id=rid, created=created, model=body.model, choices=choices,
@@ -397,6 +409,8 @@ def create_app(repo: Path, grpc_url: str, metrics_url: str | None = None) -> Fas
                 logprobs = completion_logprobs(tokenizer, piece.tokens, offsets[seq.index])
                 offsets[seq.index] += sum(len(x) for x in logprobs["tokens"])
             reason = (piece.finish_reason or "stop") if piece is not None and piece.final else None
+            if reason:
+                front.finished(body.model, reason)
             return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
                     "choices": [{"index": seq.index, "text": text, "finish_reason": reason, "logprobs": logprobs}]}
 
@@ -438,6 +452,7 @@ def create_app(repo: Path, grpc_url: str, metrics_url: str | None = None) -> Fas
                 if calls:
                     message = s.ChatMessage(content=None, tool_calls=calls)
                     reason = "tool_calls"
+                front.finished(body.model, reason)
                 tokens = [t for p in seq.pieces for t in p.tokens]
                 choices.append(s.ChatChoice(index=seq.index, message=message, finish_reason=reason,
                                             logprobs=chat_logprobs(tokenizer, tokens) if body.logprobs else None))
@@ -456,6 +471,7 @@ def create_app(repo: Path, grpc_url: str, metrics_url: str | None = None) -> Fas
                 if piece.final:
                     reason = piece.finish_reason or "stop"  # a call cut by max_tokens stays "length"
                     reason = "tool_calls" if streams[seq.index].called and reason != "length" else reason
+                    front.finished(body.model, reason)
             out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
                    "choices": [{"index": seq.index, "delta": delta, "finish_reason": reason,
                                 "logprobs": chat_logprobs(tokenizer, piece.tokens) if body.logprobs and piece else None}]}

@@ -23,7 +23,8 @@ spec; 0: 1 token per response up to 8 running sequences, then fewer responses pe
 with the whole text; the last one carries the FINAL flag. A cancelled request (client gone, or cancelled)
 frees its cache slot at the engine's next cancellation poll and gets a final CANCELLED response then (Triton
 releases a request only once a FINAL response went out). The engine's load (running and waiting sequences,
-the KV cache's use) is published as Triton custom metrics (METRICS) a few times a second.
+the KV cache's use), its requests' queue times and its prefix-cache lookups are published as Triton custom
+metrics (METRICS) a few times a second.
 """
 
 import gc
@@ -47,10 +48,20 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # optional one-value inputs (besides text_input and stop)
 SCALARS = ("max_tokens", "stream", "temperature", "top_p", "top_k", "seed", "ignore_eos", "add_special_tokens")
 MAX_LOGPROBS = 20
-# Triton custom metrics (its /metrics, label `model`): what the engine holds, published every METRICS_EVERY_S
-METRICS = {"running": ("triton_builder_running_sequences", "Sequences in the engine's running batch"),
-           "waiting": ("triton_builder_waiting_sequences", "Requests waiting for a place in the running batch"),
-           "cache": ("triton_builder_kv_cache_usage_ratio", "Share of the KV cache's tokens in use (0..1)")}
+# Triton custom metrics (its /metrics, label `model`), published every METRICS_EVERY_S: key -> (name, kind,
+# description). The names are builder/deploy/llm_metrics.py's, spelled out because this file is served without
+# the builder (tests/test_deploy_llm.py checks they match).
+METRICS = {
+    "running": ("triton_builder_num_requests_running", "GAUGE", "Sequences in the engine's running batch"),
+    "waiting": ("triton_builder_num_requests_waiting", "GAUGE", "Requests waiting for a place in the running batch"),
+    "cache": ("triton_builder_kv_cache_usage_perc", "GAUGE", "Share of the KV cache's tokens in use (0..1)"),
+    "queue": ("triton_builder_request_queue_time_seconds", "HISTOGRAM",
+              "Time from a request's arrival in the engine to its admission to the running batch"),
+    # paged KV cache only: cumulative prompt tokens
+    "queries": ("triton_builder_prefix_cache_queries_total", "COUNTER", "Prompt tokens looked up in the prefix cache"),
+    "hits": ("triton_builder_prefix_cache_hits_total", "COUNTER", "Prompt tokens found in the prefix cache"),
+}
+QUEUE_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0]
 METRICS_EVERY_S = 0.25
 
 
@@ -141,17 +152,32 @@ class TritonPythonModel:
         self.guides = None  # the grammar compiler, made on the first guided request
 
     def _publish_load(self):
-        """The engine's load as gauges of Triton's /metrics; a set is a round trip to Triton, so only changes."""
-        families = [pb_utils.MetricFamily(name=name, description=text, kind=pb_utils.MetricFamily.GAUGE)
-                    for name, text in METRICS.values()]  # kept: a family must outlive its metrics
-        gauges = {key: family.Metric(labels={"model": self.name}) for key, family in zip(METRICS, families)}
-        last = None
+        """The engine's load, queue times and prefix-cache lookups as Triton custom metrics. Each set, observe
+        or increment is a round trip to Triton, so gauges are set on a change and counters by their growth."""
+        blocks = self.engine.blocks
+        keys = [k for k in METRICS if blocks is not None or k not in ("queries", "hits")]
+        families = {k: pb_utils.MetricFamily(name=METRICS[k][0], description=METRICS[k][2],
+                                             kind=getattr(pb_utils.MetricFamily, METRICS[k][1]))
+                    for k in keys}  # kept: a family must outlive its metrics
+        labels = {"model": self.name}
+        metrics = {k: family.Metric(labels=labels, buckets=QUEUE_BUCKETS) if METRICS[k][1] == "HISTOGRAM"
+                   else family.Metric(labels=labels) for k, family in families.items()}
+        last, counted = None, (0, 0)
         while not self.stop.wait(METRICS_EVERY_S):
             now = self.engine.load()
             if now != last:
-                for gauge, value in zip(gauges.values(), now):
-                    gauge.set(float(value))
+                for key, value in zip(("running", "waiting", "cache"), now):
+                    metrics[key].set(float(value))
                 last = now
+            for seconds in self.engine.take_queue_times():
+                metrics["queue"].observe(seconds)
+            if blocks is not None:
+                hits = blocks.hits  # read first: both only grow, so hits <= queries holds in what is published
+                total = (blocks.queried, hits)
+                for key, new, old in zip(("queries", "hits"), total, counted):
+                    if new > old:
+                        metrics[key].increment(float(new - old))
+                counted = total
 
     def _graphs(self, torch, model, compile_mode, quantization):
         """Decode steps as CUDA graphs (optionally inductor-compiled first), captured now for every batch bucket
