@@ -435,3 +435,23 @@ def test_the_engine_publishes_the_llm_metric_names():
                          llm_metrics.PREFIX_HITS: "COUNTER"}
     assert set(published) == set(llm_metrics.ENGINE) == set(metrics.ENGINE)
     assert set(llm_metrics.ENGINE) | set(llm_metrics.FRONT) == set(llm_metrics.ALL)
+
+
+def test_engine_series_are_scraped_once(smollm):
+    """The front's /metrics repeats the engine's series from Triton's, which the triton job scrapes: the LLM job
+    drops those, and keeps the front's own."""
+    import re
+
+    import yaml
+
+    from builder.deploy import llm_metrics
+
+    _, _, out = smollm
+    config = yaml.safe_load((out / "prometheus" / "prometheus.yml").read_text())
+    [job] = [j for j in config["scrape_configs"] if j["job_name"] == "triton-builder-llm"]
+    [drop] = [r for r in job["metric_relabel_configs"] if r["action"] == "drop"]
+    dropped = re.compile(drop["regex"])  # Prometheus anchors the regex at both ends
+    for name in llm_metrics.ENGINE:
+        assert dropped.fullmatch(name) and dropped.fullmatch(name + "_bucket")
+    for name in llm_metrics.FRONT:
+        assert not dropped.fullmatch(name) and not dropped.fullmatch(name + "_bucket")
