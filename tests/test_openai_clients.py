@@ -98,7 +98,7 @@ def _as_here(command: str, smollm) -> str:
 def test_the_documented_curl_openai_and_aiperf_commands_run_as_written(smollm, tmp_path):
     """README's and docs/LLM.md's curl lines for smollm, the openai snippet and the AIPerf command, with only the
     addresses and the repository path replaced by this test's."""
-    docs = [ROOT / "README.md", ROOT / "docs" / "LLM.md"]
+    docs = [ROOT / "README.md", ROOT / "docs/LLM.md"]
     curls = [line for doc in docs for block in _blocks(doc, "bash") for line in block.splitlines()
              if line.startswith("curl ") and "/smollm/" in line or line.startswith("curl ") and '"smollm"' in line]
     assert len(curls) >= 6
@@ -111,10 +111,10 @@ def test_the_documented_curl_openai_and_aiperf_commands_run_as_written(smollm, t
                  or ((e.get("choices") or [{}])[0].get("message") or (e.get("choices") or [{}])[0].get("delta") or {}).get("content")
                  for e in body]
         assert "".join(t or "" for t in texts).strip(), (line, out.stdout[:500])  # a real answer, not empty text
-    [snippet] = [b for b in _blocks(ROOT / "docs" / "LLM.md", "python") if "OpenAI(" in b]
+    [snippet] = [b for b in _blocks(ROOT / "docs/LLM.md", "python") if "OpenAI(" in b]
     out = subprocess.run([sys.executable, "-c", _as_here(snippet, smollm)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "Paris" in out.stdout, out.stderr
-    [aiperf] = [line for b in _blocks(ROOT / "docs" / "LLM.md", "bash") for line in b.splitlines()
+    [aiperf] = [line for b in _blocks(ROOT / "docs/LLM.md", "bash") for line in b.splitlines()
                 if line.startswith("aiperf ")]
     command = _as_here(aiperf, smollm).replace("aiperf ", f"{venv('aiperf').parent / 'aiperf'} ", 1)
     out = subprocess.run(["bash", "-c", command + f" --request-count 4 --ui-type none --artifact-dir {tmp_path}"],
@@ -124,7 +124,7 @@ def test_the_documented_curl_openai_and_aiperf_commands_run_as_written(smollm, t
 
 
 def test_the_documented_guidellm_command_runs_as_written(smollm, tmp_path):
-    [line] = [line for b in _blocks(ROOT / "docs" / "LLM.md", "bash") for line in b.splitlines()
+    [line] = [line for b in _blocks(ROOT / "docs/LLM.md", "bash") for line in b.splitlines()
               if line.startswith("guidellm ")]
     command = _as_here(line, smollm).replace("guidellm ", f"{venv('guidellm').parent / 'guidellm'} ", 1)
     out = subprocess.run(["bash", "-c", command + f" --output kind=json,path={tmp_path / 'out.json'} "
