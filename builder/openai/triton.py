@@ -14,9 +14,7 @@ from typing import AsyncIterator
 
 import numpy as np
 
-TYPES = {"max_tokens": ("INT32", np.int32), "stream": ("BOOL", np.bool_), "temperature": ("FP32", np.float32),
-         "top_p": ("FP32", np.float32), "top_k": ("INT32", np.int32), "seed": ("UINT64", np.uint64),
-         "ignore_eos": ("BOOL", np.bool_), "add_special_tokens": ("BOOL", np.bool_)}
+from builder.generation.client import grpc_inputs
 
 
 class GenerationError(Exception):
@@ -35,25 +33,6 @@ class Piece:
     num_output_tokens: int = 0
     tokens: list = field(default_factory=list)  # (id, logprob, [(id, logprob)]) when logprobs were asked
     final: bool = False
-
-
-def _inputs(text: str, stop: list[str], inputs: dict):
-    from tritonclient.grpc import InferInput
-
-    tensors = []
-    tensor = InferInput("text_input", [1], "BYTES")
-    tensor.set_data_from_numpy(np.array([text.encode("utf-8")], dtype=np.object_))
-    tensors.append(tensor)
-    for name, value in inputs.items():
-        kind, dtype = TYPES[name]
-        tensor = InferInput(name, [1], kind)
-        tensor.set_data_from_numpy(np.array([value], dtype=dtype))
-        tensors.append(tensor)
-    if stop:
-        tensor = InferInput("stop", [len(stop)], "BYTES")
-        tensor.set_data_from_numpy(np.array([s.encode("utf-8") for s in stop], dtype=np.object_))
-        tensors.append(tensor)
-    return tensors
 
 
 def _message(error) -> str:
@@ -87,7 +66,7 @@ class Triton:
         done = asyncio.Event()
 
         async def requests():
-            yield {"model_name": model, "inputs": _inputs(text, stop, inputs), "parameters": parameters or None}
+            yield {"model_name": model, "inputs": grpc_inputs(text, tuple(stop), **inputs), "parameters": parameters or None}
             await done.wait()  # the stream stays open until the last response is in
 
         call = self.client.stream_infer(requests())
