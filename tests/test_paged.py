@@ -36,6 +36,15 @@ def _ids(tok, texts):
     return [tok(t)["input_ids"] for t in texts]
 
 
+def _submit(engine, prompts, max_tokens) -> dict:
+    """Submit every prompt (greedy, no early stop); the dict fills with each one's final output by index."""
+    finals = {}
+    for i, p in enumerate(prompts):
+        engine.submit(eng.Request(p, max_tokens, emit=lambda o, i=i: finals.__setitem__(i, o) if o.finished else None,
+                                  ignore_eos=True))
+    return finals
+
+
 def _check_pool(engine):
     """The pool's books: every block is free, cached and idle, or used by exactly `ref` running tables."""
     b = engine.blocks
@@ -158,10 +167,7 @@ def test_preempted_sequences_resume_with_the_same_tokens_and_the_pool_is_never_e
     want = [o.token_ids for o in eng.generate(_engine(llama, total=72, kv_cache="slots"), prompts, 50, ignore_eos=True)]
     e = _engine(llama, total=72, block_size=8, cache_blocks=10, prefix_caching=False)
     e.overlap = e.graphed_prompts = overlap
-    finals = {}
-    for i, p in enumerate(prompts):
-        e.submit(eng.Request(p, 50, emit=lambda o, i=i: finals.__setitem__(i, o) if o.finished else None,
-                             ignore_eos=True))
+    finals = _submit(e, prompts, 50)
     most = 0
     while len(finals) < len(prompts):
         e.step()
@@ -178,10 +184,7 @@ def test_requests_wait_for_blocks_and_none_is_dropped(llama):
     prompts = _ids(tok, [PREFIX + t for t in PROMPTS])
     assert all(len(p) + 1 > 5 * 8 for p in prompts)  # 6 blocks or more each, with the first decoded token
     e = _engine(llama, slots=4, total=88, block_size=8, cache_blocks=11, prefix_caching=False)
-    finals = {}
-    for i, p in enumerate(prompts):
-        e.submit(eng.Request(p, 6, emit=lambda o, i=i: finals.__setitem__(i, o) if o.finished else None,
-                             ignore_eos=True))
+    finals = _submit(e, prompts, 6)
     e.step()
     assert len(e.running) == 1 and len(e.waiting) == 3  # one fits, though 3 slots are free
     while len(finals) < len(prompts):
@@ -197,10 +200,7 @@ def test_short_requests_in_a_long_context_cache_run_4x_more_than_slots_would(lla
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 300, (int(n),), generator=g).tolist() for n in torch.randint(124, 508, (16,), generator=g)]
     e = _engine(llama, slots=16, total=8192, chunk=2048, block_size=16, cache_blocks=4 * 8192 // 16)
-    finals = {}
-    for i, p in enumerate(prompts):
-        e.submit(eng.Request(p, 4, emit=lambda o, i=i: finals.__setitem__(i, o) if o.finished else None,
-                             ignore_eos=True))
+    finals = _submit(e, prompts, 4)
     most = 0
     while len(finals) < len(prompts):
         e.step()
