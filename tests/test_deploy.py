@@ -125,21 +125,28 @@ def test_prometheus_config_and_rule_unit_tests_pass_promtool(deployed):
     assert "SUCCESS" in run([promtool, "test", "rules", "rules_test.yml"], cwd=out / "prometheus")
 
 
+def failed_rule_tests(prometheus: Path, tmp_path: Path, rules: str, tests: str, right: str, wrong: str) -> str:
+    """A copy of `prometheus` with `right` replaced by `wrong` once in `rules`; `promtool test rules tests` must
+    fail on it: its output."""
+    shutil.copytree(prometheus, tmp_path / "p")
+    path = tmp_path / "p" / rules
+    text = path.read_text()
+    assert right in text
+    path.write_text(text.replace(right, wrong, 1))
+    proc = subprocess.run([tool("promtool"), "test", "rules", tests], cwd=tmp_path / "p", capture_output=True, text=True)
+    assert proc.returncode != 0
+    return proc.stdout + proc.stderr
+
+
 def test_rule_unit_tests_catch_a_wrong_rule(deployed, tmp_path):
     """The promtool tests are not vacuous: queue time per inference instead of per request fails them."""
     _, _, out = deployed
-    promtool = tool("promtool")
-    shutil.copytree(out / "prometheus", tmp_path / "p")
-    rules = tmp_path / "p" / "rules.yml"
-    text = rules.read_text()
-    broken = text.replace("sum by (model) (rate(nv_inference_queue_duration_us[1m])) / sum by (model) "
-                          "(rate(nv_inference_request_success[1m]))",
-                          "sum by (model) (rate(nv_inference_queue_duration_us[1m])) / sum by (model) "
-                          "(rate(nv_inference_count[1m]))")
-    assert broken != text
-    rules.write_text(broken)
-    proc = subprocess.run([promtool, "test", "rules", "rules_test.yml"], cwd=tmp_path / "p", capture_output=True, text=True)
-    assert proc.returncode != 0 and "model:nv_inference_queue_us_per_request:rate" in proc.stdout + proc.stderr
+    output = failed_rule_tests(out / "prometheus", tmp_path, "rules.yml", "rules_test.yml",
+                               "sum by (model) (rate(nv_inference_queue_duration_us[1m])) / sum by (model) "
+                               "(rate(nv_inference_request_success[1m]))",
+                               "sum by (model) (rate(nv_inference_queue_duration_us[1m])) / sum by (model) "
+                               "(rate(nv_inference_count[1m]))")
+    assert "model:nv_inference_queue_us_per_request:rate" in output
 
 
 def _kustomize(out: Path, overlay: str) -> list[dict]:
