@@ -690,11 +690,11 @@ class Engine:
         """(running sequences, waiting requests, the share of the KV cache's tokens in use) for metrics; read
         from any thread (a snapshot, not exact while a step runs)."""
         running = list(self.running)
-        held = sum(len(r.prompt) + len(r.output) for r in running)
-        capacity = self.decoder_slots * self.max_total  # the slot layout; paged: the pool's tokens
-        if self.blocks is not None:  # blocks shared by a prefix count once; cached unused ones are free to take
-            held, capacity = self.blocks.used * self.blocks.block_size, self.blocks.num_blocks * self.blocks.block_size
-        return len(running), len(self.waiting) + self.inbox.qsize(), held / capacity
+        if self.blocks is not None:  # the pool's blocks: shared by a prefix count once; cached unused ones are free
+            share = self.blocks.used / self.blocks.num_blocks
+        else:  # the slot layout's tokens
+            share = sum(len(r.prompt) + len(r.output) for r in running) / (self.decoder_slots * self.max_total)
+        return len(running), len(self.waiting) + self.inbox.qsize(), share
 
 
 def generate(engine: Engine, prompts: list[list[int]], max_tokens: int, **options) -> list[Output]:
