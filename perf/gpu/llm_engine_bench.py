@@ -11,6 +11,7 @@ Workloads, each a line of the report (tokens/s, TTFT and ITL per request, measur
              and its TTFT
 
     python perf/gpu/llm_engine_bench.py --shape 8b --out DIR [--streams 1,64,256] [--prefix 64] [--long 32]
+                                        [--quantization int4]  (torchao weight-only; its accuracy against bf16 first)
 
 Shapes: 1b (Llama-3.2-1B: vocab 128256, hidden 2048, 16 layers, 32 heads, 8 KV heads, intermediate 8192, tied)
 and 8b (Llama-3.1-8B: vocab 128256, hidden 4096, 32 layers, 32 heads, 8 KV heads, intermediate 14336).
@@ -69,6 +70,42 @@ def random_decoder(shape: str, device: str, dtype):
         w[p + "in_norm"] = torch.ones(c.hidden_size, device=device, dtype=dtype)
         w[p + "post_norm"] = torch.ones(c.hidden_size, device=device, dtype=dtype)
     return Decoder(c, w)
+
+
+def teacher_forced(dec, seqs: list[list[int]]):
+    """fp32 logits of every position of each sequence, one sequence at a time through a one-slot cache."""
+    import torch
+
+    dec.allocate(1, max(len(s) for s in seqs))
+    return [dec(torch.tensor(s, device=dec.device), [(0, 0, len(s))], list(range(len(s)))) for s in seqs]
+
+
+def accuracy(dec, mode: str, count: int = 8, prompt: int = 64, output: int = 64) -> dict:
+    """Quantize `dec` in place (weight-only, torchao) and compare with its own weights before: greedy continuations
+    of the unquantized decoder, teacher-forced through both. agreement: the share of positions whose top token is
+    the same; nll: the mean negative log-likelihood of those continuations under each."""
+    import torch
+
+    import decoder as D
+    import engine as E
+
+    prompts = distinct(count, prompt, offset=77)
+    e = E.Engine(dec, Tokens(), max_sequences=count, max_total_tokens=prompt + output, prefill_chunk=prompt * count,
+                 kv_cache="slots")
+    texts = [p + o.token_ids for p, o in zip(prompts, E.generate(e, prompts, output, ignore_eos=True))]
+    before = teacher_forced(dec, texts)
+    D.quantize(dec, mode)
+    after = teacher_forced(dec, texts)
+    agree, total, nll = 0, 0, {"before": [], "after": []}
+    for text, b, a in zip(texts, before, after):
+        b, a = b[prompt - 1:-1], a[prompt - 1:-1]  # the logits that chose each generated token
+        target = torch.tensor(text[prompt:], device=b.device)
+        agree += int((b.argmax(-1) == a.argmax(-1)).sum())
+        total += len(target)
+        for name, logits in (("before", b), ("after", a)):
+            nll[name].append(float(torch.nn.functional.cross_entropy(logits, target)))
+    return {"mode": mode, "sequences": count, "positions": total, "agreement": round(agree / total, 4),
+            "nll_bf16": round(statistics.mean(nll["before"]), 4), f"nll_{mode}": round(statistics.mean(nll["after"]), 4)}
 
 
 def make_engine(dec, args, slots: int, prefix_caching: bool = True):
@@ -196,6 +233,8 @@ def main() -> int:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--cache-tokens", type=int, default=0)
     p.add_argument("--gpu-memory-fraction", type=float, default=0.8)
+    p.add_argument("--quantization", choices=["none", "int8", "int4"], default="none",
+                   help="torchao weight-only quantization of the projections (int4: CUDA only)")
     p.add_argument("--compile", action="store_true", help="inductor before the graphs (minutes of compiling)")
     p.add_argument("--smoke", action="store_true", help="the tiny shape on the CPU, no graphs: the script's logic")
     args = p.parse_args()
@@ -218,6 +257,9 @@ def main() -> int:
     report = {"shape": args.shape, "parameters": params, "gpu": "cpu" if args.smoke else torch.cuda.get_device_name(),
               "torch": torch.__version__, "args": vars(args) | {"out": str(args.out)}, "results": {}}
     log(f"{args.shape}: {params / 1e9:.2f} B parameters on {report['gpu']}")
+    if args.quantization != "none":
+        report["accuracy"] = acc = accuracy(dec, args.quantization)
+        log(f"{args.quantization} against the unquantized weights: {acc}")
 
     def save():
         (args.out / "engine.json").write_text(json.dumps(report, indent=1))
