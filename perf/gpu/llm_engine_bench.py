@@ -306,6 +306,12 @@ def main() -> int:
             "itl_p99_during_ms": pct(during), "itl_p50_steady_ms": round(statistics.median(steady), 2) if steady else None}
         log(f"long prompt: {r}")
         save()
+    if not args.smoke:  # the GPU's time per step of every graph the workloads captured (no host in between)
+        graphs = engine.decode_step
+        graphs.graphs = {k: v for k, v in graphs.graphs.items() if not k[2]}  # decode-only steps
+        report["replay_ms"] = {f"rows={b} length={n}": round(ms, 3) for (b, n, _), ms in graphs.replay_ms(5).items()}
+        log("step replay ms: " + ", ".join(f"{k}: {v}" for k, v in report["replay_ms"].items() if k.split()[1] in
+                                            ("length=256", "length=512", "length=2304")))
     report["summary"] = engine.summary()
     save()
     log(engine.summary())
