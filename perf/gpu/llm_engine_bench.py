@@ -127,7 +127,10 @@ def make_engine(dec, args, slots: int, prefix_caching: bool = True):
     if args.smoke:
         return e, tokens
     step = torch.compile(dec.decode, dynamic=True) if args.compile else None
-    graphs = D.Graphs(dec, step, max_rows=slots + args.chunk, min_rows=2 if step else 1)
+    q = args.quantization  # as the served model captures them (decoder.py says why for each quantization)
+    rows = D.COMPILED_ROWS.get(q)
+    graphs = D.Graphs(dec, step, max_rows=slots + args.chunk, min_rows=2 if step and not rows else 1,
+                      compiled_rows=rows, compile_mixed=q not in D.UNCOMPILED_MIXED)
     for key in graphs.keys():
         graphs.graphs[key] = graphs.capture(*key)
     e.decode_step, e.graphed_prompts, e.overlap = graphs, True, True
