@@ -320,18 +320,22 @@ def test_image_versions_and_registry():
 
 def test_perf_writes_each_endpoint_its_own_request():
     """perf runs unchanged against our endpoint, vLLM and TensorRT-LLM: the same prompt and length, each in the
-    backend's own tensors (the vLLM backend refuses streaming unless exclude_input_in_output is set)."""
+    backend's own tensors (the vLLM backend refuses streaming unless exclude_input_in_output is set; its default
+    temperature samples, so greedy is sent as 0). The OpenAI front sends the same mapping (test_openai_backends)."""
     from builder.perf.llm import request_entry
 
     assert request_entry("hi", 8) == {"text_input": ["hi"], "max_tokens": [8], "stream": [True], "ignore_eos": [True]}
     vllm = request_entry("hi", 8, "vllm")
-    assert json.loads(vllm.pop("sampling_parameters")[0]) == {"max_tokens": 8, "min_tokens": 8, "ignore_eos": True}
+    assert json.loads(vllm.pop("sampling_parameters")[0]) == {"max_tokens": 8, "min_tokens": 8, "ignore_eos": True,
+                                                             "temperature": 0.0}
     assert vllm == {"text_input": ["hi"], "stream": [True], "exclude_input_in_output": [True],
-                    "return_num_output_tokens": [True]}
+                    "return_finish_reason": [True], "return_num_input_tokens": [True], "return_num_output_tokens": [True]}
     assert request_entry("hi", 8, "tensorrt-llm") == {
         "text_input": ["hi"], "streaming": [True], "sampling_param_max_tokens": [8],
-        "sampling_param_exclude_input_from_output": [True]}
-    assert request_entry("hi", 8, "tensorrt-llm", "engine") == {"text_input": ["hi"], "max_tokens": [8], "stream": [True]}
+        "sampling_param_exclude_input_from_output": [True], "return_finish_reason": [True]}
+    assert request_entry("hi", 8, "tensorrt-llm", "engine") == {
+        "text_input": ["hi"], "max_tokens": [8], "stream": [True], "exclude_input_in_output": [True],
+        "return_num_input_tokens": [True], "return_num_output_tokens": [True]}
     # a sampled load (perf --temperature/--top-p), in each backend's names
     hot = {"temperature": 0.7, "top_p": 0.9}
     assert request_entry("hi", 8, sampling=hot) == {"text_input": ["hi"], "max_tokens": [8], "stream": [True],
@@ -357,6 +361,12 @@ def test_perf_counts_tokens_from_responses_when_the_backend_sends_no_counts():
         {"timestamp": 0, "response_timestamps": [10 * ms, 16 * ms],
          "response_outputs": [{"num_output_tokens": 1}, {"num_output_tokens": 4}]}]}]}
     got = summarize(counted, 1)
+    assert got["itl_p50_ms"] == 2 and got["tokens_per_s"] == 4 / 0.016
+    # vLLM and the engine ensemble count each response's own tokens (vllm_backend src/utils/request.py)
+    per_response = {"experiments": [{"experiment": {"mode": "concurrency", "value": 1}, "requests": [
+        {"timestamp": 0, "response_timestamps": [10 * ms, 16 * ms],
+         "response_outputs": [{"num_output_tokens": 1}, {"num_output_tokens": 3}]}]}]}
+    got = summarize(per_response, 1, "delta")
     assert got["itl_p50_ms"] == 2 and got["tokens_per_s"] == 4 / 0.016
 
 

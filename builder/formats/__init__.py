@@ -29,8 +29,10 @@ validate and the ensembles read the record instead of branching on format names:
   returns its manifest entries; None: export, verify, render, record as above.
 - `options`: the variant fields it takes beyond format, precision and tolerance (torch: cuda_graphs,
   compile); `refused`: precision -> why it cannot make that precision. The spec reads both.
-- `request(text, output_tokens, sampling, flow)`: the generation endpoint's streaming request in the
-  served model's own tensor names (perf's LLM load).
+- `request(fields, flow)`: a generation request given in our endpoint's names (`base.FIELDS`) as the served
+  model takes it, in its own tensor names (a `GenerationRequest`: tensors, types, how its responses read), or
+  `Unhonoured` naming a field it has no input for; `honours(flow)`: the fields it can send. perf's LLM load
+  and the OpenAI front both send what it makes.
 
 A variant flows through the build as one `Job` record (builder.build): caching, export,
 verification, config and manifest all read it.

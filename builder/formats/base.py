@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from builder.errors import UserError
+
 ENDPOINTS = ("tensors", "generation")  # a stateless tensor model | text in / text out from a KV cache
 
 
@@ -39,9 +41,10 @@ class Format:
     build: Callable | None = None  # (job) -> {triton name: manifest entry}: a format that writes its own model set
     options: tuple[str, ...] = ()  # the variant fields beyond format/precision/tolerance it takes
     refused: dict = field(default_factory=dict)  # precision -> why this format cannot make it
-    # the generation endpoint: (text, output_tokens, sampling, flow) -> one streaming request in the served
-    # model's own tensor names, the output length forced where its backend can (perf's load)
+    # the generation endpoint: (fields, flow) -> GenerationRequest, a request given in our endpoint's names
+    # (FIELDS) in the served model's own tensors; perf's load and the OpenAI front both send what it makes
     request: Callable | None = None
+    honours: Callable[[str], frozenset] = lambda flow: frozenset()  # flow -> the FIELDS `request` can send
 
     def backend(self, runtime: str) -> dict:
         """Which Triton backend serves this format under `runtime`, and the settings it needs."""
@@ -61,3 +64,37 @@ def register(fmt: Format) -> Format:
         raise ValueError(f"format {fmt.name!r} is registered twice for the {fmt.endpoint} endpoint")
     REGISTRY[fmt.endpoint][fmt.name] = fmt
     return fmt
+
+
+# A generation request in our endpoint's names: each format's `request` maps them to its model's own tensors and
+# refuses (Unhonoured) any it has no way to send. text_input, stop (a list of strings), logprobs (top-k count),
+# guide ({"json_schema": ...} | {"json_object": True}) and prompt_ids (token ids) are the non-scalar ones.
+FIELDS = ("text_input", "max_tokens", "stream", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos",
+          "min_tokens", "add_special_tokens", "logprobs", "guide", "prompt_ids")
+
+
+class Unhonoured(UserError):
+    """A request field the served model's backend has no input for: the client's 400, naming it."""
+
+    def __init__(self, field: str, why: str):
+        super().__init__(f"{field}: {why}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One request as the served model takes it, and how its responses read."""
+
+    inputs: dict[str, list]  # tensor name -> values (perf_analyzer's input data; the gRPC tensors)
+    types: dict[str, str]  # tensor name -> Triton datatype
+    parameters: dict = field(default_factory=dict)  # gRPC request parameters (our endpoint's logprobs, guide, ...)
+    batched: bool = False  # the model has max_batch_size > 0: each tensor gets a leading batch dimension of 1
+    text: str = "delta"  # each response's text_output: the new text ("delta") or all of it so far ("total")
+    counts: str | None = "total"  # num_output_tokens: the running "total", this response's ("delta"), or None (not sent)
+    finish_reason: bool = True  # whether responses carry finish_reason
+
+
+def refuse_unhonoured(fields: dict, honoured: frozenset, backend: str) -> None:
+    for name in FIELDS:
+        if name in fields and name not in honoured:
+            raise Unhonoured(name, f"{backend} has no input for it; leave it out")

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 from builder.errors import RunError
-from builder.formats.base import Format, register
+from builder.formats.base import FIELDS, Format, GenerationRequest, refuse_unhonoured, register
 from builder.render import render_template
 
 WEIGHTS = "weights.safetensors"
@@ -98,13 +98,30 @@ def record(job, artifact: Path) -> dict:
     return {"generation": job.model.generation.model_dump()}
 
 
-def request(text: str, output_tokens: int, sampling: dict, flow: str) -> dict:
-    """Our endpoint's inputs (the TensorRT-LLM / vLLM backends' names); ignore_eos forces the length."""
-    return {"text_input": [text], "max_tokens": [output_tokens], "stream": [True], **{k: [v] for k, v in sampling.items()},
-            "ignore_eos": [True]}
+TORCH_FIELDS = frozenset(FIELDS) - {"min_tokens"}
+TORCH_TYPES = {"max_tokens": "INT32", "stream": "BOOL", "temperature": "FP32", "top_p": "FP32", "top_k": "INT32",
+               "seed": "UINT64", "ignore_eos": "BOOL", "add_special_tokens": "BOOL"}
+
+
+def request(fields: dict, flow: str = "") -> GenerationRequest:
+    """Our endpoint: the fields are its inputs; logprobs, guide and prompt_ids travel as request parameters."""
+    refuse_unhonoured(fields, TORCH_FIELDS, "this endpoint")
+    inputs = {"text_input": [fields["text_input"]], **{k: [fields[k]] for k in TORCH_TYPES if k in fields}}
+    types = {"text_input": "BYTES", **{k: TORCH_TYPES[k] for k in inputs if k != "text_input"}}
+    if fields.get("stop"):
+        inputs["stop"], types["stop"] = list(fields["stop"]), "BYTES"
+    parameters = {}
+    if "logprobs" in fields:
+        parameters["logprobs"] = fields["logprobs"]
+    if fields.get("guide") is not None:
+        parameters["guide"] = json.dumps(fields["guide"])
+    if fields.get("prompt_ids") is not None:
+        parameters["prompt_ids"] = json.dumps(fields["prompt_ids"])
+    return GenerationRequest(inputs, types, parameters)
 
 
 GENERATOR = register(Format(
     name="torch", artifact=WEIGHTS, export=export, endpoint="generation", verify=verify, reference=reference,
     render=render, record=record, in_process=False, options=("cuda_graphs", "compile"), request=request,
+    honours=lambda flow: TORCH_FIELDS,
 ))

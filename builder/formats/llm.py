@@ -9,7 +9,7 @@ import json
 import time
 from pathlib import Path
 
-from builder.formats.base import Format, register
+from builder.formats.base import Format, GenerationRequest, refuse_unhonoured, register
 
 
 def build(job) -> dict[str, dict]:
@@ -52,21 +52,70 @@ def build(job) -> dict[str, dict]:
             for n, e in made.items()}
 
 
-def vllm_request(text: str, output_tokens: int, sampling: dict, flow: str) -> dict:
-    """vLLM's backend: sampling settings travel as one JSON string; streaming needs exclude_input_in_output."""
-    params = {"max_tokens": output_tokens, "min_tokens": output_tokens, "ignore_eos": True, **sampling}
-    return {"text_input": [text], "stream": [True], "sampling_parameters": [json.dumps(params)],
-            "exclude_input_in_output": [True], "return_num_output_tokens": [True]}
+# The vLLM backend (triton-inference-server/vllm_backend src/model.py auto_complete_config, src/utils/request.py):
+# sampling settings as one JSON string of SamplingParams keywords; finish_reason and the token counts only when
+# asked with return_* (counts UINT32, num_output_tokens per response: request.py's prev_lens_num_output_tokens);
+# streaming refuses a prompt echoed back, so exclude_input_in_output is always sent.
+VLLM_FIELDS = frozenset({"text_input", "max_tokens", "stream", "temperature", "top_p", "top_k", "seed", "stop",
+                         "ignore_eos", "min_tokens", "logprobs", "guide"})
+VLLM_SAMPLING = ("max_tokens", "min_tokens", "ignore_eos", "temperature", "top_p", "top_k", "seed")
 
 
-def trtllm_request(text: str, output_tokens: int, sampling: dict, flow: str) -> dict:
-    """TensorRT-LLM: the llmapi model's sampling_param_* inputs, or the engine flow's ensemble inputs; max_tokens
-    only (its output may stop earlier: tokens are then counted from the responses)."""
+def vllm_request(fields: dict, flow: str = "") -> GenerationRequest:
+    """Temperature absent: 0 (greedy, as on our endpoint; vLLM's own default samples at 1.0)."""
+    refuse_unhonoured(fields, VLLM_FIELDS, "the vLLM backend")
+    params = {k: fields[k] for k in VLLM_SAMPLING if k in fields}
+    params.setdefault("temperature", 0.0)
+    if fields.get("stop"):
+        params["stop"] = list(fields["stop"])
+    if "logprobs" in fields:
+        params["logprobs"] = fields["logprobs"]
+    guide = fields.get("guide")
+    if guide is not None:  # StructuredOutputsParams (vllm_backend src/utils/vllm_backend_utils.py reads a JSON string)
+        params["structured_outputs"] = json.dumps({"json": guide["json_schema"]} if "json_schema" in guide
+                                                  else {"json_object": True})
+    inputs = {"text_input": [fields["text_input"]], "stream": [bool(fields.get("stream", False))],
+              "sampling_parameters": [json.dumps(params)], "exclude_input_in_output": [True],
+              "return_finish_reason": [True], "return_num_input_tokens": [True], "return_num_output_tokens": [True]}
+    if "logprobs" in fields:
+        inputs["return_logprobs"] = [True]
+    types = {n: "BYTES" if n in ("text_input", "sampling_parameters") else "BOOL" for n in inputs}
+    return GenerationRequest(inputs, types, counts="delta")
+
+
+# TensorRT-LLM's llmapi model (triton_backend/all_models/llmapi/tensorrt_llm/1/helpers.py
+# get_sampling_params_from_request): sampling_param_* scalars, sampling_param_stop a list of strings, `streaming`;
+# no token counts, and text_output is the whole text so far (RequestOutput.outputs[i].text), not the new piece.
+# The legacy engine ensemble (ours, builder.targets.trtllm ENSEMBLE_INPUTS): our names, batched (max_batch_size
+# > 0), max_tokens required, no finish_reason; num_output_tokens counts the response's own tokens.
+TRTLLM_FIELDS = frozenset({"text_input", "max_tokens", "stream", "temperature", "top_p", "top_k", "seed", "stop"})
+TRTLLM_TYPES = {"max_tokens": "INT32", "temperature": "FP32", "top_p": "FP32", "top_k": "INT32", "seed": "UINT64"}
+
+
+def trtllm_request(fields: dict, flow: str = "llmapi") -> GenerationRequest:
+    """Temperature absent: left to TensorRT-LLM's default (greedy when no sampling setting is given)."""
+    refuse_unhonoured(fields, TRTLLM_FIELDS, f"the TensorRT-LLM {flow} model")
+    stream = bool(fields.get("stream", False))
+    sampling = {k: fields[k] for k in TRTLLM_TYPES if k in fields}
+    stop = list(fields.get("stop") or [])
     if flow == "llmapi":
-        return {"text_input": [text], "streaming": [True], "sampling_param_max_tokens": [output_tokens],
-                "sampling_param_exclude_input_from_output": [True],
-                **{f"sampling_param_{k}": [v] for k, v in sampling.items()}}
-    return {"text_input": [text], "max_tokens": [output_tokens], "stream": [True], **{k: [v] for k, v in sampling.items()}}
+        inputs = {"text_input": [fields["text_input"]], "streaming": [stream],
+                  **{f"sampling_param_{k}": [v] for k, v in sampling.items()},
+                  "sampling_param_exclude_input_from_output": [True], "return_finish_reason": [True]}
+        types = {"text_input": "BYTES", "streaming": "BOOL", "sampling_param_exclude_input_from_output": "BOOL",
+                 "return_finish_reason": "BOOL", **{f"sampling_param_{k}": TRTLLM_TYPES[k] for k in sampling}}
+        if stop:
+            inputs["sampling_param_stop"], types["sampling_param_stop"] = stop, "BYTES"
+        return GenerationRequest(inputs, types, text="total", counts=None)
+    if "max_tokens" not in fields:
+        raise Unhonoured("max_tokens", "the TensorRT-LLM engine ensemble needs max_tokens")
+    inputs = {"text_input": [fields["text_input"]], **{k: [v] for k, v in sampling.items()}, "stream": [stream],
+              "exclude_input_in_output": [True], "return_num_input_tokens": [True], "return_num_output_tokens": [True]}
+    types = {"text_input": "BYTES", **{k: TRTLLM_TYPES[k] for k in sampling}, "stream": "BOOL",
+             "exclude_input_in_output": "BOOL", "return_num_input_tokens": "BOOL", "return_num_output_tokens": "BOOL"}
+    if stop:
+        inputs["stop"], types["stop"] = stop, "BYTES"
+    return GenerationRequest(inputs, types, batched=True, counts="delta", finish_reason=False)
 
 
 def _export(job) -> tuple[Path, str]:
@@ -74,6 +123,6 @@ def _export(job) -> tuple[Path, str]:
 
 
 register(Format("tensorrt-llm", "model.yaml", _export, endpoint="generation", build=build, in_process=False,
-                options=("flow",), request=trtllm_request))
+                options=("flow",), request=trtllm_request, honours=lambda flow: TRTLLM_FIELDS))
 register(Format("vllm", "model.json", _export, endpoint="generation", build=build, in_process=False,
-                request=vllm_request))
+                request=vllm_request, honours=lambda flow: VLLM_FIELDS))

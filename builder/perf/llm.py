@@ -41,14 +41,24 @@ def synthetic_prompt(tokenizer_file: Path, tokens: int) -> tuple[str, int]:
     return text, len(tok.encode(text, add_special_tokens=True).ids)
 
 
-def request_entry(text: str, output_tokens: int, fmt: str = "torch", flow: str = "llmapi",
-                  sampling: dict[str, float] | None = None) -> dict:
-    """One streaming request in the endpoint's own tensor names (its format record's `request`). `sampling`:
-    temperature and/or top_p (default: greedy), as a chat client would send them."""
+def generation_request(text: str, output_tokens: int, fmt: str = "torch", flow: str = "llmapi",
+                       sampling: dict[str, float] | None = None):
+    """One streaming request as the endpoint takes it (its format record's `request`), the output length forced
+    with whichever of ignore_eos / min_tokens its backend has. `sampling`: temperature and/or top_p (default:
+    greedy), as a chat client would send them."""
     from builder import formats
 
-    sampling = {k: float(v) for k, v in (sampling or {}).items()}
-    return formats.get(fmt, "generation").request(text, output_tokens, sampling, flow)
+    record = formats.get(fmt, "generation")
+    fields = {"text_input": text, "max_tokens": output_tokens, "stream": True,
+              **{k: float(v) for k, v in (sampling or {}).items()}}
+    fields |= {k: v for k, v in {"ignore_eos": True, "min_tokens": output_tokens}.items() if k in record.honours(flow)}
+    return record.request(fields, flow)
+
+
+def request_entry(text: str, output_tokens: int, fmt: str = "torch", flow: str = "llmapi",
+                  sampling: dict[str, float] | None = None) -> dict:
+    """generation_request's tensors, as perf_analyzer's input data holds them."""
+    return generation_request(text, output_tokens, fmt, flow, sampling).inputs
 
 
 def input_data(path: Path, text: str, output_tokens: int, fmt: str = "torch", flow: str = "llmapi",
@@ -64,8 +74,10 @@ def command(binary: Path, model: str, url: str, concurrency: int, requests: int,
             "--profile-export-file", str(export), "--measurement-interval", "600000"]
 
 
-def summarize(export: dict, concurrency: int) -> dict:
-    """TTFT, ITL and throughput from a perf_analyzer profile export (timestamps in ns)."""
+def summarize(export: dict, concurrency: int, counting: str | None = "total") -> dict:
+    """TTFT, ITL and throughput from a perf_analyzer profile export (timestamps in ns). `counting`: how the
+    endpoint's num_output_tokens reads (GenerationRequest.counts): the running "total", each response's own
+    ("delta"), or None (not sent: one token per response)."""
     experiment = next(e for e in export["experiments"] if e["experiment"]["value"] == concurrency)
     ttft, itl, per_stream, tokens, starts, ends = [], [], [], 0, [], []
     for req in experiment["requests"]:
@@ -73,7 +85,9 @@ def summarize(export: dict, concurrency: int) -> dict:
         outs = req.get("response_outputs") or []
         if not stamps:
             continue
-        counts = [int(o.get("num_output_tokens", 0) or 0) for o in outs] if outs else []
+        counts = [int(o.get("num_output_tokens", 0) or 0) for o in outs] if outs and counting else []
+        if counting == "delta":  # each response's own tokens: the running total
+            counts = [int(c) for c in np.cumsum(counts)]
         if not any(counts):  # an endpoint that does not return num_output_tokens: one token per response
             counts = []
         # a response may carry several tokens (text held back until a character is whole)
@@ -127,8 +141,9 @@ def run_llm_perf(repo: Path, variants: dict[str, dict], server, concurrency: lis
                             f"limits (max_prompt_tokens {gen.get('max_prompt_tokens')}, max_total_tokens "
                             f"{gen.get('max_total_tokens')})")
         text, actual = synthetic_prompt(_tokenizer_file(repo, name), prompt_tokens)
-        data = input_data(out / "inputs" / f"{name}.json", text, output_tokens, entry.get("format", "torch"),
-                          entry.get("flow", "llmapi"), sampling)
+        fmt, flow = entry.get("format", "torch"), entry.get("flow", "llmapi")
+        data = input_data(out / "inputs" / f"{name}.json", text, output_tokens, fmt, flow, sampling)
+        counts = generation_request(text, output_tokens, fmt, flow, sampling).counts
         console.print(f"[bold]{name}[/bold] ({entry.get('precision')}): prompt {actual} tokens, output {output_tokens} "
                       f"tokens, concurrency {', '.join(map(str, concurrency))}")
         for level in concurrency:
@@ -147,7 +162,7 @@ def run_llm_perf(repo: Path, variants: dict[str, dict], server, concurrency: lis
                 rows.append({**row, "status": "failed"})
                 console.print(f"  c={level}: [red]perf_analyzer failed[/] ({tail})")
                 continue
-            stats = summarize(json.loads(export.read_text()), level)
+            stats = summarize(json.loads(export.read_text()), level, counts)
             rows.append({**row, **stats, "status": "ok"})
             console.print(f"  c={level}: TTFT p50 {stats['ttft_p50_ms']:.0f} ms, ITL p50 {stats['itl_p50_ms']:.1f} ms "
                           f"(p99 {stats['itl_p99_ms']:.1f}), {stats['tokens_per_s_per_stream']:.1f} tok/s per stream, "
