@@ -112,6 +112,8 @@ def build(spec_path: Path, out: Path, *, runtime: str | None = None, only: list[
                 if not isinstance(exc, BuilderError):
                     exc = RunError(f"build: {unexpected(exc, f'models[{model.name}] build')}")
                 if not keep_going:
+                    if str(exc).startswith(f"models[{model.name}]"):  # it names its field already
+                        raise exc
                     raise type(exc)(f"models[{model.name}]: {exc}") from exc
                 result.results.append(VariantResult(model.name, model.name, "*", "error", time.time() - t0, message=str(exc)))
                 console.print(f"  [red]error[/] {escape(str(exc))}")

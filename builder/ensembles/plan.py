@@ -16,6 +16,7 @@ from builder.signature import Signature, TensorSpec
 PYTHON_MODELS = Path(__file__).resolve().parent.parent.parent / "templates" / "python"
 TOKEN_KINDS = {"token_ids", "attention_mask", "token_type_ids", "position_ids"}
 PARTS = {"zero-shot-image-classification": ("image", "text")}  # other tasks: one part, suffix ""
+FOLDED = "sentence_embedding"  # feature-extraction's output with the pooling recipe inside the model
 
 
 @dataclass(frozen=True)
@@ -138,11 +139,23 @@ def post_model(model, sigs: dict[str, Signature], mbs: int, lift) -> tuple[StepM
     sig = sigs[""]
     first = sig.outputs[0]
     if model.task == "feature-extraction":
-        mask = next((t for t in sig.inputs if t.kind == "attention_mask"), None)
-        if mask is None or len(first.dims) < 2:
-            raise UserError(f"models[{model.name}].ensemble: mean pooling needs token vectors and an attention_mask")
-        pooling = sig.extra.get("pooling", "mean")
         outputs = (TensorSpec("EMBEDDING", "float32", (*batch, first.dims[-1])),)
+        rank = len(first.dims) - len(batch)  # axes after the batch: 2 for token vectors, 1 for a sentence vector
+        if rank == 1 and first.name == FOLDED:
+            # the exported vector already holds the whole recipe (pooling, and L2 normalization where
+            # modules.json ends in Normalize): the step only hands it on as float32, and normalizing it
+            # here would do it twice
+            params = {"task": "pooled", "tensors": json.dumps({"vector": first.name, "embedding": "EMBEDDING"})}
+            return StepModel(name, "postprocess", "postprocess.py", Signature((first,), outputs, mbs), params), None
+        if rank < 2:
+            raise UserError(f"models[{model.name}].outputs: {first.name} is not a sentence embedding the ensemble can "
+                            f"serve; list {FOLDED} (pooled in the model) or last_hidden_state (pooled by the "
+                            f"ensemble) first")
+        mask = next((t for t in sig.inputs if t.kind == "attention_mask"), None)
+        if mask is None:
+            raise UserError(f"models[{model.name}].ensemble: pooling {first.name} needs an attention_mask input and "
+                            f"the model takes none")
+        pooling = sig.extra.get("pooling", "mean")
         params = {"task": "embedding", "pooling": pooling, "normalize": "true" if sig.extra.get("normalize", True) else "false",
                   "tensors": json.dumps({"hidden": first.name, "mask": mask.name, "embedding": "EMBEDDING"})}
         return StepModel(name, "postprocess", "postprocess.py", Signature((first, mask), outputs, mbs), params), None

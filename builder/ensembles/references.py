@@ -97,7 +97,8 @@ def torch_expected(model, loaded, tokenizer, plan: Plan, inputs: dict[str, np.nd
     with torch.no_grad():
         if model.task == "feature-extraction":
             feed = encoded("TEXT", sigs[""])
-            hidden = getattr(module(**feed), sigs[""].outputs[0].name)
+            # the recipe from the token vectors, whether the variant serves those or the vector pooled inside it
+            hidden = module(**feed).last_hidden_state
             pooling = sigs[""].extra.get("pooling", "mean")
             if pooling == "cls":
                 pooled = hidden[:, 0]

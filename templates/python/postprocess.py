@@ -8,6 +8,8 @@ classifiers, `1/labels.json` beside it. Parameter `task` picks what it does; par
   is 1 (parameter `pooling`: `mean`, `cls` for the first token, `max` for the largest value over the
   unmasked tokens), then L2-normalized when parameter
   `normalize` is `true` (sentence-transformers' all-MiniLM recipe);
+- `pooled`: {"vector"} -> {"embedding"}: a sentence vector the model already pooled (and normalized where its
+  recipe says so: the spec's `outputs: [sentence_embedding]`), handed on as float32;
 - `classification`: {"logits"} -> {"probabilities", "labels"}: softmax, then the `top_k` most probable
   classes, most probable first (ties: lower class index first), with their names from `labels.json`;
 - `zero-shot`: {"image", "text"} (embeddings of a batch of images and of the candidate labels) ->
@@ -36,6 +38,7 @@ except ImportError:  # imported by the builder or tests, outside the python back
 
 ROLES = {
     "embedding": (("hidden", "mask"), ("embedding",)),
+    "pooled": (("vector",), ("embedding",)),
     "classification": (("logits",), ("probabilities", "labels")),
     "zero-shot": (("image", "text"), ("probabilities",)),
 }
@@ -115,6 +118,8 @@ class PostProcessor:
         if self.task == "embedding":
             emb = pool(inputs["hidden"], inputs["mask"], self.pooling)
             return {"embedding": l2_normalize(emb) if self.normalize else emb}
+        if self.task == "pooled":
+            return {"embedding": np.asarray(inputs["vector"], dtype=np.float32)}
         if self.task == "classification":
             probabilities, names = classify(inputs["logits"], self.labels, self.k)
             return {"probabilities": probabilities, "labels": names}
