@@ -86,10 +86,10 @@ def test_error_bodies_never_carry_a_server_address():
 class _FakeTriton:
     """Stands in for the gRPC client: a refusal before any token, or a failure after the first piece."""
 
-    async def generate(self, model, text, stop, inputs, parameters):
+    async def generate(self, model, request, tokenizer=None):
         from builder.openai.triton import GenerationError, Piece
 
-        if inputs.get("max_tokens") == 999:
+        if request.inputs.get("max_tokens") == [999]:
             raise GenerationError("max_tokens: 999 new tokens exceed the cache", started=False)
         yield Piece("Hello", num_input_tokens=3, num_output_tokens=1)
         raise GenerationError("generation failed: RuntimeError: lost 10.0.0.5:8001 (http://10.0.0.5:8000/v2)", True)

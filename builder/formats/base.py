@@ -78,7 +78,7 @@ class Unhonoured(UserError):
 
     def __init__(self, field: str, why: str):
         super().__init__(f"{field}: {why}")
-        self.field = field
+        self.field, self.why = field, why
 
 
 @dataclass(frozen=True)
@@ -90,11 +90,16 @@ class GenerationRequest:
     parameters: dict = field(default_factory=dict)  # gRPC request parameters (our endpoint's logprobs, guide, ...)
     batched: bool = False  # the model has max_batch_size > 0: each tensor gets a leading batch dimension of 1
     text: str = "delta"  # each response's text_output: the new text ("delta") or all of it so far ("total")
-    counts: str | None = "total"  # num_output_tokens: the running "total", this response's ("delta"), or None (not sent)
+    counts: str | None = "total"  # num_output_tokens: a running "total", this response's ("delta"), None: not sent
     finish_reason: bool = True  # whether responses carry finish_reason
+    logprobs: int | None = None  # top log-probabilities asked for, where the backend returns more (vLLM)
+
+
+WHAT = {"prompt_ids": ("token ids", "give the prompt as text"), "guide": ("guided decoding", "leave it out")}
 
 
 def refuse_unhonoured(fields: dict, honoured: frozenset, backend: str) -> None:
     for name in FIELDS:
         if name in fields and name not in honoured:
-            raise Unhonoured(name, f"{backend} has no input for it; leave it out")
+            what, fix = WHAT.get(name, ("it", "leave it out"))
+            raise Unhonoured(name, f"{backend} has no input for {what}; {fix}")

@@ -80,7 +80,7 @@ def vllm_request(fields: dict, flow: str = "") -> GenerationRequest:
     if "logprobs" in fields:
         inputs["return_logprobs"] = [True]
     types = {n: "BYTES" if n in ("text_input", "sampling_parameters") else "BOOL" for n in inputs}
-    return GenerationRequest(inputs, types, counts="delta")
+    return GenerationRequest(inputs, types, counts="delta", logprobs=fields.get("logprobs"))
 
 
 # TensorRT-LLM's llmapi model (triton_backend/all_models/llmapi/tensorrt_llm/1/helpers.py

@@ -76,6 +76,26 @@ def grpc_inputs(text: str, stop: tuple[str, ...] = (), **params) -> list:
     return tensors
 
 
+def grpc_tensors(request) -> list:
+    """A GenerationRequest's tensors for tritonclient.grpc (a leading batch dimension of 1 where the model batches)."""
+    from tritonclient.grpc import InferInput
+    from tritonclient.utils import triton_to_np_dtype
+
+    tensors = []
+    for name, values in request.inputs.items():
+        kind = request.types[name]
+        if kind == "BYTES":
+            array = np.array([v.encode("utf-8") for v in values], dtype=np.object_)
+        else:
+            array = np.array(values, dtype=triton_to_np_dtype(kind))
+        if request.batched:
+            array = array.reshape(1, -1)
+        tensor = InferInput(name, list(array.shape), kind)
+        tensor.set_data_from_numpy(array)
+        tensors.append(tensor)
+    return tensors
+
+
 def grpc_stream(grpc_url: str, model: str, text: str, on_piece: Callable[[str], None] | None = None,
                 **params) -> dict:
     """Stream one request over gRPC; calls on_piece with each new text; returns the final response's fields

@@ -28,6 +28,7 @@ from builder.openai import schema as s
 from builder.openai.errors import APIError, error_body
 from builder.openai.metrics import Metrics
 from builder.openai.prompts import Tokenizers, chat_prompt, completion_prompts, template_messages
+from builder.formats.base import GenerationRequest
 from builder.openai.triton import GenerationError, Piece, Triton
 
 ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/tokenize", "/detokenize",
@@ -42,8 +43,7 @@ class Sequence:
     prompt: int  # which prompt of the request
     text: str
     ids: list[int] | None
-    inputs: dict
-    parameters: dict
+    fields: dict  # the request in our endpoint's names (builder.formats.base.FIELDS)
     pieces: list[Piece] = field(default_factory=list)
     stream: AsyncIterator[Piece] | None = None
 
@@ -54,13 +54,16 @@ class Front:
 
         self.repo, self.grpc_url, self.metrics_url = Path(repo), grpc_url, metrics_url
         entries = read_manifest(repo)["models"]
-        self.models = {n: e for n, e in entries.items() if "generation" in e and e.get("status") == "passed"}
+        # our endpoint, built and verified here; and the vLLM / TensorRT-LLM models rendered for a server that runs
+        # them (the client-facing one of a model set), each sent requests in its own tensors (its format's `request`)
+        self.models = {n: e for n, e in entries.items() if "generation" in e and (
+            e.get("status") == "passed" or e.get("status") == "rendered" and e.get("role") in ("llm", "ensemble"))}
         # feature-extraction ensembles (text in, sentence embedding out) for /v1/embeddings
         self.embedders = {n: e for n, e in entries.items() if e.get("role") == "ensemble" and e.get("status") == "passed"
                           and e.get("task") == "feature-extraction"
                           and [t["name"] for t in e["signature"]["outputs"]] == ["EMBEDDING"]}
         self.counters: dict[str, object] = {}  # embedder -> its pre-processing tokenizer (usage counts)
-        self.tokenizers = Tokenizers(repo)
+        self.tokenizers = Tokenizers(repo, self.models)
         self.metrics = Metrics()
         self.triton: Triton | None = None
         self.created = int(time.time())
@@ -90,14 +93,38 @@ class Front:
         return sum(sum(e.attention_mask) for e in tokenizer.encode_batch(texts)) if tokenizer is not None else 0
 
     # -- sequences --
-    async def start(self, model: str, seqs: list[Sequence], t0: float, chat: bool = False) -> None:
+    def request(self, model: str, fields: dict, params: dict[str, str]) -> GenerationRequest:
+        """The model's own request for `fields` (its format record's mapping). What its backend has no input for
+        is a 400 naming the client's parameter (`params`: field -> parameter, where the names differ)."""
+        from builder import formats
+        from builder.formats.base import Unhonoured
+
+        entry = self.models[model]
+        fmt, flow = formats.get(entry.get("format", "torch"), "generation"), entry.get("flow") or "llmapi"
+        fields = dict(fields)
+        if fmt.name != "torch":
+            # a backend's own default output length is not the spec's (vLLM's: 16; the engine ensemble needs one)
+            fields.setdefault("max_tokens", entry["generation"]["max_tokens"])
+        if fields.get("add_special_tokens") is False and "add_special_tokens" not in fmt.honours(flow):
+            # a backend that always adds special tokens: the template's own BOS goes, or the prompt would hold two
+            del fields["add_special_tokens"]
+            fields["text_input"] = _without_bos(self.tokenizers.get(model), fields["text_input"])
+        try:
+            return fmt.request(fields, flow)
+        except Unhonoured as exc:
+            param = params.get(exc.field, exc.field)
+            raise APIError(400, f"{param}: {exc.why}", param=param) from None
+
+    async def start(self, model: str, seqs: list[Sequence], t0: float, chat: bool = False,
+                    params: dict[str, str] | None = None) -> None:
         """Open every sequence and wait for its first response: a refusal is the client's 400 (or 500)."""
+        requests = [self.request(model, seq.fields, params or {}) for seq in seqs]
+        tokenizer = self.tokenizers.get(model)
         waiting = self.metrics.waiting.labels(model)
         waiting.inc(len(seqs))
         try:
-            for seq in seqs:
-                seq.stream = self.triton.generate(model, seq.text, seq.inputs.pop("stop", []), seq.inputs,
-                                                  seq.parameters)
+            for seq, request in zip(seqs, requests):
+                seq.stream = self.triton.generate(model, request, tokenizer)
             firsts = await asyncio.gather(*(anext(seq.stream) for seq in seqs), return_exceptions=True)
         except asyncio.CancelledError:  # the client left before the first token
             for _ in seqs:
@@ -195,30 +222,42 @@ def _refuse_unsupported(body) -> None:
         raise APIError(400, f"{name}: {why}", param=name)
 
 
-def _inputs(body, max_tokens: int | None, stream: bool) -> dict:
-    inputs = {"stream": stream}
+def _fields(body, max_tokens: int | None, stream: bool) -> dict:
+    """The request's settings in our endpoint's names (builder.formats.base.FIELDS)."""
+    fields = {"stream": stream}
     for name in ("temperature", "top_p", "top_k", "ignore_eos"):
         if getattr(body, name) is not None:
-            inputs[name] = getattr(body, name)
+            fields[name] = getattr(body, name)
     if max_tokens is not None:
-        inputs["max_tokens"] = max_tokens
-    inputs["stop"] = _stop(body)
-    return inputs
+        fields["max_tokens"] = max_tokens
+    stop = _stop(body)
+    if stop:
+        fields["stop"] = stop
+    return fields
 
 
-def _sequences(body, prompts: list[tuple[str, list[int] | None]], inputs: dict, parameters: dict) -> list[Sequence]:
+def _sequences(body, prompts: list[tuple[str, list[int] | None]], fields: dict) -> list[Sequence]:
     seqs = []
     for p, (text, ids) in enumerate(prompts):
         for j in range(body.n):
-            ins = dict(inputs, stop=list(inputs["stop"]))
+            own = dict(fields)
             if body.seed is not None:
-                ins["seed"] = (body.seed + j) % 2**64  # n choices of one seed still differ when sampled
-            params = dict(parameters)
+                own["seed"] = (body.seed + j) % 2**64  # n choices of one seed still differ when sampled
             if ids is not None:
-                params["prompt_ids"] = json.dumps(ids)
+                own["prompt_ids"] = list(ids)
                 text = text or " "
-            seqs.append(Sequence(len(seqs), p, text, ids, ins, params))
+            own["text_input"] = text
+            seqs.append(Sequence(len(seqs), p, text, ids, own))
     return seqs
+
+
+def _without_bos(tokenizer, text: str) -> str:
+    """`text` less a leading BOS token that the tokenizer adds itself anyway."""
+    bos = getattr(tokenizer, "bos_token", None)
+    if not bos or not text.startswith(bos):
+        return text
+    adds = tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
+    return text[len(bos):] if adds else text
 
 
 def _usage(seqs: list[Sequence], prompts: int) -> s.Usage:
@@ -258,8 +297,12 @@ def create_app(repo: Path, grpc_url: str, metrics_url: str | None = None) -> Fas
     @asynccontextmanager
     async def lifespan(app):
         front.triton = Triton(grpc_url)
-        for name in front.models:  # loaded before the first request, not during it
-            await asyncio.to_thread(front.tokenizers.get, name)
+        for name, entry in front.models.items():  # loaded before the first request, not during it
+            try:
+                await asyncio.to_thread(front.tokenizers.get, name)
+            except Exception:  # noqa: BLE001 - a rendered model's hub tokenizer may be out of reach here
+                if entry.get("status") == "passed":
+                    raise
         yield
         await front.triton.close()
 
@@ -378,9 +421,11 @@ def create_app(repo: Path, grpc_url: str, metrics_url: str | None = None) -> Fas
         _refuse_unsupported(body)
         tokenizer = front.tokenizers.get(body.model)
         prompts = completion_prompts(tokenizer, body.prompt)
-        parameters = {"logprobs": body.logprobs} if body.logprobs is not None else {}
-        seqs = _sequences(body, prompts, _inputs(body, body.max_tokens, body.stream), parameters)
-        await _watched(request, front.start(body.model, seqs, t0))
+        fields = _fields(body, body.max_tokens, body.stream)
+        if body.logprobs is not None:
+            fields["logprobs"] = body.logprobs
+        seqs = _sequences(body, prompts, fields)
+        await _watched(request, front.start(body.model, seqs, t0, params={"prompt_ids": "prompt"}))
         rid, created = "cmpl-" + uuid.uuid4().hex[:24], int(time.time())
         echo = [text if ids is None else tokenizer.decode(ids) for text, ids in prompts] if body.echo else None
 
@@ -428,17 +473,18 @@ def create_app(repo: Path, grpc_url: str, metrics_url: str | None = None) -> Fas
         plan = guided.plan(body)  # response_format / tools: a grammar for the engine, a parser for the text
         tokenizer = front.tokenizers.get(body.model)
         text = chat_prompt(tokenizer, body, plan.template_tools)
-        parameters = {}
+        fields = _fields(body, body.max_completion_tokens or body.max_tokens, body.stream)
         if body.logprobs:
-            parameters["logprobs"] = body.top_logprobs or 0
+            fields["logprobs"] = body.top_logprobs or 0
         elif body.top_logprobs is not None:
             raise APIError(400, "top_logprobs: only with logprobs: true", param="top_logprobs")
         if plan.guide is not None:
-            parameters["guide"] = json.dumps(plan.guide)
-        inputs = _inputs(body, body.max_completion_tokens or body.max_tokens, body.stream)
-        inputs["add_special_tokens"] = False  # the template wrote them
-        seqs = _sequences(body, [(text, None)], inputs, parameters)
-        await _watched(request, front.start(body.model, seqs, t0, chat=True))
+            fields["guide"] = plan.guide
+        fields["add_special_tokens"] = False  # the template wrote them
+        seqs = _sequences(body, [(text, None)], fields)
+        params = {"guide": "response_format" if body.response_format is not None else "tool_choice",
+                  "logprobs": "top_logprobs" if body.top_logprobs else "logprobs"}
+        await _watched(request, front.start(body.model, seqs, t0, chat=True, params=params))
         rid, created = "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
 
         if not body.stream:

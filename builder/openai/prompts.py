@@ -11,8 +11,9 @@ from builder.openai.schema import ChatRequest, Message
 
 
 class Tokenizers:
-    def __init__(self, repo: Path):
+    def __init__(self, repo: Path, entries: dict | None = None):
         self.repo = Path(repo)
+        self.entries = entries or {}
         self._loaded: dict[str, object] = {}
         self._lock = threading.Lock()
 
@@ -21,8 +22,21 @@ class Tokenizers:
             if model not in self._loaded:
                 from transformers import AutoTokenizer
 
-                self._loaded[model] = AutoTokenizer.from_pretrained(str(self.repo / model / "1"))
+                self._loaded[model] = AutoTokenizer.from_pretrained(self.source(model))
             return self._loaded[model]
+
+    def source(self, model: str) -> str:
+        """Where the model's tokenizer is: beside our endpoint's weights (1/), a rendered target's saved Hugging
+        Face folder (hf/ or 1/hf/), or the folder or hub id its engine arguments name."""
+        for folder in (self.repo / model / "1", self.repo / model / "hf", self.repo / model / "1" / "hf"):
+            if (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file():
+                return str(folder)
+        settings = self.entries.get(model, {}).get("settings", {})
+        args = settings.get("engine_args") or settings.get("llm_args") or {}
+        named = args.get("tokenizer") or args.get("model")
+        if named and named.startswith("/models/"):  # the repository's path in the serving container
+            return str(self.repo / named.removeprefix("/models/"))
+        return named or str(self.repo / model / "1")
 
 
 def _content(message: Message, i: int) -> str | None:

@@ -14,7 +14,8 @@ from typing import AsyncIterator
 
 import numpy as np
 
-from builder.generation.client import grpc_inputs
+from builder.formats.base import GenerationRequest
+from builder.generation.client import grpc_tensors
 
 
 class GenerationError(Exception):
@@ -33,6 +34,68 @@ class Piece:
     num_output_tokens: int = 0
     tokens: list = field(default_factory=list)  # (id, logprob, [(id, logprob)]) when logprobs were asked
     final: bool = False
+
+
+class Reply:
+    """A request's responses read into pieces, whatever its backend's conventions (GenerationRequest)."""
+
+    def __init__(self, request: GenerationRequest, tokenizer=None):
+        self.request, self.tokenizer = request, tokenizer
+        self.text = ""  # the whole text so far
+        self.output_tokens = self.input_tokens = 0
+
+    def read(self, result, final: bool) -> Piece:
+        req, piece = self.request, Piece("", final=final)
+        text = _first(result, "text_output")
+        if text is not None:
+            text = text.decode("utf-8")
+            piece.text = text[len(self.text):] if req.text == "total" else text
+            self.text = text if req.text == "total" else self.text + text
+        reason = _first(result, "finish_reason")
+        reason = reason.decode() if reason is not None else ""
+        piece.finish_reason = None if reason in ("", "None") else reason  # str(None) while running (vLLM, llmapi)
+        count, prompt = _first(result, "num_output_tokens"), _first(result, "num_input_tokens")
+        if req.counts is None and self.tokenizer is not None:
+            self.output_tokens = len(self.tokenizer(self.text, add_special_tokens=False)["input_ids"])
+            if not self.input_tokens:
+                self.input_tokens = len(self.tokenizer(req.inputs["text_input"][0])["input_ids"])
+        elif count is not None:
+            self.output_tokens = int(count) + (self.output_tokens if req.counts == "delta" else 0)
+        if prompt is not None:
+            self.input_tokens = int(prompt)
+        piece.num_output_tokens, piece.num_input_tokens = self.output_tokens, self.input_tokens
+        info = _first(result, "token_info")
+        if info is not None:
+            piece.tokens = json.loads(info)
+        logprobs = _first(result, "logprobs")
+        if logprobs is not None:
+            piece.tokens = vllm_tokens(json.loads(logprobs), req.logprobs or 0)
+        if final and not req.finish_reason and piece.finish_reason is None:
+            # no finish_reason output (the engine ensemble): the length limit reached, or an end token / stop word
+            limit = req.inputs.get("max_tokens", [None])[0]
+            piece.finish_reason = "length" if limit is not None and self.output_tokens >= limit else "stop"
+        return piece
+
+
+def _first(result, name: str):
+    """An output's first element (batched or not), or None when the response does not carry it."""
+    values = result.as_numpy(name)
+    return None if values is None or values.size == 0 else values.reshape(-1)[0]
+
+
+def vllm_tokens(entries: list, top: int) -> list:
+    """The vLLM backend's logprobs output (per token {id: {logprob, rank, decoded_token}}, the sampled token
+    first: vLLM builds each dict from [sampled, top-k...]) as our token_info: [[id, logprob, [[id, logprob],
+    ...]], ...] with the `top` most likely."""
+    out = []
+    for entry in entries or []:
+        if not entry:
+            continue
+        ranked = sorted(((int(i), v) for i, v in entry.items()), key=lambda x: x[1]["rank"])
+        sampled = next(iter(entry))
+        out.append([int(sampled), entry[sampled]["logprob"],
+                    [[i, v["logprob"]] for i, v in ranked if v["rank"] <= top][:top]])
+    return out
 
 
 def _message(error) -> str:
@@ -61,32 +124,25 @@ class Triton:
     async def version(self) -> str:
         return (await self.client.get_server_metadata()).version
 
-    async def generate(self, model: str, text: str, stop: list[str], inputs: dict,
-                       parameters: dict) -> AsyncIterator[Piece]:
+    async def generate(self, model: str, request: GenerationRequest, tokenizer=None) -> AsyncIterator[Piece]:
+        """The pieces of one request (made by the model's format record), read as that backend answers: text as
+        new pieces, counts as running totals, finish_reason on the last piece. Without counts from the backend,
+        `tokenizer` counts them (the prompt with its special tokens, the text so far without)."""
         done = asyncio.Event()
 
         async def requests():
-            yield {"model_name": model, "inputs": grpc_inputs(text, tuple(stop), **inputs), "parameters": parameters or None}
+            yield {"model_name": model, "inputs": grpc_tensors(request), "parameters": request.parameters or None}
             await done.wait()  # the stream stays open until the last response is in
 
         call = self.client.stream_infer(requests())
         final = started = False
+        reply = Reply(request, tokenizer)
         try:
             async for result, error in call:
                 if error is not None:
                     raise GenerationError(_message(error), started)
-                response = result.get_response()
-                final = response.parameters["triton_final_response"].bool_param
-                piece = Piece("", final=final)
-                if result.as_numpy("text_output") is not None:
-                    piece.text = result.as_numpy("text_output").reshape(-1)[0].decode("utf-8")
-                    reason = result.as_numpy("finish_reason").reshape(-1)[0].decode()
-                    piece.finish_reason = reason or None
-                    piece.num_input_tokens = int(result.as_numpy("num_input_tokens").reshape(-1)[0])
-                    piece.num_output_tokens = int(result.as_numpy("num_output_tokens").reshape(-1)[0])
-                    info = result.as_numpy("token_info")
-                    if info is not None:
-                        piece.tokens = json.loads(info.reshape(-1)[0])
+                final = result.get_response().parameters["triton_final_response"].bool_param
+                piece = reply.read(result, final)
                 started = True
                 yield piece
                 if final:
