@@ -1,6 +1,8 @@
 """/v1/embeddings through a feature-extraction ensemble (real all-MiniLM-L6-v2, onnx fp32) on the real server,
-with the openai client: floats and base64 equal sentence-transformers' embedding in-process; usage counts the
-ensemble tokenizer's tokens. A build and a server of their own (~1 min): `make test-clients`."""
+with the openai client, in both forms: pooled by the ensemble's post step and pooled inside the model
+(`outputs: [sentence_embedding]`). Floats and base64 equal sentence-transformers' embedding in-process; usage
+counts the ensemble tokenizer's tokens. A build and a server of their own per form (~1 min each):
+`make test-clients`."""
 
 from __future__ import annotations
 
@@ -20,10 +22,12 @@ SPEC = f"""models:
     variants: [{{format: onnx, precision: fp32}}]
     ensemble: {{}}
 """
+POOLED_IN_THE_MODEL = SPEC.replace("    ensemble:", "    outputs: [sentence_embedding]\n    ensemble:")
 TEXTS = ["Triton serves models from a repository.", "A cat sat on the mat.", "Ünïcödé 🚀 ç"]
 
 
-def test_embeddings_equal_the_in_process_sentence_embedding(tmp_path):
+@pytest.mark.parametrize("spec", [SPEC, POOLED_IN_THE_MODEL], ids=["pooled-by-the-ensemble", "pooled-in-the-model"])
+def test_embeddings_equal_the_in_process_sentence_embedding(tmp_path, spec):
     import openai
     from sentence_transformers import SentenceTransformer
     from tokenizers import Tokenizer
@@ -32,8 +36,10 @@ def test_embeddings_equal_the_in_process_sentence_embedding(tmp_path):
     from builder.runtime import start_server
     from tiny_llm import build_cli
 
-    result, repo = build_cli(tmp_path, SPEC)
+    result, repo = build_cli(tmp_path, spec)
     assert result.exit_code == 0, result.output
+    post = (repo / "minilm_post" / "config.pbtxt").read_text()
+    assert ('"pooled"' in post) == (spec is POOLED_IN_THE_MODEL)  # each form is the one asked for
     want = SentenceTransformer(str(MINILM_DIR), device="cpu").encode(TEXTS, normalize_embeddings=True)
     with start_server(repo) as server:
         front = start_front(repo, server.grpc_url, 0)
