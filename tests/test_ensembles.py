@@ -309,7 +309,8 @@ def test_an_output_the_ensemble_cannot_serve_is_refused_naming_the_field():
         pooled = post(TensorSpec("sentence_embedding", "float32", (*batch, 384)), mbs=mbs)
         assert pooled.parameters["task"] == "pooled" and [t.name for t in pooled.sig.inputs] == ["sentence_embedding"]
         assert [(t.name, t.dims) for t in pooled.sig.outputs] == [("EMBEDDING", (*batch, 384))]
-        assert post(TensorSpec("last_hidden_state", "float32", (*batch, -1, 384)), mbs=mbs).parameters["task"] == "embedding"
+        tokens = post(TensorSpec("last_hidden_state", "float32", (*batch, -1, 384)), mbs=mbs)
+        assert tokens.parameters["task"] == "embedding"
     with pytest.raises(UserError) as info:
         post(TensorSpec("pooler_output", "float32", (384,)))
     assert str(info.value) == (
