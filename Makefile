@@ -20,7 +20,7 @@ COMPOSE_SCHEMA := .tools/compose_spec.json
 MA_DIR ?= model_analyzer
 
 .DEFAULT_GOAL := help
-.PHONY: help setup lock build validate serve perf report deploy profile compare tune analyzer-files demo demo-llm bench-int8 bench-llm-cpu bench-admission test test-all test-clients test-reliability test-matrix bench-bundle bench-gpu bench-gpu-llm bench-gpu-scaling test-gpu clean
+.PHONY: help setup lock build validate serve perf report deploy profile compare tune analyzer-files demo demo-llm bench-int8 bench-llm-cpu bench-admission test test-all test-clients client-venvs lock-clients test-reliability test-matrix bench-bundle bench-gpu bench-gpu-llm bench-gpu-scaling test-gpu clean
 
 help: ## List the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -66,6 +66,22 @@ lock: ## Resolve pyproject.toml (+ dev extra) into requirements.lock, keeping it
 	@echo "$(LOCK): $$(grep -cE '^[A-Za-z0-9_.-]+==' $(LOCK)) packages; now make setup && make test"
 
 setup: $(VENV)/.installed ## Create .venv and install everything (idempotent)
+
+# The real LLM clients of `make test-clients`, each in its own venv: their dependencies clash with the project's
+# (numpy 2, other transformers) and with each other. tests/clients/NAME.in names the client, NAME.lock pins every
+# package with its hashes; tests/clients/venvs.py installs exactly the lock into .tools/clients/NAME and remakes
+# the venv when the lock's hash differs from the one it recorded there.
+CLIENTS := langchain aiperf guidellm
+CLIENT_LOCKS := tests/clients
+
+lock-clients: ## Resolve tests/clients/NAME.in into NAME.lock for each client, keeping its pins; UPGRADE=1 takes the newest
+	[ -x $(LOCK_TOOLS)/bin/pip-compile ] || { $(PY) -m venv $(LOCK_TOOLS) && $(LOCK_TOOLS)/bin/pip install -q pip-tools==7.7.0; }
+	for c in $(CLIENTS); do $(LOCK_TOOLS)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
+	  --no-emit-index-url --no-emit-find-links $(if $(UPGRADE),--upgrade) -o $(CLIENT_LOCKS)/$$c.lock $(CLIENT_LOCKS)/$$c.in \
+	  || exit 1; done
+
+client-venvs: setup ## Install each client's lock into .tools/clients/NAME (idempotent; remade when its lock changes)
+	$(BIN)/python tests/clients/venvs.py $(CLIENTS)
 
 build: setup ## Build SPEC (default examples/demo.yaml) into REPO (default model_repository/)
 	$(TB) build $(SPEC) -o $(REPO)
@@ -134,7 +150,7 @@ test: setup ## The default suite: unit + real-server tests (CPU, < 15 min)
 test-all: setup ## Every CPU test, slow ones included (soak)
 	$(BIN)/pytest -q -m "not gpu" $(PYTEST_ARGS)
 
-test-clients: setup ## Real LLM clients (LangChain, AIPerf, guidellm; venvs in .tools/clients, made on first use) vs serve --openai-port on SmolLM2, and /v1/embeddings on MiniLM (minutes)
+test-clients: client-venvs ## Real LLM clients (LangChain, AIPerf, guidellm: locked venvs in .tools/clients) vs serve --openai-port on SmolLM2, and /v1/embeddings on MiniLM (minutes)
 	$(BIN)/pytest -q -m clients tests/test_openai_clients.py tests/test_openai_embeddings.py $(PYTEST_ARGS)
 
 test-reliability: setup ## The reliability harness (bad input, faults, ~3 min soak): "N cases tried, N handled as specified"

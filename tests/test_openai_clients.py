@@ -1,8 +1,9 @@
-"""The real clients LLM users run, each from its own venv under .tools/clients (made here on first use),
+"""The real clients LLM users run, each from its own venv under .tools/clients (tests/clients/NAME.lock, installed
+by `make client-venvs` or here on first use),
 against `serve --openai-port` on the real SmolLM2-135M-Instruct: LangChain's ChatOpenAI (invoke, stream with
 usage, with_structured_output by JSON schema and by function calling), AIPerf with its defaults, and the
 documented curl, openai, AIPerf and guidellm commands (guidellm checks /health first and sends content parts).
-Minutes, and a download on first use: `make test-clients`, not `make test`."""
+Minutes, and ~2.5 GB of venvs on first use: `make test-clients`, not `make test`."""
 
 from __future__ import annotations
 
@@ -18,9 +19,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.clients, pytest.mark.server]
 # a shell's environment: the builder sets HF_HUB_OFFLINE in-process, and AIPerf then reads a directory as a hub id
 SHELL_ENV = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")} | {"NO_COLOR": "1"}
 ROOT = Path(__file__).resolve().parents[1]
-TOOLS = ROOT / ".tools" / "clients"
-CLIENTS = {"langchain": ["langchain-openai==1.8.1"], "aiperf": ["aiperf==0.13.0"],
-           "guidellm": ["guidellm==0.8.1"]}  # guidellm: ~6 GB (torch and CUDA wheels)
+VENVS = ROOT / "tests" / "clients" / "venvs.py"
 # the demo's model with room for AIPerf's default prompts (550 tokens on average)
 SPEC = """models:
   - name: smollm
@@ -32,12 +31,9 @@ SPEC = """models:
 
 
 def venv(name: str) -> Path:
-    """The client's venv (python -m venv + pip install of its pinned package), made once."""
-    python = TOOLS / name / "bin" / "python"
-    if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(TOOLS / name)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", *CLIENTS[name]], check=True)
-    return python
+    """The python of the client's venv, installed from tests/clients/NAME.lock unless it already holds that lock."""
+    subprocess.run([sys.executable, str(VENVS), name], check=True)
+    return ROOT / ".tools" / "clients" / name / "bin" / "python"
 
 
 @pytest.fixture(scope="module")
