@@ -3,7 +3,7 @@ by `make client-venvs` or here on first use),
 against `serve --openai-port` on the real SmolLM2-135M-Instruct: LangChain's ChatOpenAI (invoke, stream with
 usage, with_structured_output by JSON schema and by function calling), AIPerf with its defaults, and the
 documented curl, openai, AIPerf and guidellm commands (guidellm checks /health first and sends content parts).
-Minutes, and ~2.5 GB of venvs on first use: `make test-clients`, not `make test`."""
+Minutes, and 2.8 GB of venvs on first use: `make test-clients`, not `make test`."""
 
 from __future__ import annotations
 
