@@ -249,8 +249,9 @@ def main() -> int:
     need = [args.prompt + args.output]
     if args.prefix:
         need.append(args.shared + args.prompt + args.output)
+    long_output = max(args.output, 256)  # the long prompt's streams decode through its whole prefill
     if args.long:
-        need.append(args.long_tokens + args.output)
+        need.append(args.long_tokens + long_output)
     args.max_total = args.max_total or max(need) + 16
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -295,7 +296,7 @@ def main() -> int:
         engine.blocks.prefix_caching = True
     if args.long:
         reqs = distinct(args.long, args.prompt, offset=5) + distinct(1, args.long_tokens, offset=11)
-        output = max(args.output, 256)
+        output = long_output
         arrivals = [(0.0, i) for i in range(args.long)] + [(1.0, args.long)]  # the long prompt 1 s into the decode
         for _ in range(2):  # the first captures the graphs of every cache length on the way (one per 256 tokens)
             sub, st = drive(engine, reqs, args.long + 1, output, arrivals)
