@@ -1,92 +1,95 @@
-"""The OpenAI front's cost: TTFT and inter-token latency of the same streamed requests through the front
-(/v1/completions, stream) and straight to Triton (/v2/models/M/generate_stream), alternating rounds in one run.
+"""The OpenAI front's cost, measured by AIPerf: the same streamed load through the front's /v1/completions and
+straight to Triton's /v2/models/M/generate_stream (AIPerf's template endpoint), in alternating rounds of one run.
 
-    python perf/openai_front.py --front http://127.0.0.1:9000 --triton 127.0.0.1:8000 --model smollm
+    python perf/openai_front.py --front http://127.0.0.1:9000 --triton http://127.0.0.1:8000 --model smollm \
+        --tokenizer model_repository/smollm/1 --out perf/results/front
 
-Per request: TTFT = first event with text; ITL = (last text event - first) / (tokens - 1), tokens from the
-final usage (the server may send several tokens per event). Prints a markdown table (p50 / p90, milliseconds).
+Every round: synthetic prompts of --prompt-tokens, --output-tokens forced (ignore_eos), --concurrency streams,
+AIPerf's own TTFT and inter-token latency (its tokenizer counts the tokens of both routes alike). Per route: the
+median over rounds of each round's p50 and p90; the front's cost is the ratio of those medians to Triton's.
+Rounds alternate so that a slow spell of a shared machine falls on both routes.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import statistics
-import time
+import subprocess
+import sys
+from pathlib import Path
 
-import aiohttp
-
-PROMPT = ("Continuous batching lets a request join the running batch at the next step, and leave it as soon as it "
-          "ends, so short answers do not wait for long ones. ") * 4
-
-
-async def one(session, url: str, body: dict, front: bool) -> tuple[float, float]:
-    t0 = time.perf_counter()
-    first = last = None
-    tokens = 0
-    async with session.post(url, json=body) as answer:
-        answer.raise_for_status()
-        async for raw in answer.content:
-            line = raw.decode().strip()
-            if not line.startswith("data:") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[5:])
-            text = event["choices"][0]["text"] if front and event.get("choices") else event.get("text_output", "")
-            if front and event.get("usage"):
-                tokens = event["usage"]["completion_tokens"]
-            elif not front and event.get("num_output_tokens"):
-                tokens = event["num_output_tokens"]
-            if text:
-                now = time.perf_counter()
-                first = first or now
-                last = now
-    return (first - t0) * 1e3, (last - first) * 1e3 / max(1, tokens - 1)
+ROOT = Path(__file__).resolve().parents[1]
+AIPERF = ROOT / ".tools" / "clients" / "aiperf" / "bin" / "aiperf"
+# Triton's generate extension: JSON keys are the model's input tensors; each SSE event carries text_output
+TRITON_BODY = ('{"text_input": {{ text|tojson }}, "max_tokens": {{ max_tokens }}, "ignore_eos": true, '
+               '"stream": true}')
+METRICS = {"time_to_first_token": "TTFT", "inter_token_latency": "ITL"}
 
 
-async def round_(url: str, body: dict, front: bool, requests: int, concurrency: int) -> list[tuple[float, float]]:
-    queue = list(range(requests))
-    out = []
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as session:
-        async def worker():
-            while queue:
-                queue.pop()
-                out.append(await one(session, url, body, front))
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return out
+def aiperf(a, route: str, out: Path) -> dict:
+    common = [str(a.aiperf), "profile", "--model", a.model, "--streaming", "--tokenizer", a.tokenizer,
+              "--concurrency", str(a.concurrency), "--request-count", str(a.requests),
+              "--warmup-request-count", str(a.concurrency),
+              "--prompt-input-tokens-mean", str(a.prompt_tokens), "--prompt-input-tokens-stddev", "0",
+              "--prompt-output-tokens-mean", str(a.output_tokens), "--prompt-output-tokens-stddev", "0",
+              "--random-seed", "0", "--ui-type", "none", "--artifact-dir", str(out)]
+    if route == "front":
+        command = common + ["--url", a.front, "--endpoint-type", "completions", "--extra-inputs", "ignore_eos:true"]
+    else:
+        template = out.parent / "triton_body.jinja"  # a file: --extra-inputs splits an inline value at commas
+        template.write_text(TRITON_BODY)
+        command = common + ["--url", a.triton, "--endpoint-type", "template",
+                            "--endpoint", f"/v2/models/{a.model}/generate_stream",
+                            "--extra-inputs", f"payload_template:{template}",
+                            "--extra-inputs", "response_field:text_output"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    summary = out / "profile_export_aiperf.json"
+    if done.returncode != 0 or not summary.is_file():
+        sys.exit(f"error: aiperf on the {route} failed (exit {done.returncode}):\n{(done.stdout + done.stderr)[-2000:]}")
+    got = json.loads(summary.read_text())
+    if got.get("error_summary"):
+        sys.exit(f"error: aiperf on the {route} saw failed requests: {got['error_summary']}")
+    return {METRICS[k] + " " + q: got[k][q] for k in METRICS for q in ("p50", "p90")}
 
 
-def pct(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 1 else values[0]
-
-
-async def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--front", required=True, help="the front's base URL, http://host:port")
-    ap.add_argument("--triton", required=True, help="Triton's HTTP host:port")
+    ap.add_argument("--triton", required=True, help="Triton's HTTP base URL, http://host:port")
     ap.add_argument("--model", default="smollm")
+    ap.add_argument("--tokenizer", required=True, help="the model's tokenizer folder (e.g. REPO/MODEL/1)")
+    ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--concurrency", type=int, default=8)
-    ap.add_argument("--requests", type=int, default=16, help="per round")
-    ap.add_argument("--rounds", type=int, default=2, help="rounds of each, alternating")
-    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--requests", type=int, default=24, help="per round")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of each route, alternating")
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--output-tokens", type=int, default=64)
+    ap.add_argument("--aiperf", type=Path, default=AIPERF, help="AIPerf's command (default: make test-clients' venv)")
     a = ap.parse_args()
-    common = {"max_tokens": a.max_tokens, "ignore_eos": True, "stream": True}
-    front_body = {"model": a.model, "prompt": PROMPT, "stream_options": {"include_usage": True}, **common}
-    triton_body = {"text_input": PROMPT, **common}
-    got: dict[str, list] = {"front": [], "triton": []}
-    await round_(f"http://{a.triton}/v2/models/{a.model}/generate_stream", triton_body, False, a.concurrency,
-                 a.concurrency)  # warm-up
-    for _ in range(a.rounds):
-        got["triton"] += await round_(f"http://{a.triton}/v2/models/{a.model}/generate_stream", triton_body, False,
-                                      a.requests, a.concurrency)
-        got["front"] += await round_(f"{a.front}/v1/completions", front_body, True, a.requests, a.concurrency)
-    print(f"| route | requests | TTFT p50 | TTFT p90 | ITL p50 | ITL p90 |  (c={a.concurrency}, "
-          f"{a.max_tokens} tokens, ms)\n|---|---|---|---|---|---|")
-    for name, rows in got.items():
-        ttft, itl = [r[0] for r in rows], [r[1] for r in rows]
-        print(f"| {name} | {len(rows)} | {pct(ttft, 50):.0f} | {pct(ttft, 90):.0f} | {pct(itl, 50):.1f} | "
-              f"{pct(itl, 90):.1f} |")
+    a.out.mkdir(parents=True, exist_ok=True)
+    rounds: dict[str, list[dict]] = {"triton": [], "front": []}
+    for i in range(a.rounds):
+        for route in rounds:
+            rounds[route].append(got := aiperf(a, route, a.out / f"{i}-{route}"))
+            print(f"round {i} {route}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in got.items()), flush=True)
+    keys = list(rounds["front"][0])
+    median = {route: {k: statistics.median(r[k] for r in rows) for k in keys} for route, rows in rounds.items()}
+    lines = [f"AIPerf, c={a.concurrency}, {a.prompt_tokens}-token prompts, {a.output_tokens} tokens forced, "
+             f"{a.rounds} rounds x {a.requests} requests per route (ms: the median of the rounds' percentiles)", "",
+             "| route | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    lines += [f"| {route} | " + " | ".join(f"{median[route][k]:.1f}" for k in keys) + " |" for route in median]
+    lines.append("| front / Triton | " + " | ".join(f"{median['front'][k] / median['triton'][k]:.3f}" for k in keys)
+                 + " |")
+    spread = {route: {k: (min(r[k] for r in rows), max(r[k] for r in rows)) for k in keys} for route, rows in rounds.items()}
+    lines.append("\nspread over rounds (min-max): " + "; ".join(
+        f"{route} {k} {lo:.1f}-{hi:.1f}" for route in spread for k, (lo, hi) in spread[route].items() if k.endswith("p50")))
+    (a.out / "front_cost.md").write_text("\n".join(lines) + "\n")
+    (a.out / "front_cost.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()},
+                                                       "rounds": rounds, "median": median}, indent=1))
+    print("\n".join(lines))
+    return 0
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    sys.exit(main())
