@@ -295,12 +295,12 @@ def main() -> int:
             save()
         engine.blocks.prefix_caching = True
     if args.long:
-        reqs = distinct(args.long, args.prompt, offset=5) + distinct(1, args.long_tokens, offset=11)
         output = long_output
         arrivals = [(0.0, i) for i in range(args.long)] + [(1.0, args.long)]  # the long prompt 1 s into the decode
-        for _ in range(2):  # the first captures the graphs of every cache length on the way (one per 256 tokens)
+        for run in range(2):  # the first captures the graphs of every cache length on the way (one per 256 tokens)
+            # each run's own prompts, so the second's are not cached (ids from distinct(): always below the vocab)
+            reqs = distinct(args.long, args.prompt, offset=5 + run) + distinct(1, args.long_tokens, offset=11 + run)
             sub, st = drive(engine, reqs, args.long + 1, output, arrivals)
-            reqs = [[t + 1 for t in r] for r in reqs]  # the second run's prompts are not cached
         arrive, first = sub[args.long], st[args.long][0]
         during = [(b - a) * 1e3 for i in range(args.long) for a, b in zip(st[i], st[i][1:]) if arrive <= b <= first + 0.05]
         steady = [(b - a) * 1e3 for i in range(args.long) for a, b in zip(st[i], st[i][1:]) if b < arrive - 0.1]
