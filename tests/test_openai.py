@@ -105,7 +105,9 @@ def test_n_logprobs_stop_and_seed(client):
 
 @pytest.mark.parametrize("body,param", [
     ({"suffix": "end"}, "suffix"), ({"best_of": 2}, "best_of"), ({"presence_penalty": 0.5}, "presence_penalty"),
-    ({"frequency_penalty": 1.0}, "frequency_penalty"), ({"logit_bias": {"5": 1.0}}, "logit_bias"),
+    ({"frequency_penalty": 1.0}, "frequency_penalty"), ({"repetition_penalty": 1.2}, "repetition_penalty"),
+    ({"min_tokens": 3}, "min_tokens"), ({"presence_penalty": 3.0}, "presence_penalty"),
+    ({"logit_bias": {"5": 1.0}}, "logit_bias"),
     ({"made_up": 1}, "made_up"), ({"max_tokens": 0}, "max_tokens"), ({"n": 0}, "n"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
 ])
@@ -113,6 +115,14 @@ def test_parameters_that_cannot_be_honoured_are_a_400_naming_them(front, body, p
     status, answer = _post(front, "/v1/completions", {"model": "tiny", "prompt": "Hi", **body})
     assert status == 400 and answer["error"]["type"] == "invalid_request_error"
     assert answer["error"]["param"] == param and answer["error"]["message"].startswith(param)
+
+
+def test_penalties_at_their_neutral_values_ask_nothing_and_are_served(front):
+    plain = _post(front, "/v1/completions", {"model": "tiny", "prompt": "Hi", "max_tokens": 4})
+    neutral = _post(front, "/v1/completions", {"model": "tiny", "prompt": "Hi", "max_tokens": 4, "presence_penalty": 0,
+                                               "frequency_penalty": 0.0, "repetition_penalty": 1, "min_tokens": 0})
+    assert plain[0] == neutral[0] == 200
+    assert neutral[1]["choices"][0]["text"] == plain[1]["choices"][0]["text"]
 
 
 def test_chat_content_parts_roles_n_and_logprobs(client):

@@ -138,13 +138,16 @@ def test_vllm_completions_n_seed_stop_and_sampling_in_its_own_tensors(served):
     fake.answer = lambda model, inputs: _vllm(("Hi there", 2))
     status, text = _post(f"{url}/v1/completions", {"model": "vl", "prompt": "Hello", "max_tokens": 5, "n": 2,
                                                    "temperature": 0.5, "top_p": 0.9, "top_k": 3, "seed": 7,
-                                                   "stop": ["."], "ignore_eos": True})
+                                                   "stop": ["."], "ignore_eos": True, "presence_penalty": 0.5,
+                                                   "frequency_penalty": 0.25, "repetition_penalty": 1.1,
+                                                   "min_tokens": 2})
     assert status == 200, text
     assert [s[0] for s in fake.sent] == ["vl", "vl"]
     for j, (_, inputs, params) in enumerate(fake.sent):
         sampling = json.loads(inputs.pop("sampling_parameters")[2][0])
         assert sampling == {"max_tokens": 5, "ignore_eos": True, "temperature": 0.5, "top_p": 0.9, "top_k": 3,
-                            "seed": 7 + j, "stop": ["."]}
+                            "seed": 7 + j, "stop": ["."], "presence_penalty": 0.5, "frequency_penalty": 0.25,
+                            "repetition_penalty": 1.1, "min_tokens": 2}
         assert inputs == {"text_input": ("BYTES", [1], ["Hello"]), "stream": ("BOOL", [1], [False]),
                           "exclude_input_in_output": ("BOOL", [1], [True]),
                           "return_finish_reason": ("BOOL", [1], [True]),
@@ -269,6 +272,8 @@ def test_tensorrt_llm_engine_ensemble_is_batched_and_finish_reason_comes_from_th
                                  "function": {"name": "f", "parameters": {"type": "object"}}}]}, "tool_choice"),
     ("eng", "completions", {"prompt": "Hi", "ignore_eos": True}, "ignore_eos"),
     ("trt", "completions", {"prompt": "Hi", "ignore_eos": True}, "ignore_eos"),
+    ("trt", "chat/completions", {"messages": HELLO, "frequency_penalty": 0.5}, "frequency_penalty"),
+    ("eng", "completions", {"prompt": "Hi", "min_tokens": 4}, "min_tokens"),
     ("vl", "completions", {"prompt": [5, 6, 7]}, "prompt"),
     ("eng", "completions", {"prompt": [5, 6, 7]}, "prompt"),
 ])

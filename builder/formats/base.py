@@ -70,7 +70,9 @@ def register(fmt: Format) -> Format:
 # refuses (Unhonoured) any it has no way to send. text_input, stop (a list of strings), logprobs (top-k count),
 # guide ({"json_schema": ...} | {"json_object": True}) and prompt_ids (token ids) are the non-scalar ones.
 FIELDS = ("text_input", "max_tokens", "stream", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos",
-          "min_tokens", "add_special_tokens", "logprobs", "guide", "prompt_ids")
+          "min_tokens", "add_special_tokens", "logprobs", "guide", "prompt_ids", "presence_penalty",
+          "frequency_penalty", "repetition_penalty")
+PENALTIES = ("presence_penalty", "frequency_penalty", "repetition_penalty")
 
 
 class Unhonoured(UserError):
@@ -95,7 +97,8 @@ class GenerationRequest:
     logprobs: int | None = None  # top log-probabilities asked for, where the backend returns more (vLLM)
 
 
-WHAT = {"prompt_ids": ("token ids", "give the prompt as text"), "guide": ("guided decoding", "leave it out")}
+WHAT = {"prompt_ids": ("token ids", "give the prompt as text"), "guide": ("guided decoding", "leave it out"),
+        **{p: ("penalties", "leave it out") for p in PENALTIES}, "min_tokens": ("a minimum length", "leave it out")}
 
 
 def refuse_unhonoured(fields: dict, honoured: frozenset, backend: str) -> None:

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 from builder.errors import RunError
-from builder.formats.base import FIELDS, Format, GenerationRequest, refuse_unhonoured, register
+from builder.formats.base import FIELDS, PENALTIES, Format, GenerationRequest, refuse_unhonoured, register
 from builder.render import render_template
 
 WEIGHTS = "weights.safetensors"
@@ -98,7 +98,7 @@ def record(job, artifact: Path) -> dict:
     return {"generation": job.model.generation.model_dump()}
 
 
-TORCH_FIELDS = frozenset(FIELDS) - {"min_tokens"}
+TORCH_FIELDS = frozenset(FIELDS) - {"min_tokens", *PENALTIES}
 TORCH_TYPES = {"max_tokens": "INT32", "stream": "BOOL", "temperature": "FP32", "top_p": "FP32", "top_k": "INT32",
                "seed": "UINT64", "ignore_eos": "BOOL", "add_special_tokens": "BOOL"}
 

@@ -9,7 +9,7 @@ import json
 import time
 from pathlib import Path
 
-from builder.formats.base import Format, GenerationRequest, refuse_unhonoured, register
+from builder.formats.base import PENALTIES, Format, GenerationRequest, refuse_unhonoured, register
 
 
 def build(job) -> dict[str, dict]:
@@ -57,8 +57,9 @@ def build(job) -> dict[str, dict]:
 # asked with return_* (counts UINT32, num_output_tokens per response: request.py's prev_lens_num_output_tokens);
 # streaming refuses a prompt echoed back, so exclude_input_in_output is always sent.
 VLLM_FIELDS = frozenset({"text_input", "max_tokens", "stream", "temperature", "top_p", "top_k", "seed", "stop",
-                         "ignore_eos", "min_tokens", "logprobs", "guide"})
-VLLM_SAMPLING = ("max_tokens", "min_tokens", "ignore_eos", "temperature", "top_p", "top_k", "seed")
+                         "ignore_eos", "min_tokens", "logprobs", "guide", *PENALTIES})
+# SamplingParams' own names (the backend builds SamplingParams(**json.loads(sampling_parameters)))
+VLLM_SAMPLING = ("max_tokens", "min_tokens", "ignore_eos", "temperature", "top_p", "top_k", "seed", *PENALTIES)
 
 
 def vllm_request(fields: dict, flow: str = "") -> GenerationRequest:

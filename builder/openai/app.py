@@ -233,6 +233,12 @@ def _fields(body, max_tokens: int | None, stream: bool) -> dict:
     stop = _stop(body)
     if stop:
         fields["stop"] = stop
+    # penalties and min_tokens at their neutral values ask nothing: only the others go to the backend (which may
+    # refuse them: builder.formats)
+    neutral = {"presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty": 1, "min_tokens": 0}
+    for name, value in neutral.items():
+        if getattr(body, name) not in (None, value):
+            fields[name] = getattr(body, name)
     return fields
 
 

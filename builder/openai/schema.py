@@ -32,15 +32,15 @@ class Sampling(Strict):
     stream_options: Optional[StreamOptions] = None
     stop: Union[str, list[str], None] = None
     seed: Optional[int] = Field(None, ge=0, lt=2**64)
-    presence_penalty: Optional[float] = None
-    frequency_penalty: Optional[float] = None
+    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
     logit_bias: Optional[dict[str, float]] = None
     user: Optional[str] = None
     # extensions that vLLM and TGI clients send (AIPerf, guidellm)
     top_k: Optional[int] = Field(None, ge=0)
     ignore_eos: Optional[bool] = None
     min_tokens: Optional[int] = Field(None, ge=0)
-    repetition_penalty: Optional[float] = None
+    repetition_penalty: Optional[float] = Field(None, gt=0)
 
 
 class CompletionRequest(Sampling):
@@ -214,15 +214,8 @@ class ErrorResponse(BaseModel):
 def unsupported(body: Sampling) -> list[tuple[str, str]]:
     """(field, why) for each given value this server cannot honour."""
     out = []
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(body, name):
-            out.append((name, "penalties are not implemented by this engine; leave it out or 0"))
-    if body.repetition_penalty not in (None, 1.0):
-        out.append(("repetition_penalty", "penalties are not implemented by this engine; leave it out or 1"))
     if body.logit_bias:
         out.append(("logit_bias", "not implemented by this engine"))
-    if body.min_tokens:
-        out.append(("min_tokens", "not implemented by this engine; leave it out or 0"))
     if body.stream_options is not None and not body.stream:
         out.append(("stream_options", "only with stream: true"))
     if isinstance(body, CompletionRequest):
