@@ -631,6 +631,58 @@ def test_cuda_graph_replays_equal_the_eager_decode_step(llama):
     assert all(torch.equal(c[:4], b) for c, b in zip(dec.k_cache + dec.v_cache, before))
 
 
+@pytest.mark.gpu
+def test_compiled_layers_through_cuda_graphs_equal_eager(llama):
+    from builder.generation.decoder import Graphs
+
+    _, config, weights = _on_cuda(llama)
+    dec = Decoder(config, weights)
+    dec.allocate(4, 64)
+    for slot in range(4):
+        dec(torch.randint(3, 200, (9,), device="cuda"), [(slot, 0, 9)])
+    tokens, slots = torch.randint(3, 200, (3,), device="cuda"), torch.arange(3, device="cuda")
+    positions = torch.full((3,), 9, device="cuda")
+    eager = dec.decode(tokens, slots, positions, 10).clone()
+    dec.compile_layers()
+    torch.testing.assert_close(Graphs(dec, length_bucket=16)(tokens, slots, positions, 10), eager, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_size", [16, 256])
+def test_paged_kernel_reads_the_blocks_as_the_gather_does(llama, block_size):
+    """bf16 on the GPU: decoding rows through varlen_attn over the block table (Decoder._attend_paged) give the
+    gather's logits, eager and replayed as CUDA graphs, decode-only and mixed steps, on tables that are not in order."""
+    from builder.generation.decoder import Graphs, paged_kernel
+
+    _, config, weights = _on_cuda(llama)
+    if not paged_kernel(torch.device("cuda"), torch.bfloat16, block_size, config.head_dim):
+        pytest.skip(f"this torch's varlen_attn takes no block table of {block_size}")
+    dec = Decoder(config, {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in weights.items()})
+    width = -(-300 // block_size)
+    dec.allocate_paged(4, 300, 4 * width + 3, block_size)
+    assert dec.paged_kernel
+    order = torch.randperm(4 * width + 3, device="cuda")[:4 * width].view(4, width)
+    dec.set_tables([0, 1, 2, 3], order.tolist())
+    for slot in range(4):
+        dec(torch.randint(3, 200, (41 + 30 * slot,), device="cuda"), [(slot, 0, 41 + 30 * slot)])
+    tokens, slots = torch.randint(3, 200, (4,), device="cuda"), torch.arange(4, device="cuda")
+    positions = torch.tensor([41, 71, 101, 131], device="cuda")
+    mixed = (torch.randint(3, 200, (9,), device="cuda"), torch.tensor([1, 2] + [0] * 7, device="cuda"),
+             torch.tensor([71, 101] + list(range(41, 48)), device="cuda"), 160, torch.tensor([2], device="cuda"),
+             torch.tensor([0, 1, 8], device="cuda"))
+    runs = {}
+    for kernel in (True, False):
+        dec.paged_kernel = kernel
+        runs[kernel] = [dec.decode(tokens, slots, positions, 160).clone(), dec.decode(*mixed).clone()]
+    dec.paged_kernel = True
+    graphs = Graphs(dec, length_bucket=64, max_rows=4 + 8)
+    replayed = [graphs(tokens, slots, positions, 160).clone(), graphs(*mixed).clone()]
+    for a, b, c in zip(runs[True], runs[False], replayed):
+        torch.testing.assert_close(a, b, rtol=0.05, atol=0.05)  # bf16: two kernels' rounding
+        torch.testing.assert_close(c, a, rtol=1e-3, atol=1e-3)
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
 def test_graph_buckets_above_compiled_rows_capture_the_plain_step(llama):
     """int8 weights: only the 1-row bucket captures the inductor-compiled step (COMPILED_ROWS: inductor's fused
     int8 kernel scales with the rows); bigger buckets, prompt chunks included, capture the plain decode."""
@@ -676,6 +728,57 @@ def test_inductor_compiled_decode_step_equals_eager(llama):
         args = (tokens, slots, positions, 32, torch.tensor([decoding]), torch.tensor(list(range(decoding)) + [rows - 1]))
         eager = dec.decode(*args)
         torch.testing.assert_close(compiled(*args), eager, rtol=1e-4, atol=1e-4)
+
+
+def _fill(dec):
+    for slot in range(4):
+        dec(torch.randint(3, 200, (9,)), [(slot, 0, 9)])
+
+
+def _decode_steps(dec):
+    """Decode-only steps of 2 and 4 rows and a mixed one (prompt rows after decoding ones), on filled slots."""
+    out = []
+    for rows in (2, 4):
+        out.append(dec.decode(torch.randint(3, 200, (rows,)), torch.arange(rows), torch.full((rows,), 9), 16))
+    tokens, slots = torch.randint(3, 200, (6,)), torch.tensor([0, 1, 3, 3, 3, 3])
+    positions = torch.tensor([9, 9, 9, 10, 11, 12])
+    out.append(dec.decode(tokens, slots, positions, 16, torch.tensor([2]), torch.tensor([0, 1, 5])))
+    return out
+
+
+def test_layers_compile_once_for_every_layer_and_step_size(llama):
+    """compile_layers: the three elementwise functions are traced once each (weights are arguments, so no layer
+    recompiles) for every step size with two rows or more, decode-only and mixed. Counted with a backend that
+    records what dynamo hands it."""
+    tok, model = llama
+    config, weights = hf2decoder.convert(model, (tok.eos_token_id,))
+    dec = Decoder(config, weights)
+    dec.allocate(4, 64)
+    _fill(dec)  # the ragged forward runs under inference_mode: its calls would be traced apart (dispatch keys)
+    traced = []
+    dec.compile_layers(backend=lambda gm, _: traced.append(gm) or gm.forward)
+    _decode_steps(dec)
+    assert config.num_layers > 1 and len(traced) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_layers_compiled_by_inductor_equal_eager(arch, tmp_path):
+    """compile_layers with inductor (the CPU's C++ kernels here, Triton's on the GPU): the same logits as the eager
+    decoder for decode-only and mixed steps, with and without per-head q/k norms (~1 min)."""
+    tok, model = _loaded(make_model_dir(tmp_path, arch))
+    config, weights = hf2decoder.convert(model, (tok.eos_token_id,))
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        dec = Decoder(config, weights)
+        dec.allocate(4, 64)
+        _fill(dec)
+        if compiled:
+            dec.compile_layers()
+        runs.append(_decode_steps(dec))
+    for eager, fused in zip(*runs):
+        torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-4)
 
 
 def test_two_identical_requests_are_two_requests(llama):

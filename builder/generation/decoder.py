@@ -81,6 +81,54 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + rotated * sin
 
 
+# A layer's work between its matmuls and attention, in three functions of tensors and constants only, so that
+# `Decoder.compile_layers` compiles each once for every layer (the layer's weights are arguments, not guarded
+# attributes) and the matmuls stay the kernels they are (cuBLAS, torchao's quantized ones).
+def add_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
+    """The residual add, then the RMS norm of its result: (x + delta, norm)."""
+    x = x + delta
+    return x, rms_norm(x, weight, eps)
+
+
+def split_heads(qkv: torch.Tensor, cos, sin, q_norm, k_norm, heads: int, kv_heads: int, head_dim: int, eps: float):
+    """The fused projection's output as queries, keys and values [tokens, heads, head_dim], rotated (and each
+    head RMS-normed first where q_norm / k_norm are given)."""
+    q, k, v = qkv.split((heads * head_dim, kv_heads * head_dim, kv_heads * head_dim), dim=-1)
+    q, k, v = q.view(-1, heads, head_dim), k.view(-1, kv_heads, head_dim), v.view(-1, kv_heads, head_dim)
+    if q_norm is not None:
+        q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
+    return rotate(q, cos, sin), rotate(k, cos, sin), v
+
+
+def gated(gate_up: torch.Tensor, act) -> torch.Tensor:
+    """act(gate) * up from the fused gate/up projection's output."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return act(gate) * up
+
+
+def paged_kernel(device: torch.device, dtype: torch.dtype, block_size: int, head_dim: int) -> bool:
+    """Whether decoding rows read the paged cache through torch's varlen_attn (FlashAttention with a block table):
+    CUDA, 16-bit, and a torch whose kernel takes this block size and head size, tried once on a tiny pool (a
+    torch without it, or a FlashAttention that wants other block sizes, keeps the gather). Never with
+    TRITON_BUILDER_PAGED_KERNEL=0."""
+    import os
+
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if os.environ.get("TRITON_BUILDER_PAGED_KERNEL", "1") == "0":
+        return False
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+
+        pool = torch.zeros(2, block_size, 1, head_dim, dtype=dtype, device=device)
+        one = torch.tensor([0, 1], dtype=torch.int32, device=device)
+        varlen_attn(pool[0, :1], pool, pool, one, one, 1, block_size, seqused_k=one[1:],
+                    block_table=one[:1, None])
+        return True
+    except Exception:  # noqa: BLE001 - no varlen_attn, no block_table argument, or shapes its kernel refuses
+        return False
+
+
 class Decoder(torch.nn.Module):
     """Weights in a flat dict (names as saved by hf2decoder); the cache is allocated by `allocate`."""
 
@@ -93,6 +141,15 @@ class Decoder(torch.nn.Module):
         self.kv_size = config.num_kv_heads * config.head_dim
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
+        self.add_norm, self.split_heads, self.gated = add_norm, split_heads, gated
+
+    def compile_layers(self, backend="inductor") -> None:
+        """inductor over each layer's elementwise work (norms, rotary, the gated activation, residual adds): three
+        small functions compiled once and run by every layer, with dynamic shapes. The matmuls and attention stay
+        as they are. Compiling a whole step instead makes inductor trace every layer (minutes for 32 layers) and
+        compile the quantized matmuls too (COMPILED_ROWS, UNCOMPILED_MIXED say what that cost)."""
+        fuse = lambda f: torch.compile(f, dynamic=True, fullgraph=True, backend=backend)  # noqa: E731
+        self.add_norm, self.split_heads, self.gated = fuse(add_norm), fuse(split_heads), fuse(gated)
 
     @property
     def device(self) -> torch.device:
@@ -109,7 +166,7 @@ class Decoder(torch.nn.Module):
         shape = (slots + 1, c.num_kv_heads, max_len, c.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
-        self.block_size, self.tables = 0, None
+        self.block_size, self.tables, self.paged_kernel = 0, None, False
         self._rotary(slots, max_len)
 
     def allocate_paged(self, slots: int, max_len: int, blocks: int, block_size: int) -> None:
@@ -128,6 +185,7 @@ class Decoder(torch.nn.Module):
         self.tables = torch.full((slots + 1, width), blocks, dtype=torch.long, device=self.device)
         own = min(slots, blocks // width)
         self.tables[:own] = torch.arange(own * width, device=self.device).view(own, width)
+        self.paged_kernel = paged_kernel(self.device, self.dtype, block_size, c.head_dim)
         self._rotary(slots, max_len)
 
     @staticmethod
@@ -169,23 +227,18 @@ class Decoder(torch.nn.Module):
         x = F.embedding(tokens, self.w["embed"])
         if c.embed_scale != 1.0:
             x = x * torch.tensor(c.embed_scale, dtype=x.dtype)
+        eps = c.rms_norm_eps
+        norms = lambda p: (self.w[p + "q_norm"], self.w[p + "k_norm"]) if c.qk_norm else (None, None)  # noqa: E731
+        h = rms_norm(x, self.w["layers.0.in_norm"], eps)
         for i in range(c.num_layers):
             p = f"layers.{i}."
-            h = rms_norm(x, self.w[p + "in_norm"], c.rms_norm_eps)
-            qkv = self._linear(h, p + "qkv")
-            q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-            q = q.view(-1, c.num_heads, c.head_dim)
-            k = k.view(-1, c.num_kv_heads, c.head_dim)
-            v = v.view(-1, c.num_kv_heads, c.head_dim)
-            if c.qk_norm:
-                q = rms_norm(q, self.w[p + "q_norm"], c.rms_norm_eps)
-                k = rms_norm(k, self.w[p + "k_norm"], c.rms_norm_eps)
-            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-            x = x + self._linear(attend(i, q, k, v), p + "o")
-            h = rms_norm(x, self.w[p + "post_norm"], c.rms_norm_eps)
-            gate, up = self._linear(h, p + "gate_up").chunk(2, dim=-1)
-            x = x + self._linear(self.act(gate) * up, p + "down")
-        return x
+            q, k, v = self.split_heads(self._linear(h, p + "qkv"), cos, sin, *norms(p), c.num_heads, c.num_kv_heads,
+                                       c.head_dim, eps)
+            x, h = self.add_norm(x, self._linear(attend(i, q, k, v), p + "o"), self.w[p + "post_norm"], eps)
+            down = self._linear(self.gated(self._linear(h, p + "gate_up"), self.act), p + "down")
+            if i + 1 < c.num_layers:
+                x, h = self.add_norm(x, down, self.w[f"layers.{i + 1}.in_norm"], eps)
+        return x + down
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         c = self.config
@@ -281,14 +334,32 @@ class Decoder(torch.nn.Module):
 
     def _attend_cached(self, layer: int, q, slots, positions, length: int) -> torch.Tensor:
         """Every row at once over its slot's first `length` cache entries, masked to the row's own prefix.
-        Grouped-query attention by folding each kv head's query heads into the query axis."""
+        Grouped-query attention by folding each kv head's query heads into the query axis. On the paged cache
+        with `paged_kernel`, FlashAttention reads each row's blocks where they are (`_attend_paged`)."""
         c = self.config
+        if self.paged_kernel:
+            return self._attend_paged(layer, q, slots, positions, length)
         keys, values = self._gather(layer, slots, length)  # [B, kv_heads, span, d]
         group = c.num_heads // c.num_kv_heads
         qs = q.view(-1, c.num_kv_heads, group, c.head_dim)
         mask = (torch.arange(keys.shape[2], device=q.device)[None, :] <= positions[:, None])[:, None, None, :]
         o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask)
         return o.reshape(q.shape[0], -1)
+
+    def _attend_paged(self, layer: int, q, slots, positions, length: int) -> torch.Tensor:
+        """`_attend_cached` through torch's varlen_attn (FlashAttention) over the block pool: each row a sequence of
+        one query whose keys are its table's blocks up to its position, read in place; nothing is gathered."""
+        from torch.nn.attention.varlen import varlen_attn
+
+        c = self.config
+        rows, span = q.shape[0], self._span(length)
+        used = (positions + 1).to(torch.int32)
+        cu_k = F.pad(used.cumsum(0, dtype=torch.int32), (1, 0))
+        cu_q = torch.arange(rows + 1, dtype=torch.int32, device=q.device)
+        table = self.tables[slots, :span // self.block_size].to(torch.int32)
+        o = varlen_attn(q.view(rows, c.num_heads, c.head_dim), self.k_cache[layer], self.v_cache[layer], cu_q, cu_k,
+                        1, span, enable_gqa=True, seqused_k=used, block_table=table)
+        return o.reshape(rows, -1)
 
     def _mixed(self, slots, positions, length: int, decoding: torch.Tensor, where):
         """attend() for a step of decoding rows then prompt rows (see `decode`). The mask is built once for all
