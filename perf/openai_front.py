@@ -5,8 +5,12 @@ straight to Triton's /v2/models/M/generate_stream (AIPerf's template endpoint), 
         --tokenizer model_repository/smollm/1 --out perf/results/front
 
 Every round: synthetic prompts of --prompt-tokens, --output-tokens forced (ignore_eos), --concurrency streams,
-AIPerf's own TTFT and inter-token latency (its tokenizer counts the tokens of both routes alike). Per route: the
-median over rounds of each round's p50 and p90; the front's cost is the ratio of those medians to Triton's.
+AIPerf's own TTFT and inter-token latency per request (its tokenizer counts the tokens of both routes alike). A
+first round of each route is not counted (the engine's first steps after a start are slow). Per route, the requests
+of every counted round pooled: p50 and p90 of TTFT and of each request's mean inter-token latency; the front's cost
+is the ratio of the front's to Triton's, with a 95 % bootstrap interval (requests resampled within each route).
+At c=8 a request's TTFT depends mostly on how many prompts queue before it, so one round's p50 of 24 requests
+moves by +-10 % on a quiet 2-core machine: pooling rounds, and the interval, say what the run can resolve.
 Rounds alternate so that a slow spell of a shared machine falls on both routes.
 """
 
@@ -14,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +37,11 @@ def aiperf(a, route: str, out: Path) -> dict:
               "--warmup-request-count", str(a.concurrency),
               "--prompt-input-tokens-mean", str(a.prompt_tokens), "--prompt-input-tokens-stddev", "0",
               "--prompt-output-tokens-mean", str(a.output_tokens), "--prompt-output-tokens-stddev", "0",
-              "--random-seed", "0", "--ui-type", "none", "--artifact-dir", str(out)]
+              "--random-seed", "0", "--ui-type", "none", "--artifact-dir", str(out),
+              # AIPerf scrapes BASE_URL/metrics 3 times a second by default: the front answers (and asks Triton for
+              # the engine's lines each time), Triton's HTTP port does not, so only the front's route would carry
+              # that load (on 2 cores it raised the front's TTFT p50 by ~10 %)
+              "--no-server-metrics"]
     if route == "front":
         command = common + ["--url", a.front, "--endpoint-type", "completions", "--extra-inputs", "ignore_eos:true"]
     else:
@@ -47,10 +55,24 @@ def aiperf(a, route: str, out: Path) -> dict:
     summary = out / "profile_export_aiperf.json"
     if done.returncode != 0 or not summary.is_file():
         sys.exit(f"error: aiperf on the {route} failed (exit {done.returncode}):\n{(done.stdout + done.stderr)[-2000:]}")
-    got = json.loads(summary.read_text())
-    if got.get("error_summary"):
-        sys.exit(f"error: aiperf on the {route} saw failed requests: {got['error_summary']}")
-    return {METRICS[k] + " " + q: got[k][q] for k in METRICS for q in ("p50", "p90")}
+    if json.loads(summary.read_text()).get("error_summary"):
+        sys.exit(f"error: aiperf on the {route} saw failed requests: {summary}")
+    rows = [json.loads(line) for line in (out / "profile_export.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r["metrics"] for r in rows if r["metadata"].get("benchmark_phase") == "profiling"]
+    return {name: [r[key]["value"] for r in rows if key in r] for key, name in METRICS.items()}
+
+
+def pct(values: list[float], q: float) -> float:
+    v = sorted(values)
+    return v[min(len(v) - 1, int(q / 100 * len(v)))]
+
+
+def ratio_interval(front: list[float], triton: list[float], q: float, draws: int = 2000) -> tuple[float, float]:
+    """95 % bootstrap interval of pct(front, q) / pct(triton, q)."""
+    rng = random.Random(0)
+    got = sorted(pct(rng.choices(front, k=len(front)), q) / pct(rng.choices(triton, k=len(triton)), q)
+                 for _ in range(draws))
+    return got[int(0.025 * draws)], got[int(0.975 * draws)]
 
 
 def main() -> int:
@@ -68,25 +90,32 @@ def main() -> int:
     ap.add_argument("--aiperf", type=Path, default=AIPERF, help="AIPerf's command (default: make test-clients' venv)")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
-    rounds: dict[str, list[dict]] = {"triton": [], "front": []}
-    for i in range(a.rounds):
-        for route in rounds:
-            rounds[route].append(got := aiperf(a, route, a.out / f"{i}-{route}"))
-            print(f"round {i} {route}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in got.items()), flush=True)
-    keys = list(rounds["front"][0])
-    median = {route: {k: statistics.median(r[k] for r in rows) for k in keys} for route, rows in rounds.items()}
+    pooled: dict[str, dict[str, list[float]]] = {r: {m: [] for m in METRICS.values()} for r in ("triton", "front")}
+    per_round: dict[str, list[float]] = {r: [] for r in pooled}
+    for i in range(a.rounds + 1):
+        for route in pooled:
+            got = aiperf(a, route, a.out / f"{i}-{route}")
+            print(f"round {i}{' (not counted)' if i == 0 else ''} {route}: {len(got['TTFT'])} requests, "
+                  f"TTFT p50 {pct(got['TTFT'], 50):.1f} ms, ITL p50 {pct(got['ITL'], 50):.1f} ms", flush=True)
+            if i:
+                per_round[route].append(pct(got["TTFT"], 50))
+                for m in METRICS.values():
+                    pooled[route][m] += got[m]
     lines = [f"AIPerf, c={a.concurrency}, {a.prompt_tokens}-token prompts, {a.output_tokens} tokens forced, "
-             f"{a.rounds} rounds x {a.requests} requests per route (ms: the median of the rounds' percentiles)", "",
-             "| route | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-    lines += [f"| {route} | " + " | ".join(f"{median[route][k]:.1f}" for k in keys) + " |" for route in median]
-    lines.append("| front / Triton | " + " | ".join(f"{median['front'][k] / median['triton'][k]:.3f}" for k in keys)
-                 + " |")
-    spread = {route: {k: (min(r[k] for r in rows), max(r[k] for r in rows)) for k in keys} for route, rows in rounds.items()}
-    lines.append("\nspread over rounds (min-max): " + "; ".join(
-        f"{route} {k} {lo:.1f}-{hi:.1f}" for route in spread for k, (lo, hi) in spread[route].items() if k.endswith("p50")))
+             f"{a.rounds} counted rounds x {a.requests} requests per route, pooled (ms)", "",
+             "| | TTFT p50 | TTFT p90 | ITL p50 | ITL p90 |", "|---|---|---|---|---|"]
+    cells = [(m, q) for m in METRICS.values() for q in (50, 90)]
+    for route in pooled:
+        lines.append(f"| {route} | " + " | ".join(f"{pct(pooled[route][m], q):.1f}" for m, q in cells) + " |")
+    ratios = {f"{m} p{q}": (pct(pooled["front"][m], q) / pct(pooled["triton"][m], q),
+                            *ratio_interval(pooled["front"][m], pooled["triton"][m], q)) for m, q in cells}
+    lines.append("| front / Triton (95 % interval) | " + " | ".join(f"{r:.3f} ({lo:.2f}-{hi:.2f})"
+                                                                   for r, lo, hi in ratios.values()) + " |")
+    lines.append("\nTTFT p50 of each round: " + "; ".join(f"{route} " + ", ".join(f"{v:.0f}" for v in vals)
+                                                          for route, vals in per_round.items()))
     (a.out / "front_cost.md").write_text("\n".join(lines) + "\n")
     (a.out / "front_cost.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()},
-                                                       "rounds": rounds, "median": median}, indent=1))
+                                                       "pooled": pooled, "ratios": ratios}, indent=1))
     print("\n".join(lines))
     return 0
 
