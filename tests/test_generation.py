@@ -648,21 +648,15 @@ def test_compiled_layers_through_cuda_graphs_equal_eager(llama):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("block_size", [16, 256])
-def test_paged_kernel_reads_the_blocks_as_the_gather_does(llama, block_size):
-    """bf16 on the GPU: decoding rows through varlen_attn over the block table (Decoder._attend_paged) give the
-    gather's logits, eager and replayed as CUDA graphs, decode-only and mixed steps, on tables that are not in order."""
-    from builder.generation.decoder import Graphs, paged_kernel
+def test_flex_attention_through_cuda_graphs_equals_the_gather(llama):
+    """bf16 on the GPU: FlexAttention's decoding rows over a shuffled block table, eager and replayed as CUDA graphs
+    (decode-only and mixed steps), against the gather."""
+    from builder.generation.decoder import Graphs
 
     _, config, weights = _on_cuda(llama)
-    if not paged_kernel(torch.device("cuda"), torch.bfloat16, block_size, config.head_dim):
-        pytest.skip(f"this torch's varlen_attn takes no block table of {block_size}")
     dec = Decoder(config, {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in weights.items()})
-    width = -(-300 // block_size)
-    dec.allocate_paged(4, 300, 4 * width + 3, block_size)
-    assert dec.paged_kernel
-    order = torch.randperm(4 * width + 3, device="cuda")[:4 * width].view(4, width)
-    dec.set_tables([0, 1, 2, 3], order.tolist())
+    dec.allocate_paged(4, 200, 4 * 13 + 3, 16)
+    dec.set_tables([0, 1, 2, 3], torch.randperm(4 * 13 + 3)[:4 * 13].view(4, 13).tolist())
     for slot in range(4):
         dec(torch.randint(3, 200, (41 + 30 * slot,), device="cuda"), [(slot, 0, 41 + 30 * slot)])
     tokens, slots = torch.randint(3, 200, (4,), device="cuda"), torch.arange(4, device="cuda")
@@ -670,14 +664,12 @@ def test_paged_kernel_reads_the_blocks_as_the_gather_does(llama, block_size):
     mixed = (torch.randint(3, 200, (9,), device="cuda"), torch.tensor([1, 2] + [0] * 7, device="cuda"),
              torch.tensor([71, 101] + list(range(41, 48)), device="cuda"), 160, torch.tensor([2], device="cuda"),
              torch.tensor([0, 1, 8], device="cuda"))
-    runs = {}
-    for kernel in (True, False):
-        dec.paged_kernel = kernel
-        runs[kernel] = [dec.decode(tokens, slots, positions, 160).clone(), dec.decode(*mixed).clone()]
-    dec.paged_kernel = True
+    gathered = [dec.decode(tokens, slots, positions, 160).clone(), dec.decode(*mixed).clone()]
+    dec.use_flex()
+    flexed = [dec.decode(tokens, slots, positions, 160).clone(), dec.decode(*mixed).clone()]
     graphs = Graphs(dec, length_bucket=64, max_rows=4 + 8)
     replayed = [graphs(tokens, slots, positions, 160).clone(), graphs(*mixed).clone()]
-    for a, b, c in zip(runs[True], runs[False], replayed):
+    for a, b, c in zip(flexed, gathered, replayed):
         torch.testing.assert_close(a, b, rtol=0.05, atol=0.05)  # bf16: two kernels' rounding
         torch.testing.assert_close(c, a, rtol=1e-3, atol=1e-3)
         assert torch.equal(a.argmax(-1), b.argmax(-1))
@@ -779,6 +771,27 @@ def test_layers_compiled_by_inductor_equal_eager(arch, tmp_path):
         runs.append(_decode_steps(dec))
     for eager, fused in zip(*runs):
         torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_flex_attention_reads_the_paged_blocks_as_the_gather_does(llama, block_size):
+    """use_flex: decoding rows attend through FlexAttention over the pool (compiled; the CPU's kernels here) and give
+    the gather's logits, decode-only and mixed steps, on block tables out of order with partly filled last blocks."""
+    tok, model = llama
+    config, weights = hf2decoder.convert(model, (tok.eos_token_id,))
+    runs = []
+    for flex in (False, True):
+        torch.manual_seed(0)
+        dec = Decoder(config, weights)
+        width = -(-64 // block_size)
+        dec.allocate_paged(4, 64, 4 * width + 5, block_size)
+        dec.set_tables(list(range(4)), torch.randperm(4 * width + 5)[:4 * width].view(4, width).tolist())
+        _fill(dec)
+        if flex:
+            dec.use_flex()
+        runs.append(_decode_steps(dec))
+    for gathered, flexed in zip(*runs):
+        torch.testing.assert_close(flexed, gathered, rtol=1e-4, atol=1e-4)
 
 
 def test_two_identical_requests_are_two_requests(llama):

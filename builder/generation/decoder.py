@@ -106,29 +106,6 @@ def gated(gate_up: torch.Tensor, act) -> torch.Tensor:
     return act(gate) * up
 
 
-def paged_kernel(device: torch.device, dtype: torch.dtype, block_size: int, head_dim: int) -> bool:
-    """Whether decoding rows read the paged cache through torch's varlen_attn (FlashAttention with a block table):
-    CUDA, 16-bit, and a torch whose kernel takes this block size and head size, tried once on a tiny pool (a
-    torch without it, or a FlashAttention that wants other block sizes, keeps the gather). Never with
-    TRITON_BUILDER_PAGED_KERNEL=0."""
-    import os
-
-    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
-        return False
-    if os.environ.get("TRITON_BUILDER_PAGED_KERNEL", "1") == "0":
-        return False
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-
-        pool = torch.zeros(2, block_size, 1, head_dim, dtype=dtype, device=device)
-        one = torch.tensor([0, 1], dtype=torch.int32, device=device)
-        varlen_attn(pool[0, :1], pool, pool, one, one, 1, block_size, seqused_k=one[1:],
-                    block_table=one[:1, None])
-        return True
-    except Exception:  # noqa: BLE001 - no varlen_attn, no block_table argument, or shapes its kernel refuses
-        return False
-
-
 class Decoder(torch.nn.Module):
     """Weights in a flat dict (names as saved by hf2decoder); the cache is allocated by `allocate`."""
 
@@ -142,6 +119,15 @@ class Decoder(torch.nn.Module):
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
         self.add_norm, self.split_heads, self.gated = add_norm, split_heads, gated
+        self.flex = None  # FlexAttention for decoding rows of the paged cache (use_flex)
+
+    def use_flex(self) -> None:
+        """Decoding rows of the paged cache attend through FlexAttention (compiled: its Triton kernels on the GPU)
+        reading each row's blocks in the pool, where `_gather` copies them out first. The pool is one long
+        sequence to it, and a row's table its BlockMask (`_flex_mask`)."""
+        from torch.nn.attention.flex_attention import flex_attention
+
+        self.flex = torch.compile(flex_attention, dynamic=False)
 
     def compile_layers(self, backend="inductor") -> None:
         """inductor over each layer's elementwise work (norms, rotary, the gated activation, residual adds): three
@@ -166,7 +152,7 @@ class Decoder(torch.nn.Module):
         shape = (slots + 1, c.num_kv_heads, max_len, c.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
-        self.block_size, self.tables, self.paged_kernel = 0, None, False
+        self.block_size, self.tables = 0, None
         self._rotary(slots, max_len)
 
     def allocate_paged(self, slots: int, max_len: int, blocks: int, block_size: int) -> None:
@@ -185,7 +171,6 @@ class Decoder(torch.nn.Module):
         self.tables = torch.full((slots + 1, width), blocks, dtype=torch.long, device=self.device)
         own = min(slots, blocks // width)
         self.tables[:own] = torch.arange(own * width, device=self.device).view(own, width)
-        self.paged_kernel = paged_kernel(self.device, self.dtype, block_size, c.head_dim)
         self._rotary(slots, max_len)
 
     @staticmethod
@@ -291,9 +276,11 @@ class Decoder(torch.nn.Module):
         with torch.no_grad():
             where = self._where(slots, positions)  # once for every layer
             if decoding is None:
+                blocks = self._flex_mask(slots, positions)
+
                 def attend(layer, q, k, v):
                     self._write(layer, k, v, where)
-                    return self._attend_cached(layer, q, slots, positions, length)
+                    return self._attend_cached(layer, q, slots, positions, length, blocks)
             else:
                 attend = self._mixed(slots, positions, length, decoding, where)
             x = self._layers(tokens, positions, attend)
@@ -332,13 +319,17 @@ class Decoder(torch.nn.Module):
         blocks = self.tables[slots, :self._span(length) // self.block_size]  # [B, blocks]
         return kc[blocks].flatten(1, 2).transpose(1, 2), vc[blocks].flatten(1, 2).transpose(1, 2)
 
-    def _attend_cached(self, layer: int, q, slots, positions, length: int) -> torch.Tensor:
+    def _attend_cached(self, layer: int, q, slots, positions, length: int, blocks=None) -> torch.Tensor:
         """Every row at once over its slot's first `length` cache entries, masked to the row's own prefix.
-        Grouped-query attention by folding each kv head's query heads into the query axis. On the paged cache
-        with `paged_kernel`, FlashAttention reads each row's blocks where they are (`_attend_paged`)."""
+        Grouped-query attention by folding each kv head's query heads into the query axis. blocks: the rows'
+        BlockMask (`_flex_mask`) to read the pool through FlexAttention instead."""
         c = self.config
-        if self.paged_kernel:
-            return self._attend_paged(layer, q, slots, positions, length)
+        if blocks is not None:
+            n = self.k_cache[layer].shape[0] * self.block_size
+            pool = lambda t: t.view(1, n, c.num_kv_heads, c.head_dim).transpose(1, 2)  # noqa: E731 - a view
+            o = self.flex(q.view(-1, c.num_heads, 1, c.head_dim), pool(self.k_cache[layer]), pool(self.v_cache[layer]),
+                          block_mask=blocks, enable_gqa=True)
+            return o.reshape(q.shape[0], -1)
         keys, values = self._gather(layer, slots, length)  # [B, kv_heads, span, d]
         group = c.num_heads // c.num_kv_heads
         qs = q.view(-1, c.num_kv_heads, group, c.head_dim)
@@ -346,20 +337,25 @@ class Decoder(torch.nn.Module):
         o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask)
         return o.reshape(q.shape[0], -1)
 
-    def _attend_paged(self, layer: int, q, slots, positions, length: int) -> torch.Tensor:
-        """`_attend_cached` through torch's varlen_attn (FlashAttention) over the block pool: each row a sequence of
-        one query whose keys are its table's blocks up to its position, read in place; nothing is gathered."""
-        from torch.nn.attention.varlen import varlen_attn
+    def _flex_mask(self, slots, positions):
+        """The BlockMask of decoding rows over the pool, built once a step (None without use_flex): a row's full
+        blocks are its table's first (position + 1) // block_size entries, read unmasked; its last block, if
+        partly filled, is masked past the row's position. The index tensors span every block of the pool (the
+        mask's columns), as FlexAttention reads them."""
+        if self.flex is None or self.tables is None:
+            return None
+        from torch.nn.attention.flex_attention import BlockMask
 
-        c = self.config
-        rows, span = q.shape[0], self._span(length)
-        used = (positions + 1).to(torch.int32)
-        cu_k = F.pad(used.cumsum(0, dtype=torch.int32), (1, 0))
-        cu_q = torch.arange(rows + 1, dtype=torch.int32, device=q.device)
-        table = self.tables[slots, :span // self.block_size].to(torch.int32)
-        o = varlen_attn(q.view(rows, c.num_heads, c.head_dim), self.k_cache[layer], self.v_cache[layer], cu_q, cu_k,
-                        1, span, enable_gqa=True, seqused_k=used, block_table=table)
-        return o.reshape(rows, -1)
+        b, rows, blocks = self.block_size, slots.shape[0], self.k_cache[0].shape[0]
+        table = self.tables[slots]
+        filled = positions + 1
+        last = table.gather(1, (filled // b).clamp(max=table.shape[1] - 1)[:, None])
+        limit = positions % b
+        columns = lambda t: F.pad(t.to(torch.int32), (0, blocks - t.shape[1])).view(rows, 1, 1, -1)  # noqa: E731
+        count = lambda t: t.to(torch.int32).view(rows, 1, 1)  # noqa: E731
+        return BlockMask.from_kv_blocks(count(filled % b != 0), columns(last), count(filled // b), columns(table),
+                                        BLOCK_SIZE=(1, b), mask_mod=lambda _b, _h, _q, kv: kv % b <= limit[_b],
+                                        seq_lengths=(1, blocks * b), compute_q_blocks=False)
 
     def _mixed(self, slots, positions, length: int, decoding: torch.Tensor, where):
         """attend() for a step of decoding rows then prompt rows (see `decode`). The mask is built once for all
@@ -376,11 +372,12 @@ class Decoder(torch.nn.Module):
         mask = torch.cat((prefix, own), dim=1).repeat_interleave(group, dim=0)[None, None]  # [1, 1, B*group, L+B]
         prompt_row = (rows >= decoding)[:, None]
         top = self.scratch  # at most one decoding row per cache slot: only the first `top` rows can decode
+        blocks = self._flex_mask(slots[:top], positions[:top])
 
         def attend(layer, q, k, v):
             self._write(layer, k, v, where)
             n = q.shape[0]
-            decoded = self._attend_cached(layer, q[:top], slots[:top], positions[:top], length)
+            decoded = self._attend_cached(layer, q[:top], slots[:top], positions[:top], length, blocks)
             cached_k, cached_v = self._gather(layer, owner, length)
             keys = torch.cat((cached_k, k.transpose(0, 1)[None]), dim=2)  # [1, kv, L+B, d]
             values = torch.cat((cached_v, v.transpose(0, 1)[None]), dim=2)

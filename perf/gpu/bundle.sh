@@ -15,7 +15,7 @@ cp -r "$SITE/nvidia_pytriton.libs" "$OUT/stage/site/" && rm -f "$OUT"/stage/site
 tar -C "$OUT/stage" -cJf "$OUT/tritonserver.tar.xz" site
 rm -rf "$OUT/stage"
 PLAT="--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_17_x86_64
-      --platform manylinux2014_x86_64 --platform manylinux_2_38_x86_64 --platform any"
+      --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_38_x86_64 --platform any"
 # the versions of requirements.lock, the environment the CPU suite passes with (the GPU machine's Python is
 # 3.12, so the files differ, the versions do not)
 pin() { local line; line=$(grep -m1 -iE "^$1==" requirements.lock) || { echo "error: $1 is not in requirements.lock" >&2; exit 1; }

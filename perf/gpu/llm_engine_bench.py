@@ -129,6 +129,8 @@ def make_engine(dec, args, slots: int, prefix_caching: bool = True):
     step = torch.compile(dec.decode, dynamic=True) if args.compile == "step" else None
     if args.compile == "layers":
         dec.compile_layers()
+    if args.attention == "flex":
+        dec.use_flex()
     q = args.quantization  # as the served model captures them (decoder.py says why for each quantization)
     rows = D.COMPILED_ROWS.get(q)
     graphs = D.Graphs(dec, step, max_rows=slots + args.chunk, min_rows=2 if step and not rows else 1,
@@ -243,6 +245,8 @@ def main() -> int:
     p.add_argument("--compile", choices=["none", "step", "layers"], default="none",
                    help="inductor before the graphs: over each whole step (minutes of compiling an 8B step) or over "
                         "each layer's elementwise work (Decoder.compile_layers)")
+    p.add_argument("--attention", choices=["gather", "flex"], default="gather",
+                   help="decoding rows over the paged cache: its blocks gathered then SDPA, or FlexAttention in place")
     p.add_argument("--smoke", action="store_true", help="the tiny shape on the CPU, no graphs: the script's logic")
     args = p.parse_args()
     if args.smoke:
@@ -278,9 +282,9 @@ def main() -> int:
         VOCAB[0] = SHAPES[args.shape]["vocab_size"]
     slots = max(levels + [args.prefix, args.long + 1])
     engine, tokens = make_engine(dec, args, slots)
-    report["cache_tokens"], report["paged_kernel"] = tokens, bool(getattr(dec, "paged_kernel", False))
+    report["cache_tokens"] = tokens
     log(f"engine: {slots} sequences, cache {tokens} tokens in blocks of {args.block_size}, graphs captured "
-        f"(compile: {args.compile}, paged attention kernel: {report['paged_kernel']})")
+        f"(compile: {args.compile}, attention: {args.attention})")
     for c in levels:
         reqs = distinct(c * args.requests, args.prompt, offset=c)  # distinct from their first token: no hits
         drive(engine, distinct(c, args.prompt, offset=c + 50000), c, 4)  # warm this level's buckets

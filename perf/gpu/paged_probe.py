@@ -1,8 +1,8 @@
 """Decoding rows' attention over a paged KV cache, two ways, at a Llama-3.1-8B layer's shape (32 query heads, 8 KV
 heads, head_dim 128, bf16): gathering each row's blocks into one copy then SDPA (Decoder._gather, the CPU's way),
-and torch's varlen_attn (FlashAttention) reading the blocks in place through the block table
-(Decoder._attend_paged). For each block size: whether varlen_attn takes it, the largest difference from the gather,
-and the time of one layer's attention per rows x cached positions (CUDA events, the mean of 20 after 3).
+and FlexAttention (torch.compile'd) reading the blocks in place, the pool seen as one long sequence and each row's
+table as its BlockMask. For each block size: the largest difference from the gather, whether a CUDA graph replays
+it, and the time of one layer's attention per rows x cached positions (CUDA events, the mean of 20 after 3).
 
     python perf/gpu/paged_probe.py --out DIR    (writes DIR/paged_probe.json)
 """
@@ -30,15 +30,30 @@ def gathered(q, k_pool, v_pool, table, positions):
     return F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask).reshape(rows, HEADS, HEAD_DIM)
 
 
-def paged(q, k_pool, v_pool, table, positions):
-    from torch.nn.attention.varlen import varlen_attn
+def flexed(q, k_pool, v_pool, table, positions, flex):
+    """Decoder._attend_flex's way: the pool as one long sequence [1, kv_heads, blocks * block, d] (a strided view),
+    a BlockMask whose full blocks are the row's table and whose one partial block is masked past its position."""
+    from torch.nn.attention.flex_attention import BlockMask
 
-    rows = q.shape[0]
-    used = (positions + 1).to(torch.int32)
-    cu_k = F.pad(used.cumsum(0, dtype=torch.int32), (1, 0))
-    cu_q = torch.arange(rows + 1, dtype=torch.int32, device=q.device)
-    return varlen_attn(q, k_pool, v_pool, cu_q, cu_k, 1, table.shape[1] * k_pool.shape[1], enable_gqa=True,
-                       seqused_k=used, block_table=table.to(torch.int32))
+    rows, block = q.shape[0], k_pool.shape[1]
+    n = k_pool.shape[0] * block
+    k = k_pool.view(1, n, KV_HEADS, HEAD_DIM).transpose(1, 2)
+    v = v_pool.view(1, n, KV_HEADS, HEAD_DIM).transpose(1, 2)
+    filled = positions + 1
+    full = (filled // block).to(torch.int32)
+    partial = (filled % block != 0).to(torch.int32)
+    last = table.gather(1, (filled // block).clamp(max=table.shape[1] - 1)[:, None]).to(torch.int32)
+    limit = positions % block
+
+    def mask(b, h, q_idx, kv_idx):
+        return kv_idx % block <= limit[b]
+
+    # the mask's index tensors span every block of the pool (its columns), as flex_attention expects
+    cols = lambda t: F.pad(t.to(torch.int32), (0, k_pool.shape[0] - t.shape[1])).view(rows, 1, 1, -1)  # noqa: E731
+    bm = BlockMask.from_kv_blocks(partial.view(rows, 1, 1), cols(last), full.view(rows, 1, 1), cols(table),
+                                  BLOCK_SIZE=(1, block), mask_mod=mask, seq_lengths=(1, n), compute_q_blocks=False)
+    o = flex(q.view(rows, HEADS, 1, HEAD_DIM), k, v, block_mask=bm, enable_gqa=True)
+    return o.view(rows, HEADS, HEAD_DIM)
 
 
 def timed(fn, *args) -> float:
@@ -53,7 +68,7 @@ def timed(fn, *args) -> float:
     return round(start.elapsed_time(end) / 20, 4)
 
 
-def probe(block: int, rows: int, length: int) -> dict:
+def probe(block: int, rows: int, length: int, flex) -> dict:
     g = torch.Generator(device="cuda").manual_seed(block * 7 + rows + length)
     width = -(-length // block)
     blocks = rows * width + 1
@@ -62,37 +77,34 @@ def probe(block: int, rows: int, length: int) -> dict:
     table = torch.randperm(blocks - 1, device="cuda", generator=g)[:rows * width].view(rows, width)
     positions = torch.randint(length // 2, length, (rows,), device="cuda", generator=g)
     q = torch.randn(rows, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
-    out = {"block": block, "rows": rows, "length": length, "gather_ms": timed(gathered, q, k_pool, v_pool, table, positions)}
+    args = (q, k_pool, v_pool, table, positions)
+    out = {"block": block, "rows": rows, "length": length, "gather_ms": timed(gathered, *args)}
     try:
-        diff = (paged(q, k_pool, v_pool, table, positions).float() - gathered(q, k_pool, v_pool, table, positions).float())
-        out |= {"max_abs_diff": round(float(diff.abs().max()), 5), "paged_ms": timed(paged, q, k_pool, v_pool, table, positions)}
+        diff = flexed(*args, flex).float() - gathered(*args).float()
+        out |= {"max_abs_diff": round(float(diff.abs().max()), 5), "flex_ms": timed(flexed, *args, flex)}
         graph = torch.cuda.CUDAGraph()  # what a captured decode step does with it
         with torch.cuda.graph(graph):
-            captured = paged(q, k_pool, v_pool, table, positions)
+            captured = flexed(*args, flex)
         graph.replay()
         torch.cuda.synchronize()
-        out["graph_equal"] = bool(torch.equal(captured, paged(q, k_pool, v_pool, table, positions)))
+        out["graph_equal"] = bool(torch.equal(captured, flexed(*args, flex)))
     except Exception as exc:  # noqa: BLE001 - what this torch's kernel refuses is the finding
         out["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
     return out
 
 
 def main() -> int:
+    from torch.nn.attention.flex_attention import flex_attention
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "results": []}
-    try:
-        import inspect
-
-        from torch.nn.attention.varlen import varlen_attn
-        report["varlen_block_table"] = "block_table" in inspect.signature(varlen_attn).parameters
-    except ImportError as exc:
-        report["varlen_block_table"] = f"no varlen_attn: {exc}"
-    for block in (16, 256):
-        for rows, length in ((1, 256), (64, 256), (256, 256), (32, 8192)):
-            r = probe(block, rows, length)
+    flex = torch.compile(flex_attention, dynamic=False)
+    for block in (16, 64):
+        for rows, length in ((64, 256), (256, 256), (32, 8192)):
+            r = probe(block, rows, length, flex)
             print(json.dumps(r), flush=True)
             report["results"].append(r)
             (args.out / "paged_probe.json").write_text(json.dumps(report, indent=1))
