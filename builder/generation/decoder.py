@@ -354,7 +354,7 @@ class Decoder(torch.nn.Module):
         columns = lambda t: F.pad(t.to(torch.int32), (0, blocks - t.shape[1])).view(rows, 1, 1, -1)  # noqa: E731
         count = lambda t: t.to(torch.int32).view(rows, 1, 1)  # noqa: E731
         return BlockMask.from_kv_blocks(count(filled % b != 0), columns(last), count(filled // b), columns(table),
-                                        BLOCK_SIZE=(1, b), mask_mod=lambda _b, _h, _q, kv: kv % b <= limit[_b],
+                                        BLOCK_SIZE=(128, b), mask_mod=lambda _b, _h, _q, kv: kv % b <= limit[_b],
                                         seq_lengths=(1, blocks * b), compute_q_blocks=False)
 
     def _mixed(self, slots, positions, length: int, decoding: torch.Tensor, where):

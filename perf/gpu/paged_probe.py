@@ -51,7 +51,7 @@ def flexed(q, k_pool, v_pool, table, positions, flex):
     # the mask's index tensors span every block of the pool (its columns), as flex_attention expects
     cols = lambda t: F.pad(t.to(torch.int32), (0, k_pool.shape[0] - t.shape[1])).view(rows, 1, 1, -1)  # noqa: E731
     bm = BlockMask.from_kv_blocks(partial.view(rows, 1, 1), cols(last), full.view(rows, 1, 1), cols(table),
-                                  BLOCK_SIZE=(1, block), mask_mod=mask, seq_lengths=(1, n), compute_q_blocks=False)
+                                  BLOCK_SIZE=(128, block), mask_mod=mask, seq_lengths=(1, n), compute_q_blocks=False)
     o = flex(q.view(rows, HEADS, 1, HEAD_DIM), k, v, block_mask=bm, enable_gqa=True)
     return o.view(rows, HEADS, HEAD_DIM)
 
