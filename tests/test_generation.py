@@ -629,19 +629,8 @@ def test_cuda_graph_replays_equal_the_eager_decode_step(llama):
     times = graphs.replay_ms(repeats=3)
     assert set(times) == {(12, 32, True), (4, 16, False)} and all(t > 0 for t in times.values())
     assert all(torch.equal(c[:4], b) for c, b in zip(dec.k_cache + dec.v_cache, before))
-
-
-@pytest.mark.gpu
-def test_compiled_layers_through_cuda_graphs_equal_eager(llama):
-    from builder.generation.decoder import Graphs
-
-    _, config, weights = _on_cuda(llama)
-    dec = Decoder(config, weights)
-    dec.allocate(4, 64)
-    for slot in range(4):
-        dec(torch.randint(3, 200, (9,), device="cuda"), [(slot, 0, 9)])
-    tokens, slots = torch.randint(3, 200, (3,), device="cuda"), torch.arange(3, device="cuda")
-    positions = torch.full((3,), 9, device="cuda")
+    # compiled per layer (compile_layers: inductor's Triton kernels here), then captured: the eager logits
+    tokens, slots, positions = tokens[:3], torch.arange(3, device="cuda"), torch.full((3,), 9, device="cuda")
     eager = dec.decode(tokens, slots, positions, 10).clone()
     dec.compile_layers()
     torch.testing.assert_close(Graphs(dec, length_bucket=16)(tokens, slots, positions, 10), eager, rtol=1e-4, atol=1e-4)
@@ -753,6 +742,22 @@ def test_layers_compile_once_for_every_layer_and_step_size(llama):
     assert config.num_layers > 1 and len(traced) == 3
 
 
+def _same_logits(config, weights, allocate, change) -> None:
+    """_decode_steps' logits of a decoder as `allocate` makes it, and of one changed by `change` after its slots
+    are filled: equal."""
+    runs = []
+    for changed in (False, True):
+        torch.manual_seed(0)
+        dec = Decoder(config, weights)
+        allocate(dec)
+        _fill(dec)
+        if changed:
+            change(dec)
+        runs.append(_decode_steps(dec))
+    for plain, other in zip(*runs):
+        torch.testing.assert_close(other, plain, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_layers_compiled_by_inductor_equal_eager(arch, tmp_path):
@@ -760,17 +765,7 @@ def test_layers_compiled_by_inductor_equal_eager(arch, tmp_path):
     decoder for decode-only and mixed steps, with and without per-head q/k norms (~1 min)."""
     tok, model = _loaded(make_model_dir(tmp_path, arch))
     config, weights = hf2decoder.convert(model, (tok.eos_token_id,))
-    runs = []
-    for compiled in (False, True):
-        torch.manual_seed(0)
-        dec = Decoder(config, weights)
-        dec.allocate(4, 64)
-        _fill(dec)
-        if compiled:
-            dec.compile_layers()
-        runs.append(_decode_steps(dec))
-    for eager, fused in zip(*runs):
-        torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-4)
+    _same_logits(config, weights, lambda dec: dec.allocate(4, 64), Decoder.compile_layers)
 
 
 @pytest.mark.parametrize("block_size", [4, 16])
@@ -779,19 +774,13 @@ def test_flex_attention_reads_the_paged_blocks_as_the_gather_does(llama, block_s
     the gather's logits, decode-only and mixed steps, on block tables out of order with partly filled last blocks."""
     tok, model = llama
     config, weights = hf2decoder.convert(model, (tok.eos_token_id,))
-    runs = []
-    for flex in (False, True):
-        torch.manual_seed(0)
-        dec = Decoder(config, weights)
-        width = -(-64 // block_size)
+    width = -(-64 // block_size)
+
+    def paged(dec):
         dec.allocate_paged(4, 64, 4 * width + 5, block_size)
         dec.set_tables(list(range(4)), torch.randperm(4 * width + 5)[:4 * width].view(4, width).tolist())
-        _fill(dec)
-        if flex:
-            dec.use_flex()
-        runs.append(_decode_steps(dec))
-    for gathered, flexed in zip(*runs):
-        torch.testing.assert_close(flexed, gathered, rtol=1e-4, atol=1e-4)
+
+    _same_logits(config, weights, paged, Decoder.use_flex)
 
 
 def test_two_identical_requests_are_two_requests(llama):
