@@ -114,8 +114,6 @@ class Decoder(torch.nn.Module):
         self.config = config
         self.w = weights
         self.act = ACTIVATIONS[config.activation]
-        self.q_size = config.num_heads * config.head_dim
-        self.kv_size = config.num_kv_heads * config.head_dim
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
         self.add_norm, self.split_heads, self.gated = add_norm, split_heads, gated
@@ -124,7 +122,9 @@ class Decoder(torch.nn.Module):
     def use_flex(self) -> None:
         """Decoding rows of the paged cache attend through FlexAttention (compiled: its Triton kernels on the GPU)
         reading each row's blocks in the pool, where `_gather` copies them out first. The pool is one long
-        sequence to it, and a row's table its BlockMask (`_flex_mask`)."""
+        sequence to it, and a row's table its BlockMask (`_flex_mask`). Equal to the gather on the CPU; on the
+        H100 with torch 2.11 inductor found no kernel configuration for it (docs/PERFORMANCE.md, 8B shape), so
+        nothing turns it on by default."""
         from torch.nn.attention.flex_attention import flex_attention
 
         self.flex = torch.compile(flex_attention, dynamic=False)
