@@ -462,6 +462,10 @@ class Graphs:
         step = self.step_for(batch, mixed)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
+        # a capture mid-run (a new bucket) starts with nothing in flight: steps launched ahead still read inputs
+        # copied from pinned host memory, and an 8B run that captured longer buckets while they were pending hit
+        # a device-side index assert that CUDA_LAUNCH_BLOCKING=1 made go away
+        torch.cuda.synchronize(dev)
         zeros = lambda n: torch.zeros(n, dtype=torch.long, device=dev)  # noqa: E731
         inputs = [zeros(batch), torch.full((batch,), self.dec.scratch, dtype=torch.long, device=dev), zeros(batch)]
         extra = (zeros(1), zeros(self.dec.scratch)) if mixed else ()  # decoding, picks
