@@ -1,7 +1,7 @@
 """Decoding rows' attention over a paged KV cache, two ways, at a Llama-3.1-8B layer's shape (32 query heads, 8 KV
-heads, head_dim 128, bf16): gathering each row's blocks into one copy then SDPA (Decoder._gather, the CPU's way),
-and FlexAttention (torch.compile'd) reading the blocks in place, the pool seen as one long sequence and each row's
-table as its BlockMask. For each block size: the largest difference from the gather, whether a CUDA graph replays
+heads, head_dim 128, bf16), through the decoder's own code: gathering each row's blocks into one copy then SDPA
+(Decoder._gather, the default), and FlexAttention (torch.compile'd) reading the blocks in place, the pool seen as
+one long sequence and each row's table as its BlockMask (Decoder.use_flex, _flex_mask). For each block size: the largest difference from the gather, whether a CUDA graph replays
 it, and the time of one layer's attention per rows x cached positions (CUDA events, the mean of 20 after 3).
 
     python perf/gpu/paged_probe.py --out DIR    (writes DIR/paged_probe.json)
@@ -15,54 +15,33 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+
+# the runtime files as the served model imports them (torch only)
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "builder" / "generation"))
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 
 
-def gathered(q, k_pool, v_pool, table, positions):
-    """Decoder._gather + _attend_cached: the rows' blocks copied out, masked to each row's own positions."""
-    rows, span = q.shape[0], table.shape[1] * k_pool.shape[1]
-    keys = k_pool[table].flatten(1, 2).transpose(1, 2)  # [rows, kv, span, d]
-    values = v_pool[table].flatten(1, 2).transpose(1, 2)
-    qs = q.view(rows, KV_HEADS, HEADS // KV_HEADS, HEAD_DIM)
-    mask = (torch.arange(span, device=q.device)[None, :] <= positions[:, None])[:, None, None, :]
-    return F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask).reshape(rows, HEADS, HEAD_DIM)
+def layer(k_pool, v_pool, table, flex=None):
+    """One 8B layer's paged cache as the engine holds it: a Decoder (no weights) whose pool is k_pool / v_pool
+    [blocks, block, kv_heads, d] and whose block table is `table` (row i: slot i). Its `_attend_cached` is what a
+    decoding row runs: the gather (`_gather`), or FlexAttention over the pool with `flex` and `_flex_mask`."""
+    from decoder import Decoder, DecoderConfig
+
+    config = DecoderConfig(vocab_size=1, hidden_size=HEADS * HEAD_DIM, num_layers=1, num_heads=HEADS,
+                           num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, intermediate_size=1, rms_norm_eps=1e-5)
+    dec = Decoder(config, {})
+    dec.k_cache, dec.v_cache, dec.tables, dec.block_size, dec.flex = [k_pool], [v_pool], table, k_pool.shape[1], flex
+    return dec
 
 
-def flexed(q, k_pool, v_pool, table, positions, flex):
-    """Decoder._attend_flex's way: the pool as one long sequence [1, kv_heads, blocks * block, d] (a strided view),
-    a BlockMask whose full blocks are the row's table and whose one partial block is masked past its position."""
-    from torch.nn.attention.flex_attention import BlockMask
-
-    rows, block = q.shape[0], k_pool.shape[1]
-    n = k_pool.shape[0] * block
-    k = k_pool.view(1, n, KV_HEADS, HEAD_DIM).transpose(1, 2)
-    v = v_pool.view(1, n, KV_HEADS, HEAD_DIM).transpose(1, 2)
-    filled = positions + 1
-    full = (filled // block).to(torch.int32)
-    partial = (filled % block != 0).to(torch.int32)
-    last = table.gather(1, (filled // block).clamp(max=table.shape[1] - 1)[:, None]).to(torch.int32)
-    limit = positions % block
-
-    def mask(b, h, q_idx, kv_idx):
-        return kv_idx % block <= limit[b]
-
-    # the mask's index tensors span every block of the pool (its columns), as flex_attention expects
-    cols = lambda t: F.pad(t.to(torch.int32), (0, k_pool.shape[0] - t.shape[1])).view(rows, 1, 1, -1)  # noqa: E731
-    bm = BlockMask.from_kv_blocks(partial.view(rows, 1, 1), cols(last), full.view(rows, 1, 1), cols(table),
-                                  BLOCK_SIZE=(128, block), mask_mod=mask, seq_lengths=(1, n), compute_q_blocks=False)
-    o = flex(q.view(rows, HEADS, 1, HEAD_DIM), k, v, block_mask=bm, enable_gqa=True)
-    return o.view(rows, HEADS, HEAD_DIM)
-
-
-def timed(fn, *args) -> float:
+def timed(fn) -> float:
     for _ in range(3):
-        fn(*args)
+        fn()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(20):
-        fn(*args)
+        fn()
     end.record()
     end.synchronize()
     return round(start.elapsed_time(end) / 20, 4)
@@ -76,18 +55,20 @@ def probe(block: int, rows: int, length: int, flex) -> dict:
     k_pool, v_pool = pool(), pool()
     table = torch.randperm(blocks - 1, device="cuda", generator=g)[:rows * width].view(rows, width)
     positions = torch.randint(length // 2, length, (rows,), device="cuda", generator=g)
-    q = torch.randn(rows, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
-    args = (q, k_pool, v_pool, table, positions)
-    out = {"block": block, "rows": rows, "length": length, "gather_ms": timed(gathered, *args)}
+    q = torch.randn(rows, HEADS * HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
+    dec, slots = layer(k_pool, v_pool, table, flex), torch.arange(rows, device="cuda")
+    gathered = lambda: dec._attend_cached(0, q, slots, positions, length)  # noqa: E731
+    flexed = lambda: dec._attend_cached(0, q, slots, positions, length, dec._flex_mask(slots, positions))  # noqa: E731
+    out = {"block": block, "rows": rows, "length": length, "gather_ms": timed(gathered)}
     try:
-        diff = flexed(*args, flex).float() - gathered(*args).float()
-        out |= {"max_abs_diff": round(float(diff.abs().max()), 5), "flex_ms": timed(flexed, *args, flex)}
+        diff = flexed().float() - gathered().float()
+        out |= {"max_abs_diff": round(float(diff.abs().max()), 5), "flex_ms": timed(flexed)}
         graph = torch.cuda.CUDAGraph()  # what a captured decode step does with it
         with torch.cuda.graph(graph):
-            captured = flexed(*args, flex)
+            captured = flexed()
         graph.replay()
         torch.cuda.synchronize()
-        out["graph_equal"] = bool(torch.equal(captured, flexed(*args, flex)))
+        out["graph_equal"] = bool(torch.equal(captured, flexed()))
     except Exception as exc:  # noqa: BLE001 - what this torch's kernel refuses is the finding
         out["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
     return out
