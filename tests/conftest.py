@@ -8,6 +8,11 @@ import sys
 
 import pytest
 
+# Triton kernels (builder/generation/paged_kernel.py) run in Triton's interpreter where there is no GPU. Triton reads
+# this when it is first imported, and torch may import it before any test does.
+if not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Cases of the harness that live in other modules (tests/test_reliability.py marks its own).
 RELIABILITY_CASES = (
     "tests/test_spec.py::test_bad_spec_exits_2_with_one_line_and_writes_nothing",

@@ -103,13 +103,30 @@ def test_without_prefix_caching_nothing_is_shared():
 
 # -- the decoder over block tables --
 
-def test_a_paged_mixed_step_gives_the_slot_caches_logits(llama):
+@pytest.fixture(params=["gather", "kernel"])
+def attention(request):
+    """How decoding rows read the paged cache: the gather, or paged_kernel.py's Triton kernel (in Triton's
+    interpreter here, set by conftest.py; the GPU test below runs it compiled)."""
+    if request.param == "kernel":
+        pytest.importorskip("triton")
+    return request.param
+
+
+def _paged(config, weights, attention, *args) -> Decoder:
+    dec = Decoder(config, weights)
+    dec.allocate_paged(*args)
+    if attention == "kernel":
+        dec.use_paged_kernel()
+    return dec
+
+
+def test_a_paged_mixed_step_gives_the_slot_caches_logits(llama, attention):
     """decode() with decoding rows, a continued prompt chunk and a new prompt, padded as a graph bucket pads them:
     the same logits over scattered blocks as over slots."""
     _, config, weights = llama
-    slotted, paged = Decoder(config, weights), Decoder(config, weights)
+    slotted = Decoder(config, weights)
     slotted.allocate(4, 64)
-    paged.allocate_paged(4, 64, 40, 8)
+    paged = _paged(config, weights, attention, 4, 64, 40, 8)
     perm = torch.randperm(40).tolist()  # every sequence's blocks scattered over the pool
     paged.set_tables([0, 1, 2, 3], [perm[i * 8:(i + 1) * 8] for i in range(4)])
     for slot, n in [(0, 7), (1, 12), (2, 6)]:
@@ -128,12 +145,14 @@ def test_a_paged_mixed_step_gives_the_slot_caches_logits(llama):
 # -- the engine --
 
 @pytest.mark.parametrize("graphed", [False, True], ids=["ragged", "tensor-only"])
-def test_paged_and_slot_caches_give_the_same_greedy_tokens(llama, graphed):
+def test_paged_and_slot_caches_give_the_same_greedy_tokens(llama, graphed, attention):
     tok = llama[0]
     prompts = _ids(tok, PROMPTS + [PREFIX])
     outs = []
     for kv in ("slots", "paged"):
         e = _engine(llama, kv_cache=kv, block_size=8)
+        if kv == "paged" and attention == "kernel":
+            e.decoder.use_paged_kernel()
         e.graphed_prompts = graphed
         outs.append([o.token_ids for o in eng.generate(e, prompts, 20, ignore_eos=True)])
     assert outs[0] == outs[1] and all(len(o) == 20 for o in outs[1])
@@ -159,13 +178,15 @@ def test_a_prefix_hit_gives_the_tokens_of_a_miss(llama, overlap):
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlapped"])
-def test_preempted_sequences_resume_with_the_same_tokens_and_the_pool_is_never_exceeded(llama, overlap):
+def test_preempted_sequences_resume_with_the_same_tokens_and_the_pool_is_never_exceeded(llama, overlap, attention):
     """A pool of 10 blocks of 8 tokens for 3 sequences of up to ~70: they cannot all grow; the newest gives its
     blocks back, waits, and is recomputed (prompt and output so far) with the same greedy tokens."""
     tok = llama[0]
     prompts = _ids(tok, PROMPTS[:3])
     want = [o.token_ids for o in eng.generate(_engine(llama, total=72, kv_cache="slots"), prompts, 50, ignore_eos=True)]
     e = _engine(llama, total=72, block_size=8, cache_blocks=10, prefix_caching=False)
+    if attention == "kernel":
+        e.decoder.use_paged_kernel()
     e.overlap = e.graphed_prompts = overlap
     finals = _submit(e, prompts, 50)
     most = 0

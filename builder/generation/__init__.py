@@ -22,7 +22,7 @@ from builder.signature import Signature, TensorSpec
 
 HERE = Path(__file__).resolve().parent
 GENERATOR = HERE.parent.parent / "templates" / "python" / "generator.py"
-RUNTIME_FILES = (HERE / "decoder.py", HERE / "engine.py", HERE / "blocks.py", HERE / "guide.py")
+RUNTIME_FILES = (HERE / "decoder.py", HERE / "paged_kernel.py", HERE / "engine.py", HERE / "blocks.py", HERE / "guide.py")
 TORCH_DTYPES = python_template("backend_common").TORCH_DTYPES  # precision -> torch dtype, as served
 # greedy tokens that must agree with the fp32 reference (teacher-forced), per precision
 MIN_AGREEMENT = {"fp32": 1.0, "fp16": 0.9, "bf16": 0.85, "int8": 0.85, "int4": 0.7}

@@ -118,6 +118,7 @@ class Decoder(torch.nn.Module):
         self.v_cache: list[torch.Tensor] = []
         self.add_norm, self.split_heads, self.gated = add_norm, split_heads, gated
         self.flex = None  # FlexAttention for decoding rows of the paged cache (use_flex)
+        self.kernel = None  # paged_kernel.attend for decoding rows of the paged cache (use_paged_kernel)
 
     def use_flex(self) -> None:
         """Decoding rows of the paged cache attend through FlexAttention (compiled: its Triton kernels on the GPU)
@@ -128,6 +129,17 @@ class Decoder(torch.nn.Module):
         from torch.nn.attention.flex_attention import flex_attention
 
         self.flex = torch.compile(flex_attention, dynamic=False)
+
+    def use_paged_kernel(self) -> None:
+        """Decoding rows of the paged cache attend through paged_kernel.py's Triton kernel, which reads each row's
+        own blocks in the pool up to its own length, where `_gather` copies every row's blocks out up to the
+        step's longest. `allocate_paged` turns it on for a GPU; on the CPU it runs in Triton's interpreter
+        (TRITON_INTERPRET=1, for tests)."""
+        try:
+            from . import paged_kernel
+        except ImportError:  # beside the served model, imported as a top-level module
+            import paged_kernel
+        self.kernel = paged_kernel.attend
 
     def compile_layers(self, backend="inductor") -> None:
         """inductor over each layer's elementwise work (norms, rotary, the gated activation, residual adds): three
@@ -172,6 +184,8 @@ class Decoder(torch.nn.Module):
         own = min(slots, blocks // width)
         self.tables[:own] = torch.arange(own * width, device=self.device).view(own, width)
         self._rotary(slots, max_len)
+        if self.device.type == "cuda":
+            self.use_paged_kernel()
 
     @staticmethod
     def block_bytes(config: DecoderConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -276,11 +290,11 @@ class Decoder(torch.nn.Module):
         with torch.no_grad():
             where = self._where(slots, positions)  # once for every layer
             if decoding is None:
-                blocks = self._flex_mask(slots, positions)
+                plan = self._plan(slots, positions)
 
                 def attend(layer, q, k, v):
                     self._write(layer, k, v, where)
-                    return self._attend_cached(layer, q, slots, positions, length, blocks)
+                    return self._attend_cached(layer, q, slots, positions, length, plan)
             else:
                 attend = self._mixed(slots, positions, length, decoding, where)
             x = self._layers(tokens, positions, attend)
@@ -319,11 +333,16 @@ class Decoder(torch.nn.Module):
         blocks = self.tables[slots, :self._span(length) // self.block_size]  # [B, blocks]
         return kc[blocks].flatten(1, 2).transpose(1, 2), vc[blocks].flatten(1, 2).transpose(1, 2)
 
-    def _attend_cached(self, layer: int, q, slots, positions, length: int, blocks=None) -> torch.Tensor:
+    def _attend_cached(self, layer: int, q, slots, positions, length: int, plan=None) -> torch.Tensor:
         """Every row at once over its slot's first `length` cache entries, masked to the row's own prefix.
-        Grouped-query attention by folding each kv head's query heads into the query axis. blocks: the rows'
-        BlockMask (`_flex_mask`) to read the pool through FlexAttention instead."""
+        Grouped-query attention by folding each kv head's query heads into the query axis. plan: what `_plan`
+        built for the step, to read the pool through the paged kernel or FlexAttention instead."""
         c = self.config
+        if self.kernel is not None and self.tables is not None:
+            lengths = positions + 1 if plan is None else plan
+            return self.kernel(q.view(-1, c.num_heads, c.head_dim), self.k_cache[layer], self.v_cache[layer],
+                               self.tables, slots, lengths, length)
+        blocks = plan
         if blocks is not None:
             n = self.k_cache[layer].shape[0] * self.block_size
             pool = lambda t: t.view(1, n, c.num_kv_heads, c.head_dim).transpose(1, 2)  # noqa: E731 - a view
@@ -336,6 +355,17 @@ class Decoder(torch.nn.Module):
         mask = (torch.arange(keys.shape[2], device=q.device)[None, :] <= positions[:, None])[:, None, None, :]
         o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask)
         return o.reshape(q.shape[0], -1)
+
+    def _plan(self, slots, positions, decoding=None):
+        """Built once a step for every layer's `_attend_cached`: with the paged kernel, each row's length (0 for
+        rows from `decoding` on: prompt rows, whose attention `_mixed` takes from elsewhere); with FlexAttention,
+        its BlockMask; else None."""
+        if self.kernel is not None and self.tables is not None:
+            lengths = positions + 1
+            if decoding is not None:
+                lengths = torch.where(torch.arange(slots.shape[0], device=slots.device) < decoding, lengths, 0)
+            return lengths
+        return self._flex_mask(slots, positions)
 
     def _flex_mask(self, slots, positions):
         """The BlockMask of decoding rows over the pool, built once a step (None without use_flex): a row's full
@@ -372,12 +402,12 @@ class Decoder(torch.nn.Module):
         mask = torch.cat((prefix, own), dim=1).repeat_interleave(group, dim=0)[None, None]  # [1, 1, B*group, L+B]
         prompt_row = (rows >= decoding)[:, None]
         top = self.scratch  # at most one decoding row per cache slot: only the first `top` rows can decode
-        blocks = self._flex_mask(slots[:top], positions[:top])
+        plan = self._plan(slots[:top], positions[:top], decoding)
 
         def attend(layer, q, k, v):
             self._write(layer, k, v, where)
             n = q.shape[0]
-            decoded = self._attend_cached(layer, q[:top], slots[:top], positions[:top], length, blocks)
+            decoded = self._attend_cached(layer, q[:top], slots[:top], positions[:top], length, plan)
             cached_k, cached_v = self._gather(layer, owner, length)
             keys = torch.cat((cached_k, k.transpose(0, 1)[None]), dim=2)  # [1, kv, L+B, d]
             values = torch.cat((cached_v, v.transpose(0, 1)[None]), dim=2)

@@ -1,8 +1,10 @@
-"""Decoding rows' attention over a paged KV cache, two ways, at a Llama-3.1-8B layer's shape (32 query heads, 8 KV
+"""Decoding rows' attention over a paged KV cache, three ways, at a Llama-3.1-8B layer's shape (32 query heads, 8 KV
 heads, head_dim 128, bf16), through the decoder's own code: gathering each row's blocks into one copy then SDPA
-(Decoder._gather, the default), and FlexAttention (torch.compile'd) reading the blocks in place, the pool seen as
-one long sequence and each row's table as its BlockMask (Decoder.use_flex, _flex_mask). For each block size: the largest difference from the gather, whether a CUDA graph replays
-it, and the time of one layer's attention per rows x cached positions (CUDA events, the mean of 20 after 3).
+(Decoder._gather), the Triton kernel reading each row's blocks in place (paged_kernel.py, Decoder.use_paged_kernel:
+what the engine uses on a GPU), and FlexAttention (torch.compile'd) over the pool seen as one long sequence with each
+row's table as its BlockMask (Decoder.use_flex, _flex_mask). For each block size and rows x cached positions: each
+way's largest difference from the gather, whether a CUDA graph replays it, and the time of one layer's attention (CUDA
+events, the mean of 20 after 3).
 
     python perf/gpu/paged_probe.py --out DIR    (writes DIR/paged_probe.json)
 """
@@ -19,19 +21,21 @@ import torch
 # the runtime files as the served model imports them (torch only)
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "builder" / "generation"))
 
+from paged_kernel import attend  # noqa: E402
+
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 
 
-def layer(k_pool, v_pool, table, flex=None):
+def layer(k_pool, v_pool, table):
     """One 8B layer's paged cache as the engine holds it: a Decoder (no weights) whose pool is k_pool / v_pool
     [blocks, block, kv_heads, d] and whose block table is `table` (row i: slot i). Its `_attend_cached` is what a
-    decoding row runs: the gather (`_gather`), or FlexAttention over the pool with `flex` and `_flex_mask`."""
+    decoding row runs: the gather (`_gather`) unless its `kernel` or `flex` is set."""
     from decoder import Decoder, DecoderConfig
 
     config = DecoderConfig(vocab_size=1, hidden_size=HEADS * HEAD_DIM, num_layers=1, num_heads=HEADS,
                            num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, intermediate_size=1, rms_norm_eps=1e-5)
     dec = Decoder(config, {})
-    dec.k_cache, dec.v_cache, dec.tables, dec.block_size, dec.flex = [k_pool], [v_pool], table, k_pool.shape[1], flex
+    dec.k_cache, dec.v_cache, dec.tables, dec.block_size = [k_pool], [v_pool], table, k_pool.shape[1]
     return dec
 
 
@@ -56,21 +60,37 @@ def probe(block: int, rows: int, length: int, flex) -> dict:
     table = torch.randperm(blocks - 1, device="cuda", generator=g)[:rows * width].view(rows, width)
     positions = torch.randint(length // 2, length, (rows,), device="cuda", generator=g)
     q = torch.randn(rows, HEADS * HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
-    dec, slots = layer(k_pool, v_pool, table, flex), torch.arange(rows, device="cuda")
+    dec, slots = layer(k_pool, v_pool, table), torch.arange(rows, device="cuda")
     gathered = lambda: dec._attend_cached(0, q, slots, positions, length)  # noqa: E731
-    flexed = lambda: dec._attend_cached(0, q, slots, positions, length, dec._flex_mask(slots, positions))  # noqa: E731
     out = {"block": block, "rows": rows, "length": length, "gather_ms": timed(gathered)}
-    try:
-        diff = flexed().float() - gathered().float()
-        out |= {"max_abs_diff": round(float(diff.abs().max()), 5), "flex_ms": timed(flexed)}
-        graph = torch.cuda.CUDAGraph()  # what a captured decode step does with it
-        with torch.cuda.graph(graph):
-            captured = flexed()
-        graph.replay()
-        torch.cuda.synchronize()
-        out["graph_equal"] = bool(torch.equal(captured, flexed()))
-    except Exception as exc:  # noqa: BLE001 - what this torch's kernel refuses is the finding
-        out["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+    want = gathered().float()
+
+    def kernel():
+        dec.kernel = attend
+        try:
+            return dec._attend_cached(0, q, slots, positions, length)
+        finally:
+            dec.kernel = None
+
+    def flexed():
+        dec.flex = flex
+        try:
+            return dec._attend_cached(0, q, slots, positions, length, dec._flex_mask(slots, positions))
+        finally:
+            dec.flex = None
+
+    for name, fn in (("kernel", kernel), ("flex", flexed)):
+        try:
+            out[f"{name}_max_abs_diff"] = round(float((fn().float() - want).abs().max()), 5)
+            out[f"{name}_ms"] = timed(fn)
+            graph = torch.cuda.CUDAGraph()  # what a captured decode step does with it
+            with torch.cuda.graph(graph):
+                captured = fn()
+            graph.replay()
+            torch.cuda.synchronize()
+            out[f"{name}_graph_equal"] = bool(torch.equal(captured, fn()))
+        except Exception as exc:  # noqa: BLE001 - what this torch's kernel refuses is the finding
+            out[f"{name}_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
     return out
 
 
@@ -84,7 +104,7 @@ def main() -> int:
     report = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "results": []}
     flex = torch.compile(flex_attention, dynamic=False)
     for block in (16, 64):
-        for rows, length in ((64, 256), (256, 256), (32, 8192)):
+        for rows, length in ((1, 256), (64, 256), (256, 256), (32, 8192), (1, 8192)):
             r = probe(block, rows, length, flex)
             print(json.dumps(r), flush=True)
             report["results"].append(r)
