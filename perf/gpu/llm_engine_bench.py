@@ -108,6 +108,31 @@ def accuracy(dec, mode: str, count: int = 8, prompt: int = 64, output: int = 64)
             "nll_bf16": round(statistics.mean(nll["before"]), 4), f"nll_{mode}": round(statistics.mean(nll["after"]), 4)}
 
 
+def matmul_ms(dec, rows: int, repeats: int = 10) -> float:
+    """A step's matmuls alone, every projection and the logits' head over `rows` rows, captured as one CUDA graph
+    (the mean of `repeats` replays): the kernels' own time to read the weights, with nothing else a step does."""
+    import torch
+    import torch.nn.functional as F
+
+    import decoder as D
+
+    names = [n for n in dec.w if n.endswith(D.QUANTIZED)] + ["embed" if dec.config.tied_embeddings else "lm_head"]
+    inputs = {dec.w[n].shape[1]: torch.randn(rows, dec.w[n].shape[1], device=dec.device, dtype=dec.dtype) for n in names}
+    run = lambda: [F.linear(inputs[dec.w[n].shape[1]], dec.w[n]) for n in names]  # noqa: E731
+    run()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return round(start.elapsed_time(end) / repeats, 3)
+
+
 def make_engine(dec, args, slots: int, prefix_caching: bool = True):
     import torch
 
@@ -325,7 +350,11 @@ def main() -> int:
     if not args.smoke:  # the GPU's time per step of every graph the workloads captured (no host in between)
         graphs = engine.decode_step
         graphs.graphs = {k: v for k, v in graphs.graphs.items() if not k[2]}  # decode-only steps
+        # padding rows sit at position 0: with the paged kernel a replay reads one cached position a row, so this is
+        # the step without its attention reads; beside it, the matmuls alone
         report["replay_ms"] = {f"rows={b} length={n}": round(ms, 3) for (b, n, _), ms in graphs.replay_ms(5).items()}
+        report["matmuls_ms"] = {f"rows={b}": matmul_ms(dec, b) for b in sorted({1, *levels})}
+        log(f"matmuls alone, ms a step: {report['matmuls_ms']}")
         log("step replay ms: " + ", ".join(f"{k}: {v}" for k, v in report["replay_ms"].items() if k.split()[1] in
                                             ("length=256", "length=512", "length=2304")))
     report["summary"] = engine.summary()
