@@ -120,6 +120,35 @@ def _paged(config, weights, attention, *args) -> Decoder:
     return dec
 
 
+@pytest.mark.parametrize("heads,kv_heads,dim,block", [(8, 2, 64, 16), (9, 3, 64, 16), (4, 4, 80, 8), (32, 8, 128, 16),
+                                                      (16, 2, 128, 32)])
+def test_the_paged_kernel_equals_attention_over_each_rows_own_positions(heads, kv_heads, dim, block):
+    """paged_kernel.attend (Triton's interpreter here) against softmax attention written out, for head layouts of
+    Llama (groups of 4), SmolLM2 (3), multi-head (1), a head_dim that is not a power of two, blocks of 8-32 tokens:
+    rows of different lengths over shuffled blocks, a row of length 0 (zeros), and the keys read in one chunk and
+    in several (the chunks follow the rows x kv heads, see `_programs`)."""
+    pytest.importorskip("triton")
+    from builder.generation import paged_kernel
+
+    g = torch.Generator().manual_seed(heads + dim + block)
+    rows, longest, pool = 3, 300, 80
+    width = -(-longest // block)
+    k_pool, v_pool = (torch.randn(pool * width // 4 + 1, block, kv_heads, dim, generator=g) for _ in range(2))
+    tables = torch.randperm(k_pool.shape[0] - 1, generator=g)[:(rows + 1) * width].view(rows + 1, width)
+    slots, lengths = torch.tensor([2, 0, 3]), torch.tensor([longest, 0, 37])
+    q = torch.randn(rows, heads, dim, generator=g)
+    want = torch.zeros(rows, heads, dim)
+    for r in (0, 2):
+        positions = torch.arange(int(lengths[r]))
+        at = tables[slots[r], positions // block] * block + positions % block
+        keys, values = (c.view(-1, kv_heads, dim)[at].repeat_interleave(heads // kv_heads, 1) for c in (k_pool, v_pool))
+        weights = (torch.einsum("hd,lhd->hl", q[r], keys) * dim ** -0.5).softmax(-1)
+        want[r] = torch.einsum("hl,lhd->hd", weights, values)
+    for length in (longest, 2 * longest):  # a longer bound: more chunks, the same answer
+        got = paged_kernel.attend(q, k_pool, v_pool, tables, slots, lengths, length)
+        torch.testing.assert_close(got, want.view(rows, -1), rtol=1e-5, atol=1e-5)
+
+
 def test_a_paged_mixed_step_gives_the_slot_caches_logits(llama, attention):
     """decode() with decoding rows, a continued prompt chunk and a new prompt, padded as a graph bucket pads them:
     the same logits over scattered blocks as over slots."""

@@ -18,6 +18,9 @@ token, packed after the decoding rows (a mixed step): a decoding row attends ove
 row over this step's rows of its own sequence (and, for the step's first chunk, the cached prefix), so a
 prompt row never gathers a whole cache slot of its own. The engine runs prompt steps that way on a GPU with
 graphs (an eager prompt step cost ~15 ms of launches on the H100; a graphed one ~2 ms).
+
+Over the paged cache on a GPU, decoding rows attend through paged_kernel.py's Triton kernel, which reads each
+row's own blocks in the pool up to its own position; elsewhere they gather their blocks into one copy first.
 """
 
 from __future__ import annotations
