@@ -637,11 +637,10 @@ def test_cuda_graph_replays_equal_the_eager_decode_step(llama):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("attention", ["kernel", "flex"])
-def test_paged_attention_through_cuda_graphs_equals_the_gather(llama, attention):
+def test_the_paged_kernel_through_cuda_graphs_equals_the_gather(llama):
     """bf16 on the GPU: decoding rows over a shuffled block table through the Triton kernel (paged_kernel.py, the
-    default on a GPU) or FlexAttention, eager and replayed as CUDA graphs (decode-only and mixed steps), against
-    the gather; the kernel also inside a whole step compiled by inductor (compile: inductor)."""
+    default on a GPU), eager and replayed as CUDA graphs (decode-only and mixed steps), against the gather; also
+    inside a whole step compiled by inductor (compile: inductor)."""
     from builder.generation.decoder import Graphs
 
     _, config, weights = _on_cuda(llama)
@@ -658,14 +657,13 @@ def test_paged_attention_through_cuda_graphs_equals_the_gather(llama, attention)
              torch.tensor([71, 101] + list(range(41, 48)), device="cuda"), 160, torch.tensor([2], device="cuda"),
              torch.tensor([0, 1, 8], device="cuda"))
     gathered = [dec.decode(tokens, slots, positions, 160).clone(), dec.decode(*mixed).clone()]
-    dec.use_flex() if attention == "flex" else dec.use_paged_kernel()
+    dec.use_paged_kernel()
     paged = [dec.decode(tokens, slots, positions, 160).clone(), dec.decode(*mixed).clone()]
     graphs = Graphs(dec, length_bucket=64, max_rows=4 + 8)
     replayed = [graphs(tokens, slots, positions, 160).clone(), graphs(*mixed).clone()]
-    if attention == "kernel":
-        graphs = Graphs(dec, torch.compile(dec.decode, dynamic=True), length_bucket=64, max_rows=4 + 8)
-        replayed += [graphs(tokens, slots, positions, 160).clone(), graphs(*mixed).clone()]
-        paged, gathered = paged * 2, gathered * 2
+    graphs = Graphs(dec, torch.compile(dec.decode, dynamic=True), length_bucket=64, max_rows=4 + 8)
+    replayed += [graphs(tokens, slots, positions, 160).clone(), graphs(*mixed).clone()]
+    paged, gathered = paged * 2, gathered * 2
     for a, b, c in zip(paged, gathered, replayed):
         torch.testing.assert_close(a, b, rtol=0.05, atol=0.05)  # bf16: two kernels' rounding
         torch.testing.assert_close(c, a, rtol=0.02, atol=0.02)  # compiled: inductor's own rounding of the layers
@@ -736,7 +734,7 @@ def _decode_steps(dec):
 
 
 def test_layers_compile_once_for_every_layer_and_step_size(llama):
-    """compile_layers: the three elementwise functions are traced once each (weights are arguments, so no layer
+    """compile_layers: the four elementwise functions are traced once each (weights are arguments, so no layer
     recompiles) for every step size with two rows or more, decode-only and mixed. Counted with a backend that
     records what dynamo hands it."""
     tok, model = llama
@@ -747,7 +745,7 @@ def test_layers_compile_once_for_every_layer_and_step_size(llama):
     traced = []
     dec.compile_layers(backend=lambda gm, _: traced.append(gm) or gm.forward)
     _decode_steps(dec)
-    assert config.num_layers > 1 and len(traced) == 3
+    assert config.num_layers > 1 and len(traced) == 4
 
 
 def _same_logits(config, weights, allocate, change) -> None:
@@ -777,9 +775,10 @@ def test_layers_compiled_by_inductor_equal_eager(arch, tmp_path):
 
 
 @pytest.mark.parametrize("block_size", [4, 16])
-def test_flex_attention_reads_the_paged_blocks_as_the_gather_does(llama, block_size):
-    """use_flex: decoding rows attend through FlexAttention over the pool (compiled; the CPU's kernels here) and give
-    the gather's logits, decode-only and mixed steps, on block tables out of order with partly filled last blocks."""
+def test_the_paged_kernel_reads_the_paged_blocks_as_the_gather_does(llama, block_size):
+    """use_paged_kernel: decoding rows attend through paged_kernel.py (Triton's interpreter here) and give the
+    gather's logits, decode-only and mixed steps, on block tables out of order with partly filled last blocks."""
+    pytest.importorskip("triton")
     tok, model = llama
     config, weights = hf2decoder.convert(model, (tok.eos_token_id,))
     width = -(-64 // block_size)
@@ -788,7 +787,7 @@ def test_flex_attention_reads_the_paged_blocks_as_the_gather_does(llama, block_s
         dec.allocate_paged(4, 64, 4 * width + 5, block_size)
         dec.set_tables(list(range(4)), torch.randperm(4 * width + 5)[:4 * width].view(4, width).tolist())
 
-    _same_logits(config, weights, paged, Decoder.use_flex)
+    _same_logits(config, weights, paged, Decoder.use_paged_kernel)
 
 
 def test_two_identical_requests_are_two_requests(llama):

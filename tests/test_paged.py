@@ -121,10 +121,11 @@ def _paged(config, weights, attention, *args) -> Decoder:
 
 
 @pytest.mark.parametrize("heads,kv_heads,dim,block", [(8, 2, 64, 16), (9, 3, 64, 16), (4, 4, 80, 8), (32, 8, 128, 16),
-                                                      (16, 2, 128, 32)])
+                                                      (16, 2, 128, 32), (4, 2, 8, 8)])
 def test_the_paged_kernel_equals_attention_over_each_rows_own_positions(heads, kv_heads, dim, block):
     """paged_kernel.attend (Triton's interpreter here) against softmax attention written out, for head layouts of
-    Llama (groups of 4), SmolLM2 (3), multi-head (1), a head_dim that is not a power of two, blocks of 8-32 tokens:
+    Llama (groups of 4), SmolLM2 (3), multi-head (1), head_dims that are not a power of two or below tl.dot's 16 (the
+    tests' tiny models), blocks of 8-32 tokens:
     rows of different lengths over shuffled blocks, a row of length 0 (zeros), and the keys read in one chunk and
     in several (the chunks follow the rows x kv heads, see `_programs`)."""
     pytest.importorskip("triton")

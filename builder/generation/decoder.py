@@ -119,19 +119,8 @@ class Decoder(torch.nn.Module):
         self.act = ACTIVATIONS[config.activation]
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
-        self.add_norm, self.split_heads, self.gated = add_norm, split_heads, gated
-        self.flex = None  # FlexAttention for decoding rows of the paged cache (use_flex)
+        self.norm, self.add_norm, self.split_heads, self.gated = rms_norm, add_norm, split_heads, gated
         self.kernel = None  # paged_kernel.attend for decoding rows of the paged cache (use_paged_kernel)
-
-    def use_flex(self) -> None:
-        """Decoding rows of the paged cache attend through FlexAttention (compiled: its Triton kernels on the GPU)
-        reading each row's blocks in the pool, where `_gather` copies them out first. The pool is one long
-        sequence to it, and a row's table its BlockMask (`_flex_mask`). Equal to the gather on the CPU; on the
-        H100 with torch 2.11 inductor found no kernel configuration for it (docs/PERFORMANCE.md, 8B shape), so
-        nothing turns it on by default."""
-        from torch.nn.attention.flex_attention import flex_attention
-
-        self.flex = torch.compile(flex_attention, dynamic=False)
 
     def use_paged_kernel(self) -> None:
         """Decoding rows of the paged cache attend through paged_kernel.py's Triton kernel, which reads each row's
@@ -145,12 +134,13 @@ class Decoder(torch.nn.Module):
         self.kernel = paged_kernel.attend
 
     def compile_layers(self, backend="inductor") -> None:
-        """inductor over each layer's elementwise work (norms, rotary, the gated activation, residual adds): three
+        """inductor over each layer's elementwise work (norms, rotary, the gated activation, residual adds): four
         small functions compiled once and run by every layer, with dynamic shapes. The matmuls and attention stay
         as they are. Compiling a whole step instead makes inductor trace every layer (minutes for 32 layers) and
         compile the quantized matmuls too (COMPILED_ROWS, UNCOMPILED_MIXED say what that cost)."""
         fuse = lambda f: torch.compile(f, dynamic=True, fullgraph=True, backend=backend)  # noqa: E731
-        self.add_norm, self.split_heads, self.gated = fuse(add_norm), fuse(split_heads), fuse(gated)
+        self.norm, self.add_norm = fuse(rms_norm), fuse(add_norm)
+        self.split_heads, self.gated = fuse(split_heads), fuse(gated)
 
     @property
     def device(self) -> torch.device:
@@ -223,7 +213,8 @@ class Decoder(torch.nn.Module):
         return F.linear(x, self.w[name + ".weight"], self.w.get(name + ".bias"))
 
     def _layers(self, tokens: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
-        """Embeddings and every layer over packed tokens; attend(layer, q, k, v) -> [tokens, heads * head_dim]."""
+        """Embeddings and every layer over packed tokens, then the final norm; attend(layer, q, k, v) -> [tokens,
+        heads * head_dim]."""
         c = self.config
         cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]
         x = F.embedding(tokens, self.w["embed"])
@@ -231,22 +222,20 @@ class Decoder(torch.nn.Module):
             x = x * torch.tensor(c.embed_scale, dtype=x.dtype)
         eps = c.rms_norm_eps
         norms = lambda p: (self.w[p + "q_norm"], self.w[p + "k_norm"]) if c.qk_norm else (None, None)  # noqa: E731
-        h = rms_norm(x, self.w["layers.0.in_norm"], eps)
+        h = self.norm(x, self.w["layers.0.in_norm"], eps)
         for i in range(c.num_layers):
             p = f"layers.{i}."
             q, k, v = self.split_heads(self._linear(h, p + "qkv"), cos, sin, *norms(p), c.num_heads, c.num_kv_heads,
                                        c.head_dim, eps)
             x, h = self.add_norm(x, self._linear(attend(i, q, k, v), p + "o"), self.w[p + "post_norm"], eps)
             down = self._linear(self.gated(self._linear(h, p + "gate_up"), self.act), p + "down")
-            if i + 1 < c.num_layers:
-                x, h = self.add_norm(x, down, self.w[f"layers.{i + 1}.in_norm"], eps)
-        return x + down
+            x, h = self.add_norm(x, down, self.w[f"layers.{i + 1}.in_norm" if i + 1 < c.num_layers else "norm"], eps)
+        return h
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.config
-        x = rms_norm(x, self.w["norm"], c.rms_norm_eps)
-        head = self.w["embed"] if c.tied_embeddings else self.w["lm_head"]
-        return F.linear(x, head).float()
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of final hidden states, already normed (`_layers`)."""
+        head = self.w["embed"] if self.config.tied_embeddings else self.w["lm_head"]
+        return F.linear(h, head).float()
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, seqs: list[tuple[int, int, int]], logits_rows: list[int] | None = None):
@@ -336,22 +325,14 @@ class Decoder(torch.nn.Module):
         blocks = self.tables[slots, :self._span(length) // self.block_size]  # [B, blocks]
         return kc[blocks].flatten(1, 2).transpose(1, 2), vc[blocks].flatten(1, 2).transpose(1, 2)
 
-    def _attend_cached(self, layer: int, q, slots, positions, length: int, plan=None) -> torch.Tensor:
+    def _attend_cached(self, layer: int, q, slots, positions, length: int, lengths=None) -> torch.Tensor:
         """Every row at once over its slot's first `length` cache entries, masked to the row's own prefix.
-        Grouped-query attention by folding each kv head's query heads into the query axis. plan: what `_plan`
-        built for the step, to read the pool through the paged kernel or FlexAttention instead."""
+        Grouped-query attention by folding each kv head's query heads into the query axis. With the paged kernel,
+        each row reads its own blocks up to lengths (`_plan`; default: its position + 1) instead."""
         c = self.config
         if self.kernel is not None and self.tables is not None:
-            lengths = positions + 1 if plan is None else plan
             return self.kernel(q.view(-1, c.num_heads, c.head_dim), self.k_cache[layer], self.v_cache[layer],
-                               self.tables, slots, lengths, length)
-        blocks = plan
-        if blocks is not None:
-            n = self.k_cache[layer].shape[0] * self.block_size
-            pool = lambda t: t.view(1, n, c.num_kv_heads, c.head_dim).transpose(1, 2)  # noqa: E731 - a view
-            o = self.flex(q.view(-1, c.num_heads, 1, c.head_dim), pool(self.k_cache[layer]), pool(self.v_cache[layer]),
-                          block_mask=blocks, enable_gqa=True)
-            return o.reshape(q.shape[0], -1)
+                               self.tables, slots, positions + 1 if lengths is None else lengths, length)
         keys, values = self._gather(layer, slots, length)  # [B, kv_heads, span, d]
         group = c.num_heads // c.num_kv_heads
         qs = q.view(-1, c.num_kv_heads, group, c.head_dim)
@@ -361,34 +342,13 @@ class Decoder(torch.nn.Module):
 
     def _plan(self, slots, positions, decoding=None):
         """Built once a step for every layer's `_attend_cached`: with the paged kernel, each row's length (0 for
-        rows from `decoding` on: prompt rows, whose attention `_mixed` takes from elsewhere); with FlexAttention,
-        its BlockMask; else None."""
-        if self.kernel is not None and self.tables is not None:
-            lengths = positions + 1
-            if decoding is not None:
-                lengths = torch.where(torch.arange(slots.shape[0], device=slots.device) < decoding, lengths, 0)
-            return lengths
-        return self._flex_mask(slots, positions)
-
-    def _flex_mask(self, slots, positions):
-        """The BlockMask of decoding rows over the pool, built once a step (None without use_flex): a row's full
-        blocks are its table's first (position + 1) // block_size entries, read unmasked; its last block, if
-        partly filled, is masked past the row's position. The index tensors span every block of the pool (the
-        mask's columns), as FlexAttention reads them."""
-        if self.flex is None or self.tables is None:
+        rows from `decoding` on: prompt rows, whose attention `_mixed` takes from elsewhere); else None."""
+        if self.kernel is None or self.tables is None:
             return None
-        from torch.nn.attention.flex_attention import BlockMask
-
-        b, rows, blocks = self.block_size, slots.shape[0], self.k_cache[0].shape[0]
-        table = self.tables[slots]
-        filled = positions + 1
-        last = table.gather(1, (filled // b).clamp(max=table.shape[1] - 1)[:, None])
-        limit = positions % b
-        columns = lambda t: F.pad(t.to(torch.int32), (0, blocks - t.shape[1])).view(rows, 1, 1, -1)  # noqa: E731
-        count = lambda t: t.to(torch.int32).view(rows, 1, 1)  # noqa: E731
-        return BlockMask.from_kv_blocks(count(filled % b != 0), columns(last), count(filled // b), columns(table),
-                                        BLOCK_SIZE=(128, b), mask_mod=lambda _b, _h, _q, kv: kv % b <= limit[_b],
-                                        seq_lengths=(1, blocks * b), compute_q_blocks=False)
+        lengths = positions + 1
+        if decoding is not None:
+            lengths = torch.where(torch.arange(slots.shape[0], device=slots.device) < decoding, lengths, 0)
+        return lengths
 
     def _mixed(self, slots, positions, length: int, decoding: torch.Tensor, where):
         """attend() for a step of decoding rows then prompt rows (see `decode`). The mask is built once for all

@@ -5,8 +5,9 @@ Copied beside the served model (like decoder.py) and imported only where the dec
 cache (`Decoder.use_paged_kernel`). The gather it replaces copied every row's blocks out of the pool before SDPA
 read them again, and every row of a step read up to the step's longest position; this kernel reads each row's
 own blocks once, up to its own length. FlashInfer and FlexAttention were the maintained candidates: FlashInfer
-compiles its kernels with nvcc at run time (the GPU machine has no CUDA toolkit), and FlexAttention over the
-pool found no kernel configuration on the H100 with torch 2.11 (docs/PERFORMANCE.md, 8B shape).
+compiles its kernels with nvcc at run time (the GPU machine has no CUDA toolkit), and FlexAttention over the pool
+(each row's table as its BlockMask) was 3-7x slower than this kernel and than the gather on the H100 with torch 2.11
+(docs/PERFORMANCE.md, 8B shape).
 
 Flash-decoding: each row's keys are cut into `splits` chunks read by separate programs, each keeping a running
 softmax over tiles of TILE positions; a second kernel merges the chunks by their log-sum-exp. A program handles
@@ -115,7 +116,7 @@ def _attend(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables:
     splits = max(1, min(tiles, triton.cdiv(_programs(q.device), rows * kv_heads)))
     chunk = triton.cdiv(tiles, splits) * TILE
     splits = triton.cdiv(tiles * TILE, chunk)
-    d_pad, g_pad = triton.next_power_of_2(dim), max(16, triton.next_power_of_2(group))
+    d_pad, g_pad = max(16, triton.next_power_of_2(dim)), max(16, triton.next_power_of_2(group))  # tl.dot: >= 16
     part = torch.empty(rows, heads, splits, d_pad, dtype=torch.float32, device=q.device) if splits > 1 else out
     lse = torch.empty(rows, heads, splits, dtype=torch.float32, device=q.device) if splits > 1 else out
     _chunk[(rows, kv_heads, splits)](

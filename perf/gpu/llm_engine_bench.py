@@ -154,10 +154,8 @@ def make_engine(dec, args, slots: int, prefix_caching: bool = True):
     step = torch.compile(dec.decode, dynamic=True) if args.compile == "step" else None
     if args.compile == "layers":
         dec.compile_layers()
-    if args.attention != "kernel":  # allocate_paged turned the kernel on for the GPU
+    if args.attention == "gather":  # allocate_paged turned the kernel on for the GPU
         dec.kernel = None
-    if args.attention == "flex":
-        dec.use_flex()
     q = args.quantization  # as the served model captures them (decoder.py says why for each quantization)
     rows = D.COMPILED_ROWS.get(q)
     graphs = D.Graphs(dec, step, max_rows=slots + args.chunk, min_rows=2 if step and not rows else 1,
@@ -272,9 +270,9 @@ def main() -> int:
     p.add_argument("--compile", choices=["none", "step", "layers"], default="none",
                    help="inductor before the graphs: over each whole step (minutes of compiling an 8B step) or over "
                         "each layer's elementwise work (Decoder.compile_layers)")
-    p.add_argument("--attention", choices=["kernel", "gather", "flex"], default="kernel",
+    p.add_argument("--attention", choices=["kernel", "gather"], default="kernel",
                    help="decoding rows over the paged cache: paged_kernel.py's Triton kernel in place (the engine's "
-                        "default on a GPU), the blocks gathered then SDPA, or FlexAttention in place")
+                        "default on a GPU), or the blocks gathered then SDPA")
     p.add_argument("--smoke", action="store_true", help="the tiny shape on the CPU, no graphs: the script's logic")
     args = p.parse_args()
     if args.smoke:

@@ -1,10 +1,12 @@
-"""Decoding rows' attention over a paged KV cache, three ways, at a Llama-3.1-8B layer's shape (32 query heads, 8 KV
+"""Decoding rows' attention over a paged KV cache, two ways, at a Llama-3.1-8B layer's shape (32 query heads, 8 KV
 heads, head_dim 128, bf16), through the decoder's own code: gathering each row's blocks into one copy then SDPA
-(Decoder._gather), the Triton kernel reading each row's blocks in place (paged_kernel.py, Decoder.use_paged_kernel:
-what the engine uses on a GPU), and FlexAttention (torch.compile'd) over the pool seen as one long sequence with each
-row's table as its BlockMask (Decoder.use_flex, _flex_mask). For each block size and rows x cached positions: each
-way's largest difference from the gather, whether a CUDA graph replays it, and the time of one layer's attention (CUDA
-events, the mean of 20 after 3).
+(Decoder._gather), and the Triton kernel reading each row's blocks in place (paged_kernel.py,
+Decoder.use_paged_kernel: what the engine uses on a GPU). For each block size and rows x cached positions: the
+kernel's largest difference from the gather, whether a CUDA graph replays it, and the time of one layer's attention
+(CUDA events over replays of it captured as a CUDA graph: the GPU's time).
+
+FlexAttention was the third way (torch.compile'd over the pool seen as one long sequence, each row's table as its
+BlockMask); it ran 3-7x slower than both on the H100 (perf/gpu/engine-results-2/probe.log) and was removed.
 
     python perf/gpu/paged_probe.py --out DIR    (writes DIR/paged_probe.json)
 """
@@ -29,7 +31,7 @@ HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 def layer(k_pool, v_pool, table):
     """One 8B layer's paged cache as the engine holds it: a Decoder (no weights) whose pool is k_pool / v_pool
     [blocks, block, kv_heads, d] and whose block table is `table` (row i: slot i). Its `_attend_cached` is what a
-    decoding row runs: the gather (`_gather`) unless its `kernel` or `flex` is set."""
+    decoding row runs: the gather (`_gather`) unless its `kernel` is set."""
     from decoder import Decoder, DecoderConfig
 
     config = DecoderConfig(vocab_size=1, hidden_size=HEADS * HEAD_DIM, num_layers=1, num_heads=HEADS,
@@ -40,18 +42,23 @@ def layer(k_pool, v_pool, table):
 
 
 def timed(fn) -> float:
-    for _ in range(3):
+    """ms per call of `fn` captured as a CUDA graph (the mean of 20 replays after 3): the GPU's time, no launches."""
+    fn()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
         fn()
+    for _ in range(3):
+        graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(20):
-        fn()
+        graph.replay()
     end.record()
     end.synchronize()
     return round(start.elapsed_time(end) / 20, 4)
 
 
-def probe(block: int, rows: int, length: int, flex) -> dict:
+def probe(block: int, rows: int, length: int) -> dict:
     g = torch.Generator(device="cuda").manual_seed(block * 7 + rows + length)
     width = -(-length // block)
     blocks = rows * width + 1
@@ -72,40 +79,26 @@ def probe(block: int, rows: int, length: int, flex) -> dict:
         finally:
             dec.kernel = None
 
-    def flexed():
-        dec.flex = flex
-        try:
-            return dec._attend_cached(0, q, slots, positions, length, dec._flex_mask(slots, positions))
-        finally:
-            dec.flex = None
-
-    for name, fn in (("kernel", kernel), ("flex", flexed)):
-        try:
-            out[f"{name}_max_abs_diff"] = round(float((fn().float() - want).abs().max()), 5)
-            out[f"{name}_ms"] = timed(fn)
-            graph = torch.cuda.CUDAGraph()  # what a captured decode step does with it
-            with torch.cuda.graph(graph):
-                captured = fn()
-            graph.replay()
-            torch.cuda.synchronize()
-            out[f"{name}_graph_equal"] = bool(torch.equal(captured, fn()))
-        except Exception as exc:  # noqa: BLE001 - what this torch's kernel refuses is the finding
-            out[f"{name}_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+    out["kernel_max_abs_diff"] = round(float((kernel().float() - want).abs().max()), 5)
+    out["kernel_ms"] = timed(kernel)
+    graph = torch.cuda.CUDAGraph()  # what a captured decode step does with it
+    with torch.cuda.graph(graph):
+        captured = kernel()
+    graph.replay()
+    torch.cuda.synchronize()
+    out["kernel_graph_equal"] = bool(torch.equal(captured, kernel()))
     return out
 
 
 def main() -> int:
-    from torch.nn.attention.flex_attention import flex_attention
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "results": []}
-    flex = torch.compile(flex_attention, dynamic=False)
     for block in (16, 64):
         for rows, length in ((1, 256), (64, 256), (256, 256), (32, 8192), (1, 8192)):
-            r = probe(block, rows, length, flex)
+            r = probe(block, rows, length)
             print(json.dumps(r), flush=True)
             report["results"].append(r)
             (args.out / "paged_probe.json").write_text(json.dumps(report, indent=1))
