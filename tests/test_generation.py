@@ -734,7 +734,7 @@ def _decode_steps(dec):
 
 
 def test_layers_compile_once_for_every_layer_and_step_size(llama):
-    """compile_layers: the four elementwise functions are traced once each (weights are arguments, so no layer
+    """compile_layers: the elementwise functions (four over the slot cache here) are traced once each (weights are arguments, so no layer
     recompiles) for every step size with two rows or more, decode-only and mixed. Counted with a backend that
     records what dynamo hands it."""
     tok, model = llama
@@ -765,13 +765,15 @@ def _same_logits(config, weights, allocate, change) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_layers_compiled_by_inductor_equal_eager(arch, tmp_path):
+@pytest.mark.parametrize("arch,cache", [("llama", "slots"), ("qwen3", "slots"), ("llama", "paged")])
+def test_layers_compiled_by_inductor_equal_eager(arch, cache, tmp_path):
     """compile_layers with inductor (the CPU's C++ kernels here, Triton's on the GPU): the same logits as the eager
-    decoder for decode-only and mixed steps, with and without per-head q/k norms (~1 min)."""
+    decoder for decode-only and mixed steps, with and without per-head q/k norms, and over a paged cache (whose
+    writes the rotary function makes, in place) (~1 min)."""
     tok, model = _loaded(make_model_dir(tmp_path, arch))
     config, weights = hf2decoder.convert(model, (tok.eos_token_id,))
-    _same_logits(config, weights, lambda dec: dec.allocate(4, 64), Decoder.compile_layers)
+    allocate = (lambda dec: dec.allocate(4, 64)) if cache == "slots" else (lambda dec: dec.allocate_paged(4, 64, 40, 8))
+    _same_logits(config, weights, allocate, Decoder.compile_layers)
 
 
 @pytest.mark.parametrize("block_size", [4, 16])

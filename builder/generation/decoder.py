@@ -103,6 +103,16 @@ def split_heads(qkv: torch.Tensor, cos, sin, q_norm, k_norm, heads: int, kv_head
     return rotate(q, cos, sin), rotate(k, cos, sin), v
 
 
+def split_heads_into(qkv, cos, sin, q_norm, k_norm, heads: int, kv_heads: int, head_dim: int, eps: float, k_cache,
+                     v_cache, where):
+    """split_heads, with the keys and values also written into a paged cache (flat views [places, kv_heads,
+    head_dim]) at `where`: compiled, the write joins the rotary kernel instead of two indexing kernels of its own."""
+    q, k, v = split_heads(qkv, cos, sin, q_norm, k_norm, heads, kv_heads, head_dim, eps)
+    k_cache[where] = k
+    v_cache[where] = v
+    return q, k, v
+
+
 def gated(gate_up: torch.Tensor, act) -> torch.Tensor:
     """act(gate) * up from the fused gate/up projection's output."""
     gate, up = gate_up.chunk(2, dim=-1)
@@ -120,6 +130,7 @@ class Decoder(torch.nn.Module):
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
         self.norm, self.add_norm, self.split_heads, self.gated = rms_norm, add_norm, split_heads, gated
+        self.split_heads_into = split_heads_into
         self.kernel = None  # paged_kernel.attend for decoding rows of the paged cache (use_paged_kernel)
 
     def use_paged_kernel(self) -> None:
@@ -140,7 +151,7 @@ class Decoder(torch.nn.Module):
         compile the quantized matmuls too (COMPILED_ROWS, UNCOMPILED_MIXED say what that cost)."""
         fuse = lambda f: torch.compile(f, dynamic=True, fullgraph=True, backend=backend)  # noqa: E731
         self.norm, self.add_norm = fuse(rms_norm), fuse(add_norm)
-        self.split_heads, self.gated = fuse(split_heads), fuse(gated)
+        self.split_heads, self.split_heads_into, self.gated = fuse(split_heads), fuse(split_heads_into), fuse(gated)
 
     @property
     def device(self) -> torch.device:
@@ -212,9 +223,9 @@ class Decoder(torch.nn.Module):
     def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return F.linear(x, self.w[name + ".weight"], self.w.get(name + ".bias"))
 
-    def _layers(self, tokens: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
-        """Embeddings and every layer over packed tokens, then the final norm; attend(layer, q, k, v) -> [tokens,
-        heads * head_dim]."""
+    def _layers(self, tokens: torch.Tensor, positions: torch.Tensor, where, attend) -> torch.Tensor:
+        """Embeddings and every layer over packed tokens, then the final norm. Each layer's keys and values are
+        written to the cache at `where` (`_where`) before attend(layer, q, k, v) -> [tokens, heads * head_dim]."""
         c = self.config
         cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]
         x = F.embedding(tokens, self.w["embed"])
@@ -225,8 +236,13 @@ class Decoder(torch.nn.Module):
         h = self.norm(x, self.w["layers.0.in_norm"], eps)
         for i in range(c.num_layers):
             p = f"layers.{i}."
-            q, k, v = self.split_heads(self._linear(h, p + "qkv"), cos, sin, *norms(p), c.num_heads, c.num_kv_heads,
-                                       c.head_dim, eps)
+            qkv = self._linear(h, p + "qkv"), cos, sin, *norms(p), c.num_heads, c.num_kv_heads, c.head_dim, eps
+            if self.tables is None:
+                q, k, v = self.split_heads(*qkv)
+                self._write(i, k, v, where)
+            else:
+                flat = lambda t: t.view(-1, c.num_kv_heads, c.head_dim)  # noqa: E731 - a view
+                q, k, v = self.split_heads_into(*qkv, flat(self.k_cache[i]), flat(self.v_cache[i]), where)
             x, h = self.add_norm(x, self._linear(attend(i, q, k, v), p + "o"), self.w[p + "post_norm"], eps)
             down = self._linear(self.gated(self._linear(h, p + "gate_up"), self.act), p + "down")
             x, h = self.add_norm(x, down, self.w[f"layers.{i + 1}.in_norm" if i + 1 < c.num_layers else "norm"], eps)
@@ -256,11 +272,10 @@ class Decoder(torch.nn.Module):
             decoding = (row_slots[:ones], positions[:ones], max(start for _, start, _ in seqs[:ones]) + 1)
 
         def attend(layer, q, k, v):
-            self._write(layer, k, v, where)
             out = [self._attend_cached(layer, q[:ones], *decoding)] if ones else []
             return torch.cat(out + self._attend_prompts(layer, q, seqs, ones, row_slots))
 
-        x = self._layers(tokens, positions, attend)
+        x = self._layers(tokens, positions, where, attend)
         if logits_rows is None:
             logits_rows, total = [], 0
             for _, _, n in seqs:
@@ -285,11 +300,10 @@ class Decoder(torch.nn.Module):
                 plan = self._plan(slots, positions)
 
                 def attend(layer, q, k, v):
-                    self._write(layer, k, v, where)
                     return self._attend_cached(layer, q, slots, positions, length, plan)
             else:
-                attend = self._mixed(slots, positions, length, decoding, where)
-            x = self._layers(tokens, positions, attend)
+                attend = self._mixed(slots, positions, length, decoding)
+            x = self._layers(tokens, positions, where, attend)
             return self._logits(x if picks is None else x[picks])
 
     # -- the cache, slots or pages: where a row's key goes, and a sequence's keys --
@@ -302,15 +316,11 @@ class Decoder(torch.nn.Module):
         return self.tables[slots, positions // b] * b + positions % b
 
     def _write(self, layer: int, k, v, where) -> None:
-        """Rows' keys and values [rows, kv_heads, head_dim] into the cache at `where` (`_where`)."""
-        if self.tables is None:
-            slots, positions = where
-            self.k_cache[layer][slots, :, positions] = k
-            self.v_cache[layer][slots, :, positions] = v
-        else:
-            c = self.config
-            self.k_cache[layer].view(-1, c.num_kv_heads, c.head_dim)[where] = k
-            self.v_cache[layer].view(-1, c.num_kv_heads, c.head_dim)[where] = v
+        """Rows' keys and values [rows, kv_heads, head_dim] into the slot cache at `where` (`_where`); the paged
+        cache is written by `split_heads_into`."""
+        slots, positions = where
+        self.k_cache[layer][slots, :, positions] = k
+        self.v_cache[layer][slots, :, positions] = v
 
     def _span(self, length: int) -> int:
         """How many cache positions `_gather` returns for `length`: the paged cache reads whole blocks."""
@@ -350,7 +360,7 @@ class Decoder(torch.nn.Module):
             lengths = torch.where(torch.arange(slots.shape[0], device=slots.device) < decoding, lengths, 0)
         return lengths
 
-    def _mixed(self, slots, positions, length: int, decoding: torch.Tensor, where):
+    def _mixed(self, slots, positions, length: int, decoding: torch.Tensor):
         """attend() for a step of decoding rows then prompt rows (see `decode`). The mask is built once for all
         layers: a prompt row sees the cached prefix (positions before the first chunk's start) if it belongs to
         the first chunk's sequence, and this step's rows of its own sequence up to its own position."""
@@ -368,7 +378,6 @@ class Decoder(torch.nn.Module):
         plan = self._plan(slots[:top], positions[:top], decoding)
 
         def attend(layer, q, k, v):
-            self._write(layer, k, v, where)
             n = q.shape[0]
             decoded = self._attend_cached(layer, q[:top], slots[:top], positions[:top], length, plan)
             cached_k, cached_v = self._gather(layer, owner, length)
