@@ -304,7 +304,7 @@ def test_block_tables_through_cuda_graphs_give_the_slot_caches_tokens(llama):
         dec = Decoder(config, weights)
         e = eng.Engine(dec, tok, max_sequences=3, max_total_tokens=72, prefill_chunk=5, kv_cache=kv, **options)
         e.decode_step, e.graphed_prompts, e.overlap = Graphs(dec, length_bucket=16, max_rows=3 + 5), True, True
-        return e, [o.token_ids for o in eng.generate(e, prompts, 20, ignore_eos=True)]
+        return e, [o.token_ids for o in eng.generate(e, prompts, 40, ignore_eos=True)]
 
     _, want = run("slots")
     e, got = run("paged", block_size=8)
