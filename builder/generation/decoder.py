@@ -409,6 +409,18 @@ class Decoder(torch.nn.Module):
         return out
 
 
+def graph_ms(graph, repeats: int = 10) -> float:
+    """A captured CUDA graph's replay in ms: the mean of `repeats` after one warm-up, timed with CUDA events."""
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
 class Graphs:
     """Decode steps replayed as CUDA graphs, one per (batch bucket, cache-length bucket, kind), captured on first
     use into one shared memory pool. Rows are padded to the bucket with the scratch slot at position 0; keys are
@@ -491,14 +503,7 @@ class Graphs:
         for key, (graph, static, _) in sorted(self.graphs.items()):
             for i, buffer in enumerate(static):
                 buffer.fill_(self.dec.scratch if i == 1 else 0)  # tokens, slots, positions, [decoding, picks]
-            graph.replay()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(repeats):
-                graph.replay()
-            end.record()
-            end.synchronize()
-            out[key] = start.elapsed_time(end) / repeats
+            out[key] = graph_ms(graph, repeats)
         return out
 
     def __call__(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, length: int,

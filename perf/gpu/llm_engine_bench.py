@@ -123,14 +123,7 @@ def matmul_ms(dec, rows: int, repeats: int = 10) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         run()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return round(start.elapsed_time(end) / repeats, 3)
+    return round(D.graph_ms(graph, repeats), 3)
 
 
 def make_engine(dec, args, slots: int, prefix_caching: bool = True):

@@ -42,20 +42,14 @@ def layer(k_pool, v_pool, table):
 
 
 def timed(fn) -> float:
-    """ms per call of `fn` captured as a CUDA graph (the mean of 20 replays after 3): the GPU's time, no launches."""
+    """ms per call of `fn` captured as a CUDA graph (the mean of 20 replays after one): the GPU's time, no launches."""
+    from decoder import graph_ms
+
     fn()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    for _ in range(3):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(20):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return round(start.elapsed_time(end) / 20, 4)
+    return round(graph_ms(graph, 20), 4)
 
 
 def probe(block: int, rows: int, length: int) -> dict:
