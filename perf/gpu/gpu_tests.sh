@@ -8,4 +8,4 @@ T=${BENCH_WORK:-/tmp/triton-builder-tests}/site
 rm -rf "$T" && mkdir -p "$T"
 $PY -m pip install -q --no-index --no-deps --no-compile --target "$T" \
   .bundle/wheels/{pytest,pluggy,iniconfig,pydantic,pydantic_core,annotated_types,typing_inspection}-*.whl
-PYTHONPATH="$PWD:$T" exec $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_generation.py "$@"
+PYTHONPATH="$PWD:$T" exec $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_generation.py tests/test_paged.py "$@"
