@@ -20,7 +20,7 @@ COMPOSE_SCHEMA := .tools/compose_spec.json
 MA_DIR ?= model_analyzer
 
 .DEFAULT_GOAL := help
-.PHONY: help setup lock build validate serve perf report deploy profile compare tune analyzer-files demo demo-llm bench-int8 bench-llm-cpu bench-admission test test-all test-clients client-venvs lock-clients test-reliability test-matrix bench-bundle bench-gpu bench-gpu-llm bench-gpu-scaling test-gpu clean
+.PHONY: help setup lock build validate serve perf report deploy profile compare tune analyzer-files demo demo-llm bench-int8 bench-llm-cpu bench-admission test test-all test-clients client-venvs lock-clients test-reliability test-matrix bench-bundle bench-gpu bench-gpu-llm bench-gpu-engine bench-gpu-scaling test-gpu clean
 
 help: ## List the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -165,6 +165,10 @@ bench-gpu: ## On a GPU machine (no registry needed): build, serve, measure, repo
 
 bench-gpu-llm: ## On a GPU machine: SHAPE=1b (default) or 8b Llama shape, our torch endpoint served (bf16 inductor + graphs, int8, int4) vs HF generate, then bf16's steps in-process, into RESULTS_GPU-llm; LLM_ARGS: more driver options (--prompt-tokens, --output-tokens, --concurrency, ...)
 	DRIVER=perf/gpu/llm_bench.py perf/gpu/bench.sh $(RESULTS_GPU)-llm --shape $(or $(SHAPE),1b) $(LLM_ARGS)
+
+bench-gpu-engine: ## On a GPU machine: our engine in-process (paged cache, kernel, graphs) at SHAPE=1b or 8b; ENGINE_ARGS: workloads (--streams 1,64,256 --prefix 64 --long 32 --prompt/--output/--shared N, --attention gather, --quantization int4), into RESULTS_GPU-engine
+	$(or $(PYTHON),python3) perf/gpu/llm_engine_bench.py --shape $(or $(SHAPE),1b) --compile layers --out $(RESULTS_GPU)-engine \
+	  $(or $(ENGINE_ARGS),--streams 1,32)
 
 test-gpu: ## On a GPU machine (no registry needed): the tests marked gpu, pytest from the bundle
 	perf/gpu/gpu_tests.sh
