@@ -4,10 +4,10 @@ in Triton's interpreter, for tests only).
 Copied beside the served model (like decoder.py) and imported only where the decoder runs on a GPU with a paged
 cache (`Decoder.use_paged_kernel`). The gather it replaces copied every row's blocks out of the pool before SDPA
 read them again, and every row of a step read up to the step's longest position; this kernel reads each row's
-own blocks once, up to its own length. FlashInfer and FlexAttention were the maintained candidates: FlashInfer
-compiles its kernels with nvcc at run time (the GPU machine has no CUDA toolkit), and FlexAttention over the pool
-(each row's table as its BlockMask) was 3-7x slower than this kernel and than the gather on the H100 with torch 2.11
-(docs/PERFORMANCE.md, 8B shape).
+own blocks once, up to its own length. FlashInfer and FlexAttention were the maintained candidates. FlexAttention
+over the pool (each row's table as its BlockMask) was 3-7x slower than this kernel and than the gather on the H100
+with torch 2.11 (docs/PERFORMANCE.md, 8B shape). FlashInfer was not tried (its kernels are built at run time or come
+in packages far over what reaches the GPU machine, see there).
 
 Flash-decoding: each row's keys are cut into `splits` chunks read by separate programs, each keeping a running
 softmax over tiles of TILE positions; a second kernel merges the chunks by their log-sum-exp. A program handles
