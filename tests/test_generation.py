@@ -764,6 +764,16 @@ def _same_logits(config, weights, allocate, change) -> None:
         torch.testing.assert_close(other, plain, rtol=1e-4, atol=1e-4)
 
 
+def test_layers_traced_over_a_paged_cache_write_it_as_eager_does(llama):
+    """compile_layers over a paged cache, traced by dynamo and run as traced (backend "eager", seconds): the rotary
+    function's writes into the pool (split_heads_into) land, so later steps read them and the logits equal the
+    untraced decoder's. Inductor's own kernels for it: the slow test below."""
+    tok, model = llama
+    config, weights = hf2decoder.convert(model, (tok.eos_token_id,))
+    _same_logits(config, weights, lambda dec: dec.allocate_paged(4, 64, 40, 8),
+                 lambda dec: dec.compile_layers(backend="eager"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch,cache", [("llama", "slots"), ("qwen3", "slots"), ("llama", "paged")])
 def test_layers_compiled_by_inductor_equal_eager(arch, cache, tmp_path):
