@@ -662,11 +662,11 @@ def test_the_paged_kernel_through_cuda_graphs_equals_the_gather(llama):
     graphs = Graphs(dec, length_bucket=64, max_rows=4 + 8)
     replayed = [graphs(tokens, slots, positions, 160).clone(), graphs(*mixed).clone()]
     graphs = Graphs(dec, torch.compile(dec.decode, dynamic=True), length_bucket=64, max_rows=4 + 8)
-    replayed += [graphs(tokens, slots, positions, 160).clone(), graphs(*mixed).clone()]
-    paged, gathered = paged * 2, gathered * 2
-    for a, b, c in zip(paged, gathered, replayed):
+    compiled = [graphs(tokens, slots, positions, 160).clone(), graphs(*mixed).clone()]
+    for a, b, c, d in zip(paged, gathered, replayed, compiled):
         torch.testing.assert_close(a, b, rtol=0.05, atol=0.05)  # bf16: two kernels' rounding
-        torch.testing.assert_close(c, a, rtol=0.02, atol=0.02)  # compiled: inductor's own rounding of the layers
+        torch.testing.assert_close(c, a, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(d, a, rtol=0.02, atol=0.02)  # inductor's own rounding of the layers
         assert torch.equal(a.argmax(-1), b.argmax(-1))
 
 
@@ -734,9 +734,9 @@ def _decode_steps(dec):
 
 
 def test_layers_compile_once_for_every_layer_and_step_size(llama):
-    """compile_layers: the elementwise functions (four over the slot cache here) are traced once each (weights are arguments, so no layer
-    recompiles) for every step size with two rows or more, decode-only and mixed. Counted with a backend that
-    records what dynamo hands it."""
+    """compile_layers: the elementwise functions (four over the slot cache here) are traced once each (weights are
+    arguments, so no layer recompiles) for every step size with two rows or more, decode-only and mixed. Counted
+    with a backend that records what dynamo hands it."""
     tok, model = llama
     config, weights = hf2decoder.convert(model, (tok.eos_token_id,))
     dec = Decoder(config, weights)

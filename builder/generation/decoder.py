@@ -168,7 +168,7 @@ class Decoder(torch.nn.Module):
         shape = (slots + 1, c.num_kv_heads, max_len, c.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
-        self.block_size, self.tables = 0, None
+        self.block_size, self.tables, self.kernel = 0, None, None  # the paged kernel reads block tables only
         self._rotary(slots, max_len)
 
     def allocate_paged(self, slots: int, max_len: int, blocks: int, block_size: int) -> None:
@@ -233,6 +233,7 @@ class Decoder(torch.nn.Module):
             x = x * torch.tensor(c.embed_scale, dtype=x.dtype)
         eps = c.rms_norm_eps
         norms = lambda p: (self.w[p + "q_norm"], self.w[p + "k_norm"]) if c.qk_norm else (None, None)  # noqa: E731
+        flat = lambda t: t.view(-1, c.num_kv_heads, c.head_dim)  # noqa: E731 - a view of a paged cache's places
         h = self.norm(x, self.w["layers.0.in_norm"], eps)
         for i in range(c.num_layers):
             p = f"layers.{i}."
@@ -241,7 +242,6 @@ class Decoder(torch.nn.Module):
                 q, k, v = self.split_heads(*qkv)
                 self._write(i, k, v, where)
             else:
-                flat = lambda t: t.view(-1, c.num_kv_heads, c.head_dim)  # noqa: E731 - a view
                 q, k, v = self.split_heads_into(*qkv, flat(self.k_cache[i]), flat(self.v_cache[i]), where)
             x, h = self.add_norm(x, self._linear(attend(i, q, k, v), p + "o"), self.w[p + "post_norm"], eps)
             down = self._linear(self.gated(self._linear(h, p + "gate_up"), self.act), p + "down")
@@ -269,7 +269,8 @@ class Decoder(torch.nn.Module):
         ones = next((i for i, (_, _, n) in enumerate(seqs) if n != 1), len(seqs))
         decoding = None
         if ones:
-            decoding = (row_slots[:ones], positions[:ones], max(start for _, start, _ in seqs[:ones]) + 1)
+            decoding = (row_slots[:ones], positions[:ones], max(start for _, start, _ in seqs[:ones]) + 1,
+                        self._plan(row_slots[:ones], positions[:ones]))
 
         def attend(layer, q, k, v):
             out = [self._attend_cached(layer, q[:ones], *decoding)] if ones else []
@@ -338,11 +339,11 @@ class Decoder(torch.nn.Module):
     def _attend_cached(self, layer: int, q, slots, positions, length: int, lengths=None) -> torch.Tensor:
         """Every row at once over its slot's first `length` cache entries, masked to the row's own prefix.
         Grouped-query attention by folding each kv head's query heads into the query axis. With the paged kernel,
-        each row reads its own blocks up to lengths (`_plan`; default: its position + 1) instead."""
+        each row reads its own blocks up to `lengths` (`_plan`, built once a step) instead."""
         c = self.config
-        if self.kernel is not None and self.tables is not None:
+        if self.kernel is not None:
             return self.kernel(q.view(-1, c.num_heads, c.head_dim), self.k_cache[layer], self.v_cache[layer],
-                               self.tables, slots, positions + 1 if lengths is None else lengths, length)
+                               self.tables, slots, lengths, length)
         keys, values = self._gather(layer, slots, length)  # [B, kv_heads, span, d]
         group = c.num_heads // c.num_kv_heads
         qs = q.view(-1, c.num_kv_heads, group, c.head_dim)
@@ -353,7 +354,7 @@ class Decoder(torch.nn.Module):
     def _plan(self, slots, positions, decoding=None):
         """Built once a step for every layer's `_attend_cached`: with the paged kernel, each row's length (0 for
         rows from `decoding` on: prompt rows, whose attention `_mixed` takes from elsewhere); else None."""
-        if self.kernel is None or self.tables is None:
+        if self.kernel is None:
             return None
         lengths = positions + 1
         if decoding is not None:

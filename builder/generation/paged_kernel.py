@@ -117,13 +117,13 @@ def _attend(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables:
     chunk = triton.cdiv(tiles, splits) * TILE
     splits = triton.cdiv(tiles * TILE, chunk)
     d_pad, g_pad = max(16, triton.next_power_of_2(dim)), max(16, triton.next_power_of_2(group))  # tl.dot: >= 16
+    # each chunk's output and log-sum-exp, for the merge; with one chunk unused (`out` stands in)
     part = torch.empty(rows, heads, splits, d_pad, dtype=torch.float32, device=q.device) if splits > 1 else out
     lse = torch.empty(rows, heads, splits, dtype=torch.float32, device=q.device) if splits > 1 else out
     _chunk[(rows, kv_heads, splits)](
         q, k_pool, v_pool, tables, slots, lengths, out, part, lse, dim ** -0.5, chunk,
         q.stride(0), q.stride(1), tables.stride(0), kv_heads * dim, out.stride(0),
-        part.stride(0) if splits > 1 else 0, part.stride(1) if splits > 1 else 0,
-        lse.stride(0) if splits > 1 else 0, lse.stride(1) if splits > 1 else 0,
+        part.stride(0), part.stride(1), lse.stride(0), lse.stride(1),
         GROUP=group, G_PAD=g_pad, D=dim, D_PAD=d_pad, BLOCK=block, TILE=TILE, ONE_SPLIT=splits == 1,
         FP32=q.dtype == torch.float32)
     if splits > 1:

@@ -69,7 +69,7 @@ def probe(block: int, rows: int, length: int) -> dict:
     def kernel():
         dec.kernel = attend
         try:
-            return dec._attend_cached(0, q, slots, positions, length)
+            return dec._attend_cached(0, q, slots, positions, length, dec._plan(slots, positions))
         finally:
             dec.kernel = None
 
